@@ -1,0 +1,155 @@
+"""The one exception tree of the gateway.
+
+Every error the gateway raises on purpose is a ``GatewayError``. Each class carries the HTTP
+status and the gateway code its response gets; ``middleware.error_middleware`` is the only
+place that turns them into responses. Gateway codes start with ``GW`` so they can never clash
+with the vendor's numeric codes (``0200000``, ``0200001``, ``02000006``...).
+
+    GatewayError                      500 GW50000  unexpected (never for bad input)
+    ├── ConfigError                   -            start-up: a setting is invalid
+    ├── ParameterError                200 vendor   the query breaks a vendor rule (vendor code)
+    ├── CallerError
+    │   ├── NotFound                  404 GW40400  no such route
+    │   ├── MethodNotAllowed          405 GW40500  route exists, method does not
+    │   ├── BodyTooLarge              413 GW41300
+    │   └── UnsupportedMediaType      415 GW41500
+    ├── Overloaded                    503 + Retry-After
+    │   ├── QueueFull                     GW50300  the wait queue is at its length bound
+    │   └── QueueTimeout                  GW50301  waited the wait bound without a permit
+    └── UpstreamError
+        ├── UpstreamUnavailable       502 GW50200  connect error, reset, DNS
+        ├── UpstreamBadResponse       502 GW50201  5xx or a body that is not the vendor's
+        ├── UpstreamAuthRejected      502 GW50202  the upstream refused the gateway's AK/SK
+        └── UpstreamTimeout           504 GW50400
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+
+class GatewayError(Exception):
+    """Base of every deliberate gateway error; ``message`` is safe to show a caller."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "GW50000"
+    default_message: ClassVar[str] = "Internal gateway error."
+
+    def __init__(self, message: str | None = None) -> None:
+        self.message = message or self.default_message
+        super().__init__(self.message)
+
+    @property
+    def result_code(self) -> str:
+        """The ``resultCode``/``returnCode`` of the response body."""
+        return self.code
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers this error needs."""
+        return {}
+
+
+class ConfigError(GatewayError):
+    """A setting is missing or invalid; ``key`` names it (``section.key``)."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        super().__init__(f"{key}: {problem}")
+
+
+class ParameterError(GatewayError):
+    """The query breaks one of the vendor's rules; answered like the vendor (HTTP 200)."""
+
+    status = 200
+
+    def __init__(self, vendor_code: str, message: str) -> None:
+        self.vendor_code = vendor_code
+        super().__init__(message)
+
+    @property
+    def result_code(self) -> str:
+        return self.vendor_code
+
+
+class CallerError(GatewayError):
+    """The caller's request cannot be served as sent."""
+
+    status = 400
+    code = "GW40000"
+    default_message = "Bad request."
+
+
+class NotFound(CallerError):
+    status = 404
+    code = "GW40400"
+    default_message = "No such route."
+
+
+class MethodNotAllowed(CallerError):
+    status = 405
+    code = "GW40500"
+    default_message = "Method not allowed."
+
+
+class BodyTooLarge(CallerError):
+    status = 413
+    code = "GW41300"
+    default_message = "Request body too large."
+
+
+class UnsupportedMediaType(CallerError):
+    status = 415
+    code = "GW41500"
+    default_message = "Content-Type must be application/json."
+
+
+class Overloaded(GatewayError):
+    """No upstream permit could be had in time; the caller should retry after ``retry_after``."""
+
+    status = 503
+    code = "GW50300"
+
+    def __init__(self, retry_after: float, message: str | None = None) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
+
+class QueueFull(Overloaded):
+    code = "GW50300"
+    default_message = "Upstream queue is full; retry later."
+
+
+class QueueTimeout(Overloaded):
+    code = "GW50301"
+    default_message = "Waited too long for an upstream slot; retry later."
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    code = "GW50200"
+    default_message = "Upstream error."
+
+
+class UpstreamUnavailable(UpstreamError):
+    code = "GW50200"
+    default_message = "Upstream unreachable."
+
+
+class UpstreamBadResponse(UpstreamError):
+    code = "GW50201"
+    default_message = "Upstream answered with an error."
+
+
+class UpstreamAuthRejected(UpstreamError):
+    code = "GW50202"
+    default_message = "Upstream rejected the gateway's credentials; check upstream.ak/sk."
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "GW50400"
+    default_message = "Upstream timed out."

@@ -1,0 +1,171 @@
+"""The upstream limit: at most N requests in flight and N starts per (window + margin).
+
+``WindowBudget`` is the pure decision (times are inputs). ``InMemoryLimiter`` is the
+single-instance backend: callers wait in FIFO order in a bounded queue with a bounded wait,
+and every permit is given back on success, error, timeout and cancellation.
+The Redis backend (fleet-wide) implements the same ``Limiter`` protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
+from gateway.clock import Clock, TimerHandle
+from gateway.errors import QueueFull, QueueTimeout
+
+
+@dataclass(frozen=True, slots=True)
+class LimiterSnapshot:
+    in_flight: int
+    queued: int
+
+
+class Limiter(Protocol):
+    def permit(self) -> AbstractAsyncContextManager[None]:
+        """An async context manager holding one upstream permit for its body.
+
+        Raises ``QueueFull`` at once when the queue is at its bound and ``QueueTimeout``
+        when no permit came within the wait bound.
+        """
+        ...
+
+    def snapshot(self) -> LimiterSnapshot: ...
+
+
+class WindowBudget:
+    """Concurrency plus sliding-window start budget. All times in seconds on one clock."""
+
+    def __init__(self, max_concurrent: int, window: float) -> None:
+        self.max_concurrent = max_concurrent
+        self.window = window
+        self.in_flight = 0
+        self._starts: deque[float] = deque()
+
+    def delay(self, now: float) -> float:
+        """Seconds until a start is allowed: 0 now, ``inf`` until a permit is released."""
+        if self.in_flight >= self.max_concurrent:
+            return math.inf
+        while self._starts and self._starts[0] <= now - self.window:
+            self._starts.popleft()
+        if len(self._starts) < self.max_concurrent:
+            return 0.0
+        return self._starts[0] + self.window - now
+
+    def start(self, now: float) -> None:
+        self.in_flight += 1
+        self._starts.append(now)
+
+    def finish(self) -> None:
+        self.in_flight -= 1
+
+    def retry_after(self, ahead: int) -> float:
+        """An honest estimate of when a caller with ``ahead`` waiters before it gets a start."""
+        return (ahead // self.max_concurrent + 1) * self.window
+
+
+class InMemoryLimiter:
+    """The single-process limiter: one ``WindowBudget`` and a FIFO queue of waiters.
+
+    No dispatcher task: the queue is served whenever a permit is released, a waiter joins,
+    or the window timer fires, so an idle limiter costs nothing.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_concurrent: int,
+        window_s: float,
+        max_queue: int,
+        max_wait_s: float,
+        clock: Clock,
+    ) -> None:
+        self._budget = WindowBudget(max_concurrent, window_s)
+        self._max_queue = max_queue
+        self._max_wait = max_wait_s
+        self._clock = clock
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._timer: TimerHandle | None = None
+        self._timer_due = math.inf
+
+    def snapshot(self) -> LimiterSnapshot:
+        return LimiterSnapshot(self._budget.in_flight, len(self._waiters))
+
+    @asynccontextmanager
+    async def permit(self) -> AsyncIterator[None]:
+        await self._acquire()
+        try:
+            yield
+        finally:
+            self._budget.finish()
+            self._serve()
+
+    async def _acquire(self) -> None:
+        now = self._clock.monotonic()
+        if not self._waiters and self._budget.delay(now) == 0:
+            self._budget.start(now)
+            return
+        ahead = len(self._waiters)
+        if ahead >= self._max_queue:
+            raise QueueFull(self._budget.retry_after(ahead))
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        deadline = self._clock.call_later(self._max_wait, lambda: self._expire(waiter))
+        self._serve()
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                # Granted in the same tick the caller went away: hand the permit back.
+                self._budget.finish()
+            self._remove(waiter)
+            self._serve()
+            raise
+        finally:
+            deadline.cancel()
+
+    def _expire(self, waiter: asyncio.Future[None]) -> None:
+        if waiter.done():
+            return
+        ahead = self._waiters.index(waiter) if waiter in self._waiters else 0
+        self._remove(waiter)
+        waiter.set_exception(QueueTimeout(self._budget.retry_after(ahead)))
+
+    def _remove(self, waiter: asyncio.Future[None]) -> None:
+        try:
+            self._waiters.remove(waiter)
+        except ValueError:
+            pass
+
+    def _serve(self) -> None:
+        """Grant permits to the head of the queue while the budget allows."""
+        while self._waiters:
+            now = self._clock.monotonic()
+            delay = self._budget.delay(now)
+            if delay > 0:
+                if delay != math.inf:
+                    self._arm_timer(now + delay)
+                return
+            waiter = self._waiters.popleft()
+            if waiter.done():
+                continue
+            self._budget.start(now)
+            waiter.set_result(None)
+
+    def _arm_timer(self, due: float) -> None:
+        if self._timer is not None and self._timer_due <= due:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_due = due
+        self._timer = self._clock.call_later(due - self._clock.monotonic(), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_due = math.inf
+        self._serve()
