@@ -187,6 +187,7 @@ async def test_a_caller_cancelled_in_the_tick_it_was_granted_returns_the_permit(
     await first.__aenter__()
     second = Holder(limiter)
     await settle()
+    clock.advance(0.5)  # the start window is free again; only the held permit blocks
     await first.__aexit__(None, None, None)
     # The release granted the permit to `second`; it is cancelled before it runs.
     second.task.cancel()
