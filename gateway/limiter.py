@@ -9,6 +9,7 @@ The Redis backend (fleet-wide) implements the same ``Limiter`` protocol.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections import deque
 from collections.abc import AsyncIterator
@@ -137,10 +138,8 @@ class InMemoryLimiter:
         waiter.set_exception(QueueTimeout(self._budget.retry_after(ahead)))
 
     def _remove(self, waiter: asyncio.Future[None]) -> None:
-        try:
+        with contextlib.suppress(ValueError):  # already served or expired
             self._waiters.remove(waiter)
-        except ValueError:
-            pass
 
     def _serve(self) -> None:
         """Grant permits to the head of the queue while the budget allows."""

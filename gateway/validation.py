@@ -144,8 +144,7 @@ def validate_query(vdn_id: int, campaign_id: int, body: dict[str, Any]) -> CallR
     if page_size is not None and not 1 <= page_size <= MAX_PAGE_SIZE[show_detail]:
         raise ParameterError(
             WRONG_VALUE,
-            f"pageSize must be 1 to {MAX_PAGE_SIZE[show_detail]} when showDetail is "
-            f"{show_detail}.",
+            f"pageSize must be 1 to {MAX_PAGE_SIZE[show_detail]} when showDetail is {show_detail}.",
         )
     if ints["pageNum"] == 0:
         raise ParameterError(WRONG_VALUE, "pageNum must be a positive integer.")

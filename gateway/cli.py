@@ -1,0 +1,169 @@
+"""The ``isales-gateway`` command: serve, simulate, demo, check-config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from gateway import __version__
+from gateway.app import create_app
+from gateway.errors import ConfigError
+from gateway.logs import setup_logging
+from gateway.settings import Settings, load_settings
+from gateway.simulator import (
+    SimulatorConfig,
+    add_arguments,
+    config_from_args,
+    create_simulator_app,
+    run_simulator,
+)
+
+log = logging.getLogger("gateway")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="isales-gateway", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", help="TOML file (environment GATEWAY_* overrides it)")
+    check = commands.add_parser("check-config", help="validate a configuration and exit")
+    check.add_argument("--config", help="TOML file (environment GATEWAY_* overrides it)")
+    simulate = commands.add_parser("simulate", help="run the upstream simulator")
+    add_arguments(simulate)
+    demo = commands.add_parser("demo", help="run simulator + gateway on localhost, no Redis")
+    demo.add_argument("--port", type=int, default=8080, help="gateway port (default 8080)")
+    demo.add_argument("--sim-port", type=int, default=18080, help="simulator port")
+    demo.add_argument("--latency-ms", type=float, default=300.0, help="simulated upstream latency")
+    return parser
+
+
+def _load(path: str | None, environ: dict[str, str] | None = None) -> Settings:
+    try:
+        return load_settings(path, environ)
+    except ConfigError as exc:
+        print(f"isales-gateway: configuration error: {exc.message}", file=sys.stderr)
+        raise SystemExit(2) from exc
+
+
+def _startup_line(settings: Settings) -> None:
+    lim = settings.limit
+    log.info(
+        "isales-gateway %s listening on %s:%d; mode %s; upstream %s; limit %d per %d+%d ms, "
+        "queue %d, wait %d ms",
+        __version__,
+        settings.server.host,
+        settings.server.port,
+        "embedded (single instance)" if settings.embedded else "redis",
+        settings.upstream.url,
+        lim.max_concurrent,
+        lim.window_ms,
+        lim.margin_ms,
+        lim.max_queue,
+        lim.max_wait_ms,
+    )
+    if settings.embedded:
+        log.warning(
+            "redis.url is empty: embedded single-instance mode; the upstream limit and the "
+            "cache hold for this process only, so run exactly one replica"
+        )
+
+
+def serve(path: str | None) -> None:
+    settings = _load(path)
+    setup_logging(settings.log.level, settings.log.format)
+    _startup_line(settings)
+    web.run_app(
+        create_app(settings),
+        host=settings.server.host,
+        port=settings.server.port,
+        shutdown_timeout=settings.server.shutdown_timeout_s,
+        access_log=None,
+        print=None,
+    )
+
+
+def check_config(path: str | None) -> int:
+    settings = _load(path)
+    mode = "embedded (single instance)" if settings.embedded else "redis"
+    print(f"configuration OK: upstream {settings.upstream.url}, mode {mode}")
+    return 0
+
+
+def demo_environ(port: int, sim: SimulatorConfig) -> dict[str, str]:
+    """The embedded demo defaults; the caller's GATEWAY_* variables still win."""
+    defaults = {
+        "GATEWAY_SERVER__HOST": "127.0.0.1",
+        "GATEWAY_SERVER__PORT": str(port),
+        "GATEWAY_UPSTREAM__URL": f"http://{sim.host}:{sim.port}",
+        "GATEWAY_UPSTREAM__AK": sim.ak,
+        "GATEWAY_UPSTREAM__SK": sim.sk,
+        "GATEWAY_UPSTREAM__ALLOW_HTTP": "true",
+    }
+    given = {k: v for k, v in os.environ.items() if k.startswith("GATEWAY_")}
+    return defaults | given
+
+
+async def _run_demo(settings: Settings, sim: SimulatorConfig) -> None:
+    runners = [
+        (web.AppRunner(create_simulator_app(sim), handler_cancellation=True), sim.host, sim.port),
+        (
+            web.AppRunner(create_app(settings), access_log=None),
+            settings.server.host,
+            settings.server.port,
+        ),
+    ]
+    for runner, host, port in runners:
+        await runner.setup()
+        await web.TCPSite(runner, host, port).start()
+    base = f"http://{settings.server.host}:{settings.server.port}"
+    print(
+        f"isales-gateway demo: gateway {base} -> simulator http://{sim.host}:{sim.port} "
+        f"(latency {sim.latency_ms:g} ms, embedded mode, no Redis)\n\n"
+        "Ask it (run twice: the second answer is a cache HIT):\n\n"
+        f"  curl -si -X POST {base}/rest/isales/v1/openapi/campaigns/11/callresult/3 \\\n"
+        "       -H 'Content-Type: application/json; charset=UTF-8' \\\n"
+        '       -d \'{"pageSize": 5, "pageNum": 1}\'\n\n'
+        f"Metrics: {base}/metrics   Upstream counters: http://{sim.host}:{sim.port}/__sim/stats\n"
+        "Ctrl-C stops both.",
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for runner, _, _ in reversed(runners):
+            await runner.cleanup()
+
+
+def demo(port: int, sim_port: int, latency_ms: float) -> None:
+    sim = SimulatorConfig(port=sim_port, latency_ms=latency_ms, jitter_ms=latency_ms / 3)
+    settings = _load(None, demo_environ(port, sim))
+    setup_logging(settings.log.level, settings.log.format)
+    _startup_line(settings)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_run_demo(settings, sim))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        serve(args.config)
+    elif args.command == "check-config":
+        return check_config(args.config)
+    elif args.command == "simulate":
+        run_simulator(config_from_args(args))
+    elif args.command == "demo":
+        demo(args.port, args.sim_port, args.latency_ms)
+    return 0

@@ -1,0 +1,81 @@
+"""HTTP handlers: the drop-in callresult route, health, readiness and metrics.
+
+Handlers deal with HTTP only (content type, body size, headers); the request path itself is
+``CallResultService``.
+"""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.cache_policy import LOCALES
+from gateway.errors import BodyTooLarge, UnsupportedMediaType
+from gateway.state import PARTS, SERVICE
+from gateway.validation import parse_request
+
+CALLRESULT_PATH = "/rest/isales/v1/openapi/campaigns/{vdnId}/callresult/{campaignId}"
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(f"Request body is larger than {limit} bytes.")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise BodyTooLarge(f"Request body is larger than {limit} bytes.") from exc
+
+
+async def callresult(request: web.Request) -> web.Response:
+    if request.content_type != "application/json":
+        raise UnsupportedMediaType()
+    parts = request.app[PARTS]
+    raw = await read_body(request, parts.settings.server.max_body_bytes)
+    query = parse_request(request.match_info["vdnId"], request.match_info["campaignId"], raw)
+    locale = request.headers.get("locale")
+    refresh = "no-cache" in request.headers.get("Cache-Control", "").lower()
+    answer = await request.app[SERVICE].answer(
+        query, locale=locale if locale in LOCALES else None, refresh=refresh
+    )
+    response = web.Response(status=answer.status, body=answer.body)
+    response.headers["Content-Type"] = answer.content_type
+    response.headers["X-Cache"] = answer.cache
+    response.headers["Age"] = str(answer.age)
+    if answer.warning:
+        response.headers["Warning"] = answer.warning
+    return response
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Alive: the process answers. Says nothing about Redis or the upstream."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready to serve: started, with what is degraded (never a secret)."""
+    parts = request.app[PARTS]
+    ready = SERVICE in request.app
+    body: dict[str, object] = {
+        "status": "ready" if ready else "starting",
+        "mode": parts.mode,
+        "degraded": [],
+    }
+    return web.Response(
+        status=200 if ready else 503,
+        body=json.dumps(body).encode(),
+        content_type="application/json",
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[PARTS].metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post(CALLRESULT_PATH, callresult, name="callresult")
+    app.router.add_get("/healthz", healthz, name="healthz")
+    app.router.add_get("/readyz", readyz, name="readyz")
+    app.router.add_get("/metrics", metrics, name="metrics")

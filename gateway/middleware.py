@@ -1,0 +1,105 @@
+"""Around every request: a request id, one access-log line, metrics, and errors as responses.
+
+This is the only place a ``GatewayError`` (or an aiohttp HTTP exception from routing)
+becomes a response, and the only place an unexpected exception is logged with its trace; the
+caller never sees a trace or a secret.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from gateway.errors import (
+    BodyTooLarge,
+    CallerError,
+    GatewayError,
+    MethodNotAllowed,
+    NotFound,
+)
+from gateway.metrics import status_class
+from gateway.state import PARTS
+
+access_log = logging.getLogger("gateway.access")
+log = logging.getLogger("gateway")
+
+REQUEST_ID = "X-Request-ID"
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_HTTP_ERRORS: dict[int, type[CallerError]] = {
+    404: NotFound,
+    405: MethodNotAllowed,
+    413: BodyTooLarge,
+}
+
+
+def error_body(code: str, message: str) -> bytes:
+    """The iSales shape, so a client that parses vendor errors parses ours."""
+    return json.dumps(
+        {"resultCode": code, "resultDesc": message, "returnCode": code, "returnDesc": message},
+        ensure_ascii=False,
+        separators=(",", ":"),
+    ).encode()
+
+
+def error_response(exc: GatewayError) -> web.Response:
+    return web.Response(
+        status=exc.status,
+        body=error_body(exc.result_code, exc.message),
+        content_type="application/json",
+        charset="utf-8",
+        headers=exc.headers(),
+    )
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        mapped = _HTTP_ERRORS.get(exc.status)
+        return error_response(mapped() if mapped else CallerError(exc.reason))
+    except Exception:
+        log.exception("unexpected error", extra={"request_id": request.get("request_id")})
+        return error_response(GatewayError())
+
+
+@web.middleware
+async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id in and out, the request's metrics and its access-log line."""
+    parts = request.app[PARTS]
+    started = parts.clock.monotonic()
+    given = request.headers.get(REQUEST_ID, "")
+    request_id = given if _SAFE_ID.match(given) else uuid.uuid4().hex
+    request["request_id"] = request_id
+    response = await handler(request)
+    response.headers[REQUEST_ID] = request_id
+    elapsed = parts.clock.monotonic() - started
+    route = request.match_info.route.name or "other"
+    cache = response.headers.get("X-Cache", "NONE")
+    parts.metrics.requests.labels(route, status_class(response.status), cache).inc()
+    parts.metrics.request_duration.labels(route, cache).observe(elapsed)
+    if access_log.isEnabledFor(logging.INFO):
+        access_log.info(
+            "%s %s %s %s %.1fms",
+            request.method,
+            request.path,
+            response.status,
+            cache,
+            elapsed * 1000,
+            extra={
+                "request_id": request_id,
+                "method": request.method,
+                "path": request.path,
+                "status": response.status,
+                "cache": cache,
+                "duration_ms": round(elapsed * 1000, 3),
+            },
+        )
+    return response

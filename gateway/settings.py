@@ -1,0 +1,354 @@
+"""The gateway's settings: one frozen object, loaded and validated once at start-up.
+
+Sources, later wins: the dataclass defaults, an optional TOML file (one table per section),
+then environment variables ``GATEWAY_<SECTION>__<KEY>``. Every problem is a ``ConfigError``
+whose ``key`` is ``section.key``. Conversion and type checks are derived from the field
+annotations, so adding a field needs no parser; the rules that go beyond types live in
+``_validate``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Final, Literal, get_args, get_origin, get_type_hints
+from urllib.parse import urlsplit
+
+from gateway.errors import ConfigError
+from gateway.signing import TimestampFormat
+
+ENV_PREFIX: Final = "GATEWAY_"
+# The headers the gateway can send to the upstream byte for byte as it signed them.
+SIGNABLE_HEADERS: Final = frozenset({"host", "content-type", "content-length"})
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS: Final = ("text", "json")
+REDIS_SCHEMES: Final = ("redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://")
+_TRUE: Final = frozenset({"true", "1", "yes"})
+_FALSE: Final = frozenset({"false", "0", "no"})
+_SECRET_QUERY: Final = re.compile(r"([?&](?:sentinel_)?password=)[^&#]*", re.IGNORECASE)
+_REQUIRED_UPSTREAM: Final = {
+    "url": "the vendor's base URL, e.g. https://isales.example.com:28080",
+    "ak": "set GATEWAY_UPSTREAM__AK or upstream.ak_file",
+    "sk": "set GATEWAY_UPSTREAM__SK or upstream.sk_file",
+}
+_ABOVE_ZERO: Final = math.ulp(0.0)  # the least float above zero: "> 0" as an inclusive bound
+# section.key -> inclusive (minimum, maximum) of the numeric settings.
+_BOUNDS: Final[dict[str, tuple[float, float]]] = {
+    "server.port": (1, 65535),
+    "server.max_body_bytes": (256, 1048576),
+    "server.shutdown_timeout_s": (_ABOVE_ZERO, math.inf),
+    "upstream.connect_timeout_ms": (1, math.inf),
+    "upstream.timeout_ms": (1, math.inf),
+    "limit.max_concurrent": (1, math.inf),
+    "limit.window_ms": (1, math.inf),
+    "limit.margin_ms": (0, math.inf),
+    "limit.max_queue": (0, math.inf),
+    "limit.max_wait_ms": (0, math.inf),
+    "limit.replicas": (1, math.inf),
+    "cache.ttl_closed_s": (0, math.inf),
+    "cache.ttl_open_s": (0, math.inf),
+    "cache.stale_s": (0, math.inf),
+    "cache.negative_ttl_s": (0, math.inf),
+    "cache.max_entries": (1, math.inf),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    host: str = "0.0.0.0"
+    port: int = 8080
+    max_body_bytes: int = 8192
+    shutdown_timeout_s: float = 15.0
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    url: str = ""
+    # repr=False: a settings object that ends up in a log or a traceback must not carry secrets.
+    ak: str = field(default="", repr=False)
+    sk: str = field(default="", repr=False)
+    ak_file: str = ""
+    sk_file: str = ""
+    connect_timeout_ms: int = 3000
+    timeout_ms: int = 30000
+    verify_tls: bool = True
+    ca_file: str = ""
+    allow_http: bool = False
+    signed_headers: tuple[str, ...] = ("host",)
+    timestamp_format: TimestampFormat = "seconds"
+    host_header: str = ""
+    locale: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    url: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSettings:
+    max_concurrent: int = 10
+    window_ms: int = 1000
+    margin_ms: int = 100
+    max_queue: int = 250
+    max_wait_ms: int = 30000
+    replicas: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    enabled: bool = True
+    ttl_closed_s: float = 86400.0
+    ttl_open_s: float = 30.0
+    stale_s: float = 3600.0
+    negative_ttl_s: float = 0.0
+    max_entries: int = 10000
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    level: str = "INFO"
+    format: str = "text"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    limit: LimitSettings = field(default_factory=LimitSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+    @property
+    def embedded(self) -> bool:
+        """True without Redis: in-memory cache and limiter, one instance only."""
+        return not self.redis.url
+
+    @property
+    def upstream_host(self) -> str:
+        """The Host the gateway sends and signs: ``host_header``, else the URL's ``host[:port]``."""
+        return self.upstream.host_header or urlsplit(self.upstream.url).netloc
+
+    def redacted(self) -> dict[str, dict[str, object]]:
+        """Every setting as plain data for a start-up log line, secrets replaced by ``***``."""
+        data: dict[str, dict[str, object]] = asdict(self)
+        for section in data.values():
+            for key, value in section.items():
+                if isinstance(value, tuple):
+                    section[key] = list(value)
+        for secret in ("ak", "sk"):
+            if data["upstream"][secret]:
+                data["upstream"][secret] = "***"
+        if self.redis.url:
+            data["redis"]["url"] = _redact_url(self.redis.url)
+        return data
+
+
+SECTIONS: Final[dict[str, type[Any]]] = get_type_hints(Settings)
+# section -> field -> type, the one schema that conversion and unknown-key checks read.
+_SCHEMA: Final = {name: get_type_hints(cls) for name, cls in SECTIONS.items()}
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    require_upstream: bool = True,
+) -> Settings:
+    """Defaults, then the TOML file at ``path``, then ``GATEWAY_*`` variables; validated.
+
+    ``require_upstream=False`` (the simulator, ``check-config`` of a partial file) allows an
+    empty upstream URL and credentials. Raises ``ConfigError`` naming the offending key.
+    """
+    raw: dict[str, dict[str, object]] = {name: {} for name in _SCHEMA}
+    if path is not None:
+        for section, table in _read_toml(path).items():
+            _field_type(section, None, str(path))
+            if not isinstance(table, dict):
+                raise ConfigError(section, f"must be a table ([{section}]) in {path}")
+            for key, value in table.items():
+                _field_type(section, key, str(path))
+                raw[section][key] = value
+    env = os.environ if environ is None else environ
+    for name in sorted(env):
+        rest = name[len(ENV_PREFIX) :]
+        if not name.startswith(ENV_PREFIX) or "__" not in rest:
+            continue  # GATEWAY_-prefixed variables of another shape are not settings
+        section, _, key = rest.lower().partition("__")
+        hint = _field_type(section, key, f"environment variable {name}")
+        raw[section][key] = _from_env(f"{section}.{key}", hint, env[name])
+    sections = {
+        name: cls(**{k: _check(f"{name}.{k}", _SCHEMA[name][k], v) for k, v in raw[name].items()})
+        for name, cls in SECTIONS.items()
+    }
+    settings = _normalize(Settings(**sections))
+    _validate(settings, require_upstream=require_upstream)
+    return settings
+
+
+def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as file:
+            return tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror or exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+
+
+def _field_type(section: str, key: str | None, source: str) -> Any:
+    """The annotated type of ``section.key``; an unknown name is an error, never ignored."""
+    if section not in _SCHEMA:
+        name = section if key is None else f"{section}.{key}"
+        raise ConfigError(name, f"unknown section in {source}; known: {', '.join(_SCHEMA)}")
+    if key is None:
+        return None
+    if key not in _SCHEMA[section]:
+        known = ", ".join(_SCHEMA[section])
+        raise ConfigError(f"{section}.{key}", f"unknown key in {source}; known: {known}")
+    return _SCHEMA[section][key]
+
+
+def _from_env(key: str, hint: Any, text: str) -> object:
+    """Turn an environment string into the value TOML would give; ``_check`` then applies."""
+    try:
+        if hint is bool:
+            word = text.strip().lower()
+            if word not in _TRUE | _FALSE:
+                raise ValueError
+            return word in _TRUE
+        if hint is int:
+            return int(text)
+        if hint is float:
+            return float(text)
+    except ValueError:
+        kind = {bool: "true/false/1/0/yes/no", int: "an integer", float: "a number"}[hint]
+        raise ConfigError(key, f"expected {kind}, got {text!r}") from None
+    if get_origin(hint) is tuple:
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return text
+
+
+def _check(key: str, hint: Any, value: object) -> object:
+    """``value`` as the field's type; a wrong type is an error (a bool is not an int)."""
+    if get_origin(hint) is Literal:
+        allowed = get_args(hint)
+        if value not in allowed:
+            raise ConfigError(key, f"must be one of {', '.join(map(repr, allowed))}")
+        return value
+    if get_origin(hint) is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(key, "expected a list of strings")
+        return tuple(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}[hint]
+        raise ConfigError(key, f"expected {kind}, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(key, "must be a finite number")
+    return value
+
+
+def _normalize(settings: Settings) -> Settings:
+    """Read the credential files and put case-insensitive values in their canonical case."""
+    up = settings.upstream
+    return replace(
+        settings,
+        upstream=replace(
+            up,
+            ak=_secret("ak", up.ak, up.ak_file),
+            sk=_secret("sk", up.sk, up.sk_file),
+            signed_headers=tuple(dict.fromkeys(h.strip().lower() for h in up.signed_headers)),
+        ),
+        log=replace(settings.log, level=settings.log.level.upper()),
+    )
+
+
+def _secret(name: str, value: str, file_name: str) -> str:
+    """``value``, or the stripped content of ``file_name`` when that is set."""
+    if not file_name:
+        return value
+    key = f"upstream.{name}_file"
+    if value:
+        raise ConfigError(key, f"set upstream.{name} or {key}, not both")
+    try:
+        secret = Path(file_name).read_text(encoding="utf-8").rstrip()
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {file_name}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        # Only the reason: the exception text would quote bytes of the secret.
+        raise ConfigError(key, f"{file_name} is not UTF-8 text") from None
+    if not secret:
+        raise ConfigError(key, f"{file_name} is empty")
+    return secret
+
+
+def _validate(s: Settings, *, require_upstream: bool) -> None:
+    """The rules beyond types; the first broken one raises."""
+    for key, (low, high) in _BOUNDS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(s, section), name)
+        if not low <= value <= high:
+            allowed = f">= {low}" if high == math.inf else f"{low}..{high}"
+            allowed = "> 0" if low == _ABOVE_ZERO else allowed
+            raise ConfigError(key, f"must be {allowed}, got {value}")
+    up = s.upstream
+    for name, how in _REQUIRED_UPSTREAM.items():
+        if require_upstream and not getattr(up, name):
+            raise ConfigError(f"upstream.{name}", f"required: {how}")
+    if up.connect_timeout_ms > up.timeout_ms:
+        raise ConfigError("upstream.connect_timeout_ms", "must be <= upstream.timeout_ms")
+    if up.ca_file and not Path(up.ca_file).is_file():
+        raise ConfigError("upstream.ca_file", f"no such file: {up.ca_file}")
+    if not up.signed_headers or not set(up.signed_headers) <= SIGNABLE_HEADERS:
+        allowed = ", ".join(sorted(SIGNABLE_HEADERS))
+        raise ConfigError("upstream.signed_headers", f"must be a non-empty subset of {allowed}")
+    if s.log.level not in LOG_LEVELS:
+        raise ConfigError("log.level", f"must be one of {', '.join(LOG_LEVELS)}")
+    if s.log.format not in LOG_FORMATS:
+        raise ConfigError("log.format", f"must be one of {', '.join(LOG_FORMATS)}")
+    if s.redis.url and not s.redis.url.startswith(REDIS_SCHEMES):
+        schemes = ", ".join(REDIS_SCHEMES)
+        raise ConfigError("redis.url", f"must start with one of {schemes} (or be empty: embedded)")
+    if up.url:
+        _validate_upstream_url(up)
+
+
+def _validate_upstream_url(up: UpstreamSettings) -> None:
+    try:
+        parts = urlsplit(up.url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ConfigError("upstream.url", f"not a valid URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError("upstream.url", "must be an http(s) URL with a host, e.g. https://host")
+    if "@" in parts.netloc:
+        # The netloc becomes the signed Host header and appears in logs; AK/SK authenticate.
+        raise ConfigError("upstream.url", "must not contain credentials; use upstream.ak/sk")
+    if parts.scheme == "http" and not up.allow_http:
+        raise ConfigError(
+            "upstream.url",
+            "http sends signed requests in clear text; "
+            "set upstream.allow_http = true only for the simulator",
+        )
+
+
+def _redact_url(url: str) -> str:
+    """``url`` with any password (userinfo or query parameter) replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    # rpartition: an unencoded "@" inside the password must not leave part of it visible.
+    userinfo, at, hosts = netloc.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        # A lone userinfo may be a password (redis://secret@host), so it is hidden too.
+        userinfo = f"{user}:***" if colon else "***"
+    redacted = f"{scheme}{sep}{userinfo}{at}{hosts}{rest[len(netloc) :]}"
+    return _SECRET_QUERY.sub(r"\1***", redacted)

@@ -1,0 +1,208 @@
+"""The simulated CC-iSales callresult server: aiohttp wiring and handlers.
+
+Per request to the route, in this order: the limit observer sees the arrival; the request is
+counted and recorded; 405 (not POST); 429 (limit broken, only with ``enforce_limits``); the
+named behaviours (latency, hang, 5xx); 415 (not JSON); 401 (C2 signature); the vendor's
+parameter codes (HTTP 200); 0200007 (no such campaign); the data.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any, Final
+
+from aiohttp import web
+
+from gateway import signing, validation
+from gateway.clock import Clock, SystemClock
+from gateway.errors import ParameterError
+from gateway.simulator.config import SimulatorConfig
+from gateway.simulator.state import ReceivedRequest, SimulatorState
+
+SIM_STATE: Final = web.AppKey("sim_state", SimulatorState)
+ROUTE: Final = "/rest/isales/v1/openapi/campaigns/{vdnId}/callresult/{campaignId}"
+SUCCESS: Final = "0200000"
+VENDOR_JSON: Final = "application/json;charset=UTF-8"
+
+
+def _dumps(body: dict[str, Any]) -> bytes:
+    # Compact and key-ordered as built: identical queries give identical bytes.
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _json(body: dict[str, Any], status: int = 200, **headers: str) -> web.Response:
+    return web.Response(
+        body=_dumps(body), status=status, headers={"Content-Type": VENDOR_JSON, **headers}
+    )
+
+
+def _vendor_error(code: str, message: str) -> web.Response:
+    """A business failure, shaped and coded like the vendor's (HTTP 200)."""
+    return _json(
+        {"resultCode": code, "resultDesc": message, "returnCode": code, "returnDesc": message}
+    )
+
+
+async def callresult(request: web.Request) -> web.StreamResponse:
+    """The vendor route; the observer counts it from arrival until the response is written."""
+    state = request.app[SIM_STATE]
+    violated = state.observer.arrive(state.clock.monotonic())
+    try:
+        try:
+            response = await _answer(state, request, violated)
+        except web.HTTPException as exc:  # e.g. a body over client_max_size
+            response = _json(
+                {"resultCode": f"0200{exc.status}", "resultDesc": exc.reason}, exc.status
+            )
+        state.responses_by_status[response.status] += 1
+        # Written here, not by aiohttp after return, so in_flight covers the whole response.
+        await response.prepare(request)
+        await response.write_eof()
+        return response
+    finally:
+        state.observer.depart()
+
+
+async def _answer(state: SimulatorState, request: web.Request, violated: bool) -> web.Response:
+    arrival = state.clock.monotonic()
+    state.requests_total += 1
+    body = await request.read()
+    headers = {name.lower(): value for name, value in request.headers.items()}
+    path = request.rel_url.raw_path
+    state.record(ReceivedRequest(request.method, path, headers, body, arrival))
+
+    if request.method != "POST":
+        return _json(
+            {"resultCode": "0200405", "resultDesc": "Method not allowed"}, 405, Allow="POST"
+        )
+    if violated and state.behaviour.enforce_limits:
+        return _json({"resultCode": "0200429", "resultDesc": "Too many requests"}, 429)
+    failure = await _named_behaviours(state)
+    if failure is not None:
+        return failure
+    if request.content_type != "application/json":
+        return _json(
+            {"resultCode": "0200415", "resultDesc": "Content-Type must be application/json"},
+            415,
+        )
+    reason = signing.verify(
+        request.headers.get("Authorization"),
+        credentials={state.config.ak: state.config.sk},
+        now=state.clock.time(),
+        max_skew=state.config.max_skew_s,
+        method=request.method,
+        path=path,
+        headers=headers,
+        body=body,
+        query=dict(request.rel_url.query),
+    )
+    if reason is not None:
+        state.auth_failures += 1
+        return _json(
+            {"resultCode": "0200401", "resultDesc": f"Authentication failed: {reason}"}, 401
+        )
+
+    try:
+        query = validation.parse_request(
+            request.match_info["vdnId"], request.match_info["campaignId"], body
+        )
+    except ParameterError as exc:
+        return _vendor_error(exc.result_code, exc.message)
+    if query.campaign_id > state.config.campaigns:
+        return _vendor_error(validation.CAMPAIGN_NOT_FOUND, "The outbound campaign does not exist.")
+    total, rows = state.dataset.query(query)
+    return _json(
+        {
+            "resultCode": SUCCESS,
+            "resultDesc": "Query Success!",
+            "returnCode": SUCCESS,
+            "returnDesc": "Query Success!",
+            "totalCount": total,
+            "data": rows,
+        }
+    )
+
+
+async def _named_behaviours(state: SimulatorState) -> web.Response | None:
+    """Delay (latency, jitter, hang) and maybe fail; a 5xx response, or None to go on.
+
+    The rng is drawn only for behaviours that are switched on, so a quiet simulator's
+    sequence of draws (and a seeded test's outcome) does not depend on unused features.
+    """
+    b, rng = state.behaviour, state.rng
+    delay_s = b.latency_ms / 1000.0
+    if b.jitter_ms > 0:
+        delay_s += rng.uniform(0.0, b.jitter_ms) / 1000.0
+    if b.timeout_rate > 0 and rng.random() < b.timeout_rate:
+        delay_s += b.hang_s
+    if delay_s > 0:
+        await state.clock.sleep(delay_s)
+    if b.error_rate > 0 and rng.random() < b.error_rate:
+        # Deliberately not the vendor's JSON shape: a proxy or crashed server answers this way.
+        return web.json_response(
+            {"error": "simulated upstream failure"}, status=rng.choice((500, 503))
+        )
+    return None
+
+
+async def get_stats(request: web.Request) -> web.Response:
+    return web.json_response(request.app[SIM_STATE].stats())
+
+
+async def post_reset(request: web.Request) -> web.Response:
+    state = request.app[SIM_STATE]
+    state.reset()
+    return web.json_response(state.stats())
+
+
+async def get_behaviour(request: web.Request) -> web.Response:
+    return web.json_response(request.app[SIM_STATE].behaviour.as_dict())
+
+
+async def post_behaviour(request: web.Request) -> web.Response:
+    """Apply a JSON object of behaviour changes at once, or none of them (400)."""
+    state = request.app[SIM_STATE]
+    try:
+        changes = json.loads(await request.read())
+        if not isinstance(changes, dict):
+            raise ValueError("body must be a JSON object")
+        state.behaviour = state.behaviour.updated(changes)
+    except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError included
+        return web.json_response({"error": str(exc)}, status=400)
+    return web.json_response(state.behaviour.as_dict())
+
+
+def create_simulator_app(
+    config: SimulatorConfig, clock: Clock | None = None, rng: random.Random | None = None
+) -> web.Application:
+    """A simulator app; ``clock`` defaults to the system clock, ``rng`` to ``Random(seed)``.
+
+    Run it with handler cancellation on (``run_simulator`` and aiohttp's ``TestServer`` do),
+    so a request whose client went away stops counting as in flight.
+    """
+    app = web.Application()
+    if rng is None:
+        rng = random.Random(config.seed)  # noqa: S311 -- reproducible simulation, not secrets
+    app[SIM_STATE] = SimulatorState(config, clock or SystemClock(), rng)
+    app.router.add_route("*", ROUTE, callresult)
+    app.router.add_get("/__sim/stats", get_stats)
+    app.router.add_post("/__sim/reset", post_reset)
+    app.router.add_get("/__sim/behaviour", get_behaviour)
+    app.router.add_post("/__sim/behaviour", post_behaviour)
+    return app
+
+
+def run_simulator(config: SimulatorConfig) -> None:
+    """Serve the simulator until interrupted (blocking); prints where it listens."""
+    line = (
+        f"iSales upstream simulator listening on http://{config.host}:{config.port} "
+        f"(AK {config.ak!r}, max_concurrent {config.max_concurrent} per {config.window_ms:g} ms)"
+    )
+    web.run_app(
+        create_simulator_app(config),
+        host=config.host,
+        port=config.port,
+        handler_cancellation=True,
+        print=lambda _default: print(line, flush=True),
+    )

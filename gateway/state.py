@@ -1,0 +1,31 @@
+"""Typed application state: the keys under which the app factory stores its parts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from gateway.cache import CacheStore
+from gateway.clock import Clock
+from gateway.limiter import Limiter
+from gateway.metrics import GatewayMetrics
+from gateway.service import CallResultService
+from gateway.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class Parts:
+    """What the app is built from; fixed when the app factory returns."""
+
+    settings: Settings
+    clock: Clock
+    metrics: GatewayMetrics
+    cache: CacheStore | None
+    limiter: Limiter
+    mode: str
+
+
+PARTS = web.AppKey("parts", Parts)
+# Set by the upstream cleanup context once the HTTP client session exists.
+SERVICE = web.AppKey("service", CallResultService)
