@@ -51,7 +51,7 @@ def test_nothing_configured_gives_the_documented_defaults() -> None:
     assert settings.server == ServerSettings("0.0.0.0", 8080, 8192, 15.0)
     assert settings.upstream.signed_headers == ("host",)
     assert settings.upstream.timestamp_format == "seconds"
-    assert settings.limit == LimitSettings(10, 1000, 100, 1000, 30000, 1)
+    assert settings.limit == LimitSettings(10, 1000, 100, 250, 30000, 1)
     assert settings.cache == CacheSettings(True, 86400.0, 30.0, 3600.0, 0.0, 10000)
     assert (settings.log.level, settings.log.format) == ("INFO", "text")
     assert settings.embedded
