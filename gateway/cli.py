@@ -88,6 +88,8 @@ def serve(path: str | None) -> None:
         shutdown_timeout=settings.server.shutdown_timeout_s,
         access_log=None,
         print=None,
+        # A caller that hangs up leaves the queue instead of spending an upstream slot.
+        handler_cancellation=True,
     )
 
 
@@ -116,7 +118,7 @@ async def _run_demo(settings: Settings, sim: SimulatorConfig) -> None:
     runners = [
         (web.AppRunner(create_simulator_app(sim), handler_cancellation=True), sim.host, sim.port),
         (
-            web.AppRunner(create_app(settings), access_log=None),
+            web.AppRunner(create_app(settings), access_log=None, handler_cancellation=True),
             settings.server.host,
             settings.server.port,
         ),

@@ -21,6 +21,8 @@ with the vendor's numeric codes (``0200000``, ``0200001``, ``02000006``...).
         ├── UpstreamBadResponse       502 GW50201  5xx or a body that is not the vendor's
         ├── UpstreamAuthRejected      502 GW50202  the upstream refused the gateway's AK/SK
         └── UpstreamTimeout           504 GW50400
+    BackendUnavailable                503 GW50310  Redis failed or timed out (internal: the cache
+                                                   fails open, the limiter falls back)
 """
 
 from __future__ import annotations
@@ -153,3 +155,17 @@ class UpstreamTimeout(UpstreamError):
     status = 504
     code = "GW50400"
     default_message = "Upstream timed out."
+
+
+class BackendUnavailable(GatewayError):
+    """A shared backend (Redis) failed or timed out; raised by the Redis implementations only.
+
+    The service decides what it means: the cache treats it as a miss, the limiter falls back.
+    """
+
+    status = 503
+    code = "GW50310"
+    default_message = "A shared backend is unavailable; retry later."
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}

@@ -23,12 +23,12 @@ from gateway.errors import (
     NotFound,
 )
 from gateway.metrics import status_class
-from gateway.state import PARTS
+from gateway.state import PARTS, REQUEST_ID
 
 access_log = logging.getLogger("gateway.access")
 log = logging.getLogger("gateway")
 
-REQUEST_ID = "X-Request-ID"
+REQUEST_ID_HEADER = "X-Request-ID"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _HTTP_ERRORS: dict[int, type[CallerError]] = {
     404: NotFound,
@@ -66,7 +66,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         mapped = _HTTP_ERRORS.get(exc.status)
         return error_response(mapped() if mapped else CallerError(exc.reason))
     except Exception:
-        log.exception("unexpected error", extra={"request_id": request.get("request_id")})
+        log.exception("unexpected error", extra={"request_id": request.get(REQUEST_ID)})
         return error_response(GatewayError())
 
 
@@ -75,11 +75,11 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
     """Request id in and out, the request's metrics and its access-log line."""
     parts = request.app[PARTS]
     started = parts.clock.monotonic()
-    given = request.headers.get(REQUEST_ID, "")
+    given = request.headers.get(REQUEST_ID_HEADER, "")
     request_id = given if _SAFE_ID.match(given) else uuid.uuid4().hex
-    request["request_id"] = request_id
+    request[REQUEST_ID] = request_id
     response = await handler(request)
-    response.headers[REQUEST_ID] = request_id
+    response.headers[REQUEST_ID_HEADER] = request_id
     elapsed = parts.clock.monotonic() - started
     route = request.match_info.route.name or "other"
     cache = response.headers.get("X-Cache", "NONE")

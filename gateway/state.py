@@ -29,3 +29,5 @@ class Parts:
 PARTS = web.AppKey("parts", Parts)
 # Set by the upstream cleanup context once the HTTP client session exists.
 SERVICE = web.AppKey("service", CallResultService)
+# Per request: the id echoed in X-Request-ID and carried by every log line of the request.
+REQUEST_ID = web.RequestKey("request_id", str)

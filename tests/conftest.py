@@ -1,0 +1,111 @@
+"""Shared fixtures: a private redis-server, the simulator over a real socket, gateway builders."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import CollectorRegistry
+
+from gateway.app import create_app
+from gateway.settings import Settings, load_settings
+from gateway.simulator import SIM_STATE, SimulatorConfig, create_simulator_app
+from gateway.simulator.state import SimulatorState
+from tests.support.processes import RedisServer
+
+SIM = SimulatorConfig()  # the defaults: AK/SK the gateway builders use
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    """A client of the private server, emptied before each test."""
+    redis_server.flush()
+    client = aioredis.Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+class Upstream:
+    """A running simulator: its base URL and its in-process state (counters, received)."""
+
+    def __init__(self, server: TestServer) -> None:
+        self.server = server
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+    @property
+    def state(self) -> SimulatorState:
+        return self.server.app[SIM_STATE]
+
+    @property
+    def requests(self) -> int:
+        return self.state.requests_total
+
+
+StartSimulator = Callable[..., Awaitable[Upstream]]
+
+
+@pytest.fixture
+async def start_simulator() -> AsyncIterator[StartSimulator]:
+    """Start simulators on real sockets: ``await start_simulator(latency_ms=200)``."""
+    servers: list[TestServer] = []
+
+    async def start(**overrides: Any) -> Upstream:
+        server = TestServer(create_simulator_app(SimulatorConfig(**overrides)), host="127.0.0.1")
+        await server.start_server()  # aiohttp test servers cancel handlers on disconnect
+        servers.append(server)
+        return Upstream(server)
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+@pytest.fixture
+async def upstream(start_simulator: StartSimulator) -> Upstream:
+    return await start_simulator()
+
+
+def gateway_settings(upstream_url: str, **env: str | int | float) -> Settings:
+    """Settings as an operator would give them, through the environment overrides."""
+    environ = {
+        "GATEWAY_UPSTREAM__URL": upstream_url,
+        "GATEWAY_UPSTREAM__AK": SIM.ak,
+        "GATEWAY_UPSTREAM__SK": SIM.sk,
+        "GATEWAY_UPSTREAM__ALLOW_HTTP": "true",
+    }
+    environ.update({f"GATEWAY_{k.upper()}": str(v) for k, v in env.items()})
+    return load_settings(None, environ)
+
+
+StartGateway = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+@pytest.fixture
+async def start_gateway() -> AsyncIterator[StartGateway]:
+    """Start gateways on real sockets: ``await start_gateway(settings, clock=...)``."""
+    clients: list[TestClient[web.Request, web.Application]] = []
+
+    async def start(settings: Settings, **parts: Any) -> TestClient[web.Request, web.Application]:
+        parts.setdefault("registry", CollectorRegistry())
+        client = TestClient(TestServer(create_app(settings, **parts), host="127.0.0.1"))
+        await client.start_server()
+        clients.append(client)
+        return client
+
+    yield start
+    for client in clients:
+        await client.close()
