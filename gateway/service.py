@@ -6,12 +6,16 @@ misses for the same key share one upstream call; every upstream call holds a per
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Protocol
 
 from gateway.cache import CacheStore
 from gateway.cache_policy import (
+    SUCCESS,
     CacheEntry,
     CachePolicy,
     Freshness,
@@ -129,35 +133,56 @@ class CallResultService:
     async def _fetch_and_store(
         self, query: CallResultQuery, key: str, locale: str | None
     ) -> UpstreamResponse:
-        response = await self._call_upstream(query, locale)
+        async with self._permit():
+            call = asyncio.ensure_future(self._call_upstream(query, locale))
+            try:
+                response, code = await asyncio.shield(call)
+            except asyncio.CancelledError:
+                # Every caller left, but the request is already at the upstream: finish it
+                # under its permit and keep the answer; only then give up.
+                with contextlib.suppress(Exception):
+                    await self._store(query, key, *await call)
+                raise
+        await self._store(query, key, response, code)
+        return response
+
+    @contextlib.asynccontextmanager
+    async def _permit(self) -> AsyncIterator[None]:
+        """The limiter's permit, with the queue wait and rejections measured."""
+        queued_at = self._clock.monotonic()
+        try:
+            async with self._limiter.permit():
+                self._metrics.queue_wait.observe(self._clock.monotonic() - queued_at)
+                yield
+        except Overloaded as exc:
+            reason = "queue_full" if isinstance(exc, QueueFull) else "queue_timeout"
+            self._metrics.rejections.labels(reason).inc()
+            raise
+
+    async def _call_upstream(
+        self, query: CallResultQuery, locale: str | None
+    ) -> tuple[UpstreamResponse, str | None]:
+        """The upstream's answer and its business code (None if not a vendor answer)."""
+        started = self._clock.monotonic()
+        try:
+            response = await self._upstream.fetch(query, locale)
+        except UpstreamError as exc:
+            self._metrics.upstream_requests.labels(upstream_outcome(exc)).inc()
+            raise
+        finally:
+            self._metrics.upstream_duration.observe(self._clock.monotonic() - started)
         code = business_code(response.status, response.body)
-        self._metrics.upstream_requests.labels(
-            "ok" if code == "0200000" else "business_error"
-        ).inc()
+        self._metrics.upstream_requests.labels("ok" if code == SUCCESS else "business_error").inc()
+        return response, code
+
+    async def _store(
+        self, query: CallResultQuery, key: str, response: UpstreamResponse, code: str | None
+    ) -> None:
         now = self._clock.time()
         ttl = fresh_ttl(query, code, _utc_date(now), self._policy)
         if self._cache is not None and ttl > 0:
             entry = CacheEntry(response.body, response.content_type, now, ttl, self._policy.stale)
             await self._cache.put(key, entry)
-        return response
-
-    async def _call_upstream(self, query: CallResultQuery, locale: str | None) -> UpstreamResponse:
-        queued_at = self._clock.monotonic()
-        try:
-            async with self._limiter.permit():
-                started = self._clock.monotonic()
-                self._metrics.queue_wait.observe(started - queued_at)
-                try:
-                    return await self._upstream.fetch(query, locale)
-                except UpstreamError as exc:
-                    self._metrics.upstream_requests.labels(upstream_outcome(exc)).inc()
-                    raise
-                finally:
-                    self._metrics.upstream_duration.observe(self._clock.monotonic() - started)
-        except Overloaded as exc:
-            reason = "queue_full" if isinstance(exc, QueueFull) else "queue_timeout"
-            self._metrics.rejections.labels(reason).inc()
-            raise
 
 
 def _utc_date(epoch: float) -> date:

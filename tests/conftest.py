@@ -7,10 +7,11 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from aiohttp import web
+from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
+from gateway import signing
 from gateway.app import create_app
 from gateway.settings import Settings, load_settings
 from gateway.simulator import SIM_STATE, SimulatorConfig, create_simulator_app
@@ -53,6 +54,27 @@ class Upstream:
     @property
     def requests(self) -> int:
         return self.state.requests_total
+
+
+async def signed_post(upstream: Upstream, path: str, body: bytes) -> bytes:
+    """What a simulator itself answers for a correctly signed request: the reference bytes."""
+    host = upstream.url.removeprefix("http://")
+    headers = {"host": host, "content-type": "application/json"}
+    headers["authorization"] = signing.authorization(
+        ak=SIM.ak,
+        sk=SIM.sk,
+        timestamp=signing.format_timestamp(upstream.state.clock.time()),
+        method="POST",
+        path=path,
+        headers={"host": host},
+        body=body,
+    )
+    async with (
+        ClientSession() as session,
+        session.post(upstream.url + path, data=body, headers=headers) as response,
+    ):
+        assert response.status == 200
+        return await response.read()
 
 
 StartSimulator = Callable[..., Awaitable[Upstream]]

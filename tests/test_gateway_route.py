@@ -4,34 +4,18 @@ from __future__ import annotations
 
 import json
 
-from aiohttp import ClientSession
-
 from gateway import signing
-from tests.conftest import SIM, StartGateway, StartSimulator, Upstream, gateway_settings
+from tests.conftest import (
+    SIM,
+    StartGateway,
+    StartSimulator,
+    Upstream,
+    gateway_settings,
+    signed_post,
+)
 
 PATH = "/rest/isales/v1/openapi/campaigns/11/callresult/3"
 JSON = {"Content-Type": "application/json; charset=UTF-8"}
-
-
-async def direct(upstream: Upstream, path: str, body: bytes) -> bytes:
-    """What the simulator itself answers for a correctly signed request (the reference)."""
-    host = upstream.url.removeprefix("http://")
-    headers = {"host": host, "content-type": "application/json"}
-    headers["authorization"] = signing.authorization(
-        ak=SIM.ak,
-        sk=SIM.sk,
-        timestamp=signing.format_timestamp(upstream.state.clock.time()),
-        method="POST",
-        path=path,
-        headers={"host": host},
-        body=body,
-    )
-    async with (
-        ClientSession() as session,
-        session.post(upstream.url + path, data=body, headers=headers) as response,
-    ):
-        assert response.status == 200
-        return await response.read()
 
 
 async def test_a_valid_query_returns_the_upstream_bytes_unchanged(
@@ -44,7 +28,7 @@ async def test_a_valid_query_returns_the_upstream_bytes_unchanged(
 
     reference = await start_simulator()  # same seed, same data: a second, untouched copy
     canonical = b'{"pageSize":20,"pageNum":1,"showDetail":1}'
-    assert got == await direct(reference, PATH, canonical)
+    assert got == await signed_post(reference, PATH, canonical)
     assert response.status == 200
     assert response.headers["X-Cache"] == "MISS"
     assert json.loads(got)["resultCode"] == "0200000"

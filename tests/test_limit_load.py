@@ -1,0 +1,43 @@
+"""The upstream limit under load: what the simulator measured on its own clock, on arrival."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.validation import parse_request
+from tests.conftest import StartGateway, StartSimulator, gateway_settings, signed_post
+
+JSON = {"Content-Type": "application/json; charset=UTF-8"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_300_concurrent_distinct_queries_never_exceed_the_upstream_limit(
+    start_simulator: StartSimulator, start_gateway: StartGateway
+) -> None:
+    upstream = await start_simulator(latency_ms=200, enforce_limits=True)
+    reference = await start_simulator()
+    settings = gateway_settings(upstream.url, limit__max_queue=1000, limit__max_wait_ms=120_000)
+    gateway = await start_gateway(settings)
+    queries = [
+        (f"/rest/isales/v1/openapi/campaigns/11/callresult/{c}", b'{"pageSize":10}')
+        for c in range(1, 301)
+    ]
+
+    async def ask(path: str, body: bytes) -> tuple[int, bytes]:
+        response = await gateway.post(path, data=body, headers=JSON)
+        return response.status, await response.read()
+
+    answers = await asyncio.gather(*(ask(path, body) for path, body in queries))
+
+    stats = upstream.state.stats()
+    assert stats["max_in_flight"] <= 10
+    assert stats["max_starts_in_window"] <= 10
+    assert stats["violations"] == 0
+    assert stats["requests_total"] == 300
+    for (path, body), (status, got) in zip(queries, answers, strict=True):
+        canonical = parse_request("11", path.rsplit("/", 1)[1], body).body_bytes()
+        assert status == 200
+        assert got == await signed_post(reference, path, canonical), path

@@ -1,0 +1,82 @@
+"""Bursts beyond the upstream budget: bounded queue, bounded wait, no permit ever leaked."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import ClientSession, ClientTimeout
+
+from tests.conftest import StartGateway, StartSimulator, gateway_settings
+
+JSON = {"Content-Type": "application/json; charset=UTF-8"}
+
+
+def path(campaign: int) -> str:
+    return f"/rest/isales/v1/openapi/campaigns/11/callresult/{campaign}"
+
+
+def gauge(metrics_text: str, name: str) -> float:
+    for line in metrics_text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not exported")
+
+
+async def test_a_full_queue_answers_503_with_retry_after_and_no_upstream_call(
+    start_simulator: StartSimulator, start_gateway: StartGateway
+) -> None:
+    upstream = await start_simulator(latency_ms=400)
+    settings = gateway_settings(upstream.url, limit__max_concurrent=1, limit__max_queue=1)
+    gateway = await start_gateway(settings)
+    running = asyncio.ensure_future(gateway.post(path(1), json={}))
+    queued = asyncio.ensure_future(gateway.post(path(2), json={}))
+    await asyncio.sleep(0.1)
+    rejected = await gateway.post(path(3), json={})
+    body = await rejected.json()
+    assert rejected.status == 503
+    assert body["resultCode"] == "GW50300"
+    assert int(rejected.headers["Retry-After"]) >= 1
+    assert [r.status for r in await asyncio.gather(running, queued)] == [200, 200]
+    assert upstream.requests == 2
+
+
+async def test_a_caller_past_the_wait_bound_gets_503_with_retry_after(
+    start_simulator: StartSimulator, start_gateway: StartGateway
+) -> None:
+    upstream = await start_simulator(latency_ms=600)
+    settings = gateway_settings(upstream.url, limit__max_concurrent=1, limit__max_wait_ms=100)
+    gateway = await start_gateway(settings)
+    running = asyncio.ensure_future(gateway.post(path(1), json={}))
+    await asyncio.sleep(0.05)
+    waited = await gateway.post(path(2), json={})
+    assert waited.status == 503
+    assert (await waited.json())["resultCode"] == "GW50301"
+    assert int(waited.headers["Retry-After"]) >= 1
+    assert (await running).status == 200
+    assert upstream.requests == 1
+
+
+async def test_callers_that_hang_up_leave_no_permit_or_queue_slot_behind(
+    start_simulator: StartSimulator, start_gateway: StartGateway
+) -> None:
+    upstream = await start_simulator(latency_ms=300)
+    settings = gateway_settings(upstream.url, limit__max_concurrent=2, limit__window_ms=100)
+    gateway = await start_gateway(settings)
+    url = str(gateway.make_url(""))
+
+    async def impatient(campaign: int) -> None:
+        async with ClientSession(timeout=ClientTimeout(total=0.05)) as session:
+            try:
+                async with session.post(url + path(campaign), json={}):
+                    pass
+            except TimeoutError:
+                pass
+
+    await asyncio.gather(*(impatient(c) for c in range(1, 9)))
+    await asyncio.sleep(0.6)  # the two calls already at the upstream finish and return theirs
+    text = await (await gateway.get("/metrics")).text()
+    assert gauge(text, "isales_gateway_permits_in_flight") == 0
+    assert gauge(text, "isales_gateway_queue_depth") == 0
+    assert upstream.requests == 2, "callers that left the queue cost no upstream call"
+    answers = await asyncio.gather(*(gateway.post(path(c), json={}) for c in range(20, 24)))
+    assert [a.status for a in answers] == [200] * 4
