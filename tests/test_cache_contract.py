@@ -174,7 +174,8 @@ async def test_a_stored_entry_and_its_campaign_index_carry_a_ttl(
     await redis_store.put(key_for(11, 3), make_entry(SystemClock(), ttl=30.0, stale=60.0))
     entry_pttl = await redis_client.pttl(key_for(11, 3))
     assert 0 < entry_pttl <= 90_000
-    assert await redis_client.pttl(index_of(11, 3)) >= entry_pttl
+    # Read a moment later, and the index's expiry comes from Redis's clock: allow 50 ms.
+    assert await redis_client.pttl(index_of(11, 3)) >= entry_pttl - 50
 
 
 async def test_a_shorter_entry_never_shortens_the_campaign_index_expiry(
