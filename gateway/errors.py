@@ -9,6 +9,8 @@ with the vendor's numeric codes (``0200000``, ``0200001``, ``02000006``...).
     ├── ConfigError                   -            start-up: a setting is invalid
     ├── ParameterError                200 vendor   the query breaks a vendor rule (vendor code)
     ├── CallerError
+    │   ├── Unauthenticated           401 GW40100  no or unknown API key
+    │   ├── Forbidden                 403 GW40300  the key may not do this
     │   ├── NotFound                  404 GW40400  no such route
     │   ├── MethodNotAllowed          405 GW40500  route exists, method does not
     │   ├── BodyTooLarge              413 GW41300
@@ -80,6 +82,21 @@ class CallerError(GatewayError):
     status = 400
     code = "GW40000"
     default_message = "Bad request."
+
+
+class Unauthenticated(CallerError):
+    status = 401
+    code = "GW40100"
+    default_message = "Missing or unknown API key."
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="isales-gateway"'}
+
+
+class Forbidden(CallerError):
+    status = 403
+    code = "GW40300"
+    default_message = "This key may not do that."
 
 
 class NotFound(CallerError):

@@ -11,10 +11,11 @@ import json
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.auth import require_admin
 from gateway.cache_policy import LOCALES
 from gateway.errors import BodyTooLarge, UnsupportedMediaType
 from gateway.state import PARTS, SERVICE
-from gateway.validation import parse_request
+from gateway.validation import MAX_INT, parse_path_id, parse_request
 
 CALLRESULT_PATH = "/rest/isales/v1/openapi/campaigns/{vdnId}/callresult/{campaignId}"
 
@@ -48,6 +49,16 @@ async def callresult(request: web.Request) -> web.Response:
     return response
 
 
+async def purge_campaign(request: web.Request) -> web.Response:
+    """Admin: drop every cached answer of one campaign, e.g. after the vendor corrected data."""
+    parts = request.app[PARTS]
+    require_admin(request.headers.get("Authorization"), parts.settings.admin.key_sha256)
+    vdn_id = parse_path_id("vdnId", request.match_info["vdnId"], 1, 9999)
+    campaign_id = parse_path_id("campaignId", request.match_info["campaignId"], 1, MAX_INT)
+    purged = 0 if parts.cache is None else await parts.cache.purge_campaign(vdn_id, campaign_id)
+    return web.json_response({"vdnId": vdn_id, "campaignId": campaign_id, "purged": purged})
+
+
 async def healthz(request: web.Request) -> web.Response:
     """Alive: the process answers. Says nothing about Redis or the upstream."""
     return web.json_response({"status": "ok"})
@@ -76,6 +87,9 @@ async def metrics(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     app.router.add_post(CALLRESULT_PATH, callresult, name="callresult")
+    app.router.add_delete(
+        "/admin/cache/campaigns/{vdnId}/{campaignId}", purge_campaign, name="admin"
+    )
     app.router.add_get("/healthz", healthz, name="healthz")
     app.router.add_get("/readyz", readyz, name="readyz")
     app.router.add_get("/metrics", metrics, name="metrics")

@@ -28,6 +28,7 @@ from gateway.cache_policy import (
 from gateway.clock import Clock
 from gateway.coalesce import Coalescer
 from gateway.errors import (
+    BackendUnavailable,
     Overloaded,
     QueueFull,
     UpstreamAuthRejected,
@@ -98,15 +99,21 @@ class CallResultService:
         key = cache_key(query, locale)
         stale: CacheEntry | None = None
         if self._cache is not None and not refresh:
-            entry = await self._cache.get(key)
-            now = self._clock.time()
-            state = freshness(entry, now) if entry is not None else Freshness.EXPIRED
-            if entry is not None and state is Freshness.FRESH:
-                self._metrics.cache_lookups.labels("hit").inc()
-                return Answer(200, entry.body, entry.content_type, "HIT", age_seconds(entry, now))
-            if entry is not None and state is Freshness.STALE:
-                stale = entry
-            self._metrics.cache_lookups.labels("stale" if stale else "miss").inc()
+            try:
+                entry = await self._cache.get(key)
+            except BackendUnavailable:
+                entry = None  # the cache fails open: a miss, never an error to the caller
+                self._metrics.cache_lookups.labels("error").inc()
+            else:
+                now = self._clock.time()
+                state = freshness(entry, now) if entry is not None else Freshness.EXPIRED
+                if entry is not None and state is Freshness.FRESH:
+                    self._metrics.cache_lookups.labels("hit").inc()
+                    age = age_seconds(entry, now)
+                    return Answer(200, entry.body, entry.content_type, "HIT", age)
+                if entry is not None and state is Freshness.STALE:
+                    stale = entry
+                self._metrics.cache_lookups.labels("stale" if stale else "miss").inc()
         try:
             response, led = await self._coalescer.run(
                 key, lambda: self._fetch_and_store(query, key, locale)
@@ -182,7 +189,8 @@ class CallResultService:
         ttl = fresh_ttl(query, code, _utc_date(now), self._policy)
         if self._cache is not None and ttl > 0:
             entry = CacheEntry(response.body, response.content_type, now, ttl, self._policy.stale)
-            await self._cache.put(key, entry)
+            with contextlib.suppress(BackendUnavailable):  # fails open: the answer still goes out
+                await self._cache.put(key, entry)
 
 
 def _utc_date(epoch: float) -> date:

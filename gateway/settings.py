@@ -44,6 +44,8 @@ _BOUNDS: Final[dict[str, tuple[float, float]]] = {
     "server.shutdown_timeout_s": (_ABOVE_ZERO, math.inf),
     "upstream.connect_timeout_ms": (1, math.inf),
     "upstream.timeout_ms": (1, math.inf),
+    "redis.timeout_ms": (1, 60000),
+    "redis.pool_size": (1, 10000),
     "limit.max_concurrent": (1, math.inf),
     "limit.window_ms": (1, math.inf),
     "limit.margin_ms": (0, math.inf),
@@ -88,6 +90,13 @@ class UpstreamSettings:
 @dataclass(frozen=True, slots=True)
 class RedisSettings:
     url: str = ""
+    timeout_ms: int = 250
+    pool_size: int = 64
+
+
+@dataclass(frozen=True, slots=True)
+class AdminSettings:
+    key_sha256: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +133,7 @@ class Settings:
     limit: LimitSettings = field(default_factory=LimitSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
 
     @property
     def embedded(self) -> bool:
@@ -317,6 +327,8 @@ def _validate(s: Settings, *, require_upstream: bool) -> None:
     if s.redis.url and not s.redis.url.startswith(REDIS_SCHEMES):
         schemes = ", ".join(REDIS_SCHEMES)
         raise ConfigError("redis.url", f"must start with one of {schemes} (or be empty: embedded)")
+    if s.admin.key_sha256 and not re.fullmatch(r"[0-9a-f]{64}", s.admin.key_sha256):
+        raise ConfigError("admin.key_sha256", "must be 64 lowercase hex digits (a SHA-256)")
     if up.url:
         _validate_upstream_url(up)
 

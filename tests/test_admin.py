@@ -1,0 +1,65 @@
+"""The admin purge endpoint: one campaign's cached answers go, nothing else; admins only."""
+
+from __future__ import annotations
+
+from gateway.auth import bearer, key_digest
+from tests.conftest import StartGateway, Upstream, gateway_settings
+
+ADMIN_KEY = "s3cret-admin-key"
+
+
+def route(campaign: int, vdn: int = 11) -> str:
+    return f"/rest/isales/v1/openapi/campaigns/{vdn}/callresult/{campaign}"
+
+
+def test_only_a_bearer_token_is_taken_from_the_authorization_header() -> None:
+    assert bearer("Bearer abc") == "abc"
+    assert bearer("bearer  abc ") == "abc"
+    assert bearer("Basic abc") is None
+    assert bearer("Bearer ") is None
+    assert bearer(None) is None
+
+
+async def test_purge_removes_one_campaigns_entries_and_nothing_else(
+    upstream: Upstream, start_gateway: StartGateway
+) -> None:
+    settings = gateway_settings(upstream.url, admin__key_sha256=key_digest(ADMIN_KEY))
+    gateway = await start_gateway(settings)
+    kept = [route(30), route(3, vdn=1), route(13)]
+    for path in [route(3), *kept]:
+        await gateway.post(path, json={"pageSize": 5})
+        await gateway.post(path, json={"pageSize": 6})
+
+    purge = await gateway.delete(
+        "/admin/cache/campaigns/11/3", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+    )
+    assert purge.status == 200
+    assert (await purge.json())["purged"] == 2
+    after = await gateway.post(route(3), json={"pageSize": 5})
+    assert after.headers["X-Cache"] == "MISS"
+    for path in kept:
+        assert (await gateway.post(path, json={"pageSize": 5})).headers["X-Cache"] == "HIT", path
+
+
+async def test_purge_without_the_admin_key_is_refused(
+    upstream: Upstream, start_gateway: StartGateway
+) -> None:
+    settings = gateway_settings(upstream.url, admin__key_sha256=key_digest(ADMIN_KEY))
+    gateway = await start_gateway(settings)
+    missing = await gateway.delete("/admin/cache/campaigns/11/3")
+    wrong = await gateway.delete(
+        "/admin/cache/campaigns/11/3", headers={"Authorization": "Bearer guess"}
+    )
+    assert (missing.status, (await missing.json())["resultCode"]) == (401, "GW40100")
+    assert (wrong.status, (await wrong.json())["resultCode"]) == (403, "GW40300")
+    assert ADMIN_KEY not in await wrong.text()
+
+
+async def test_with_no_admin_key_configured_nobody_may_purge(
+    upstream: Upstream, start_gateway: StartGateway
+) -> None:
+    gateway = await start_gateway(gateway_settings(upstream.url))
+    response = await gateway.delete(
+        "/admin/cache/campaigns/11/3", headers={"Authorization": "Bearer anything"}
+    )
+    assert response.status == 403
