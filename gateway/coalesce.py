@@ -23,6 +23,10 @@ class Coalescer(Protocol[T]):
         """Calls in progress in this process (for metrics)."""
         ...
 
+    async def close(self) -> None:
+        """Stop background work (at shutdown)."""
+        ...
+
 
 class _Call(Generic[T]):
     __slots__ = ("callers", "future")
@@ -38,6 +42,9 @@ class InProcessCoalescer(Generic[T]):
 
     def waiting(self) -> int:
         return len(self._calls)
+
+    async def close(self) -> None:
+        """Nothing runs in the background; calls in progress finish or are cancelled."""
 
     async def run(self, key: str, fetch: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
         call = self._calls.get(key)

@@ -38,6 +38,10 @@ class Limiter(Protocol):
 
     def snapshot(self) -> LimiterSnapshot: ...
 
+    async def close(self) -> None:
+        """Stop background work and give back what is held (at shutdown)."""
+        ...
+
 
 class WindowBudget:
     """Concurrency plus sliding-window start budget. All times in seconds on one clock."""
@@ -96,6 +100,9 @@ class InMemoryLimiter:
 
     def snapshot(self) -> LimiterSnapshot:
         return LimiterSnapshot(self._budget.in_flight, len(self._waiters))
+
+    async def close(self) -> None:
+        """Nothing to give back: the budget dies with the process."""
 
     @asynccontextmanager
     async def permit(self) -> AsyncIterator[None]:

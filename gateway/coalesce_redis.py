@@ -1,0 +1,388 @@
+"""Cross-replica coalescing: identical misses cost the upstream one call fleet-wide.
+
+Within a replica, callers of one key share one local round (``InProcessCoalescer``). Across
+replicas, a round's leader takes ``<key>:lock`` (``SET NX PX``, renewed every lease/3 while
+``fetch`` runs) and, when it is done, one script stores the outcome under
+``<key>:outcome:<token>`` for a lease, PUBLISHes it and deletes the lock if still its own. The
+other replicas' rounds follow: they were listening before they tried the lock (one pattern
+subscription per coalescer, confirmed before the first round), so the message wakes them
+within milliseconds. At every half lease they re-run the acquire script, which returns the
+outcome of a round they know of (a message lost to a reconnect costs latency, not a call) or
+takes the lock if it vanished without one (the leader crashed): exactly one waiter wins and
+leads, the others learn its token and keep waiting. A leader whose local callers all went away
+(its fetch is cancelled) releases the lock and says so on the channel: one follower leads now.
+
+Outcome format (never pickle): a JSON header line, ``\\n``, the upstream's raw body. A value
+that does not decode is ignored. A ``GatewayError`` from the leader's ``fetch`` is re-raised on
+followers as the same class from ``gateway.errors`` (unknown: ``UpstreamBadResponse``).
+
+Fail open: when Redis fails (``BackendUnavailable``, translated in ``_redis_errors`` only),
+the round runs ``fetch`` itself, so callers still get answers, coalesced per replica only;
+Redis is then left alone for a second. Keys get a ``{hash tag}`` unless they carry one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import secrets
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError
+
+from gateway import errors
+from gateway.clock import Clock
+from gateway.coalesce import InProcessCoalescer
+from gateway.errors import BackendUnavailable, GatewayError, Overloaded, QueueTimeout
+from gateway.upstream import UpstreamResponse
+
+log = logging.getLogger("gateway.coalesce")
+
+CHANNEL_PREFIX = "isales:v1:coalesce:"
+_REDIS_PAUSE_S = 1.0  # after a Redis failure, rounds fail open at once for this long
+_LISTEN_POLL_S = 1.0  # the reader's read bound; messages still wake it at once
+RELEASED = b'{"v":1,"released":true}\n'  # not an outcome: "the lock is free, try it now"
+
+# KEYS[1] lock, KEYS[2..] outcomes of the rounds this caller waits on; ARGV token, lease ms.
+_ACQUIRE = """
+for i = 2, #KEYS do
+  local outcome = redis.call('GET', KEYS[i])
+  if outcome then return {'done', outcome} end
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {'won'} end
+return {'held', redis.call('GET', KEYS[1])}
+"""
+# KEYS[1] lock; ARGV token, lease ms.
+_EXTEND = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+# KEYS[1] lock, KEYS[2] this round's outcome; ARGV token, message, keep ms (0: a release,
+# the message is RELEASED and not kept), channel.
+_FINISH = """
+if ARGV[3] ~= '0' then redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3]) end
+redis.call('PUBLISH', ARGV[4], ARGV[2])
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one round produced: a response or the exception ``fetch`` raised."""
+
+    response: UpstreamResponse | None = None
+    error: Exception | None = None
+
+    def unwrap(self) -> UpstreamResponse:
+        if self.error is not None:
+            raise self.error
+        assert self.response is not None
+        return self.response
+
+
+def tagged(key: str) -> str:
+    """``key`` itself if it has a Redis Cluster hash tag, else the whole key as the tag."""
+    start = key.find("{")
+    end = key.find("}", start + 1) if start >= 0 else -1
+    return key if start >= 0 and end > start + 1 else "{" + key + "}"
+
+
+def lock_key(key: str) -> str:
+    return tagged(key) + ":lock"
+
+
+def outcome_channel(key: str) -> str:
+    return CHANNEL_PREFIX + tagged(key)
+
+
+def encode_outcome(outcome: Outcome) -> bytes:
+    """The published/stored form: JSON header line + raw body (errors: class name + message)."""
+    if outcome.response is not None:
+        r = outcome.response
+        header = {"v": 1, "status": r.status, "content_type": r.content_type}
+        return json.dumps(header).encode() + b"\n" + r.body
+    exc = outcome.error
+    if isinstance(exc, GatewayError):
+        header = {"v": 1, "error": type(exc).__name__, "message": exc.message}
+        if isinstance(exc, Overloaded):
+            header["retry_after"] = exc.retry_after
+    else:  # a bug in fetch: its text stays in this replica's log
+        header = {"v": 1, "error": "UpstreamBadResponse", "message": None}
+    return json.dumps(header).encode() + b"\n"
+
+
+def decode_outcome(data: object) -> Outcome | None:
+    """The outcome ``data`` encodes, or None when it is malformed (never raises)."""
+    if not isinstance(data, bytes):
+        return None
+    line, sep, body = data.partition(b"\n")
+    try:
+        header = json.loads(line) if sep and len(line) <= 4096 else None
+    except ValueError:
+        return None
+    if not isinstance(header, dict) or header.get("v") != 1:
+        return None
+    status, ctype = header.get("status"), header.get("content_type")
+    if type(status) is int and 100 <= status <= 599 and isinstance(ctype, str):
+        return Outcome(response=UpstreamResponse(status, body, ctype))
+    name, message = header.get("error"), header.get("message")
+    if not isinstance(name, str) or not (message is None or isinstance(message, str)):
+        return None
+    cls = getattr(errors, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, GatewayError)):
+        cls = errors.UpstreamBadResponse
+    if issubclass(cls, Overloaded):
+        retry = header.get("retry_after")
+        if isinstance(retry, bool) or not isinstance(retry, int | float) or not 0 <= retry < 1e6:
+            retry = 1.0
+        return Outcome(error=cls(float(retry), message))
+    if cls.__init__ is not GatewayError.__init__:  # e.g. ParameterError: not an upstream outcome
+        cls = errors.UpstreamBadResponse
+    return Outcome(error=cls(message))
+
+
+@contextmanager
+def _redis_errors(what: str) -> Iterator[None]:
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise BackendUnavailable(f"Redis coalescing failed ({what}).") from exc
+
+
+class _Inbox:
+    """Outcome messages for one local round, buffered so none is lost between waits."""
+
+    def __init__(self) -> None:
+        self.items: deque[bytes] = deque()
+        self._wake: asyncio.Future[None] | None = None
+
+    def put(self, data: bytes) -> None:
+        self.items.append(data)
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    async def get(self, within: float, clock: Clock) -> bytes | None:
+        """The next message, or None after ``within`` seconds of ``clock``."""
+        if not self.items:
+            wake = self._wake = asyncio.get_running_loop().create_future()
+
+            def expire() -> None:
+                if not wake.done():
+                    wake.set_result(None)
+
+            timer = clock.call_later(within, expire)
+            try:
+                await wake
+            finally:
+                timer.cancel()
+                self._wake = None
+        return self.items.popleft() if self.items else None
+
+
+class RedisCoalescer:
+    """``Coalescer[UpstreamResponse]`` for a fleet sharing one Redis (see the module doc).
+
+    ``lease_s``: the lock's life without renewal, so a crashed leader is replaced within about
+    1.5 leases. ``max_wait_s``: the longest a follower waits for another replica's answer,
+    after which it gets ``QueueTimeout``. ``client`` must return bytes (no decode_responses).
+    """
+
+    def __init__(
+        self, client: aioredis.Redis, *, lease_s: float, max_wait_s: float, clock: Clock
+    ) -> None:
+        if client.connection_pool.connection_kwargs.get("decode_responses"):
+            raise ValueError("RedisCoalescer needs a client that returns bytes")
+        self._client = client
+        self._lease_ms = max(1, round(lease_s * 1000))
+        self._lease_s = lease_s
+        self._max_wait_s = max_wait_s
+        self._clock = clock
+        self._acquire = client.register_script(_ACQUIRE)
+        self._extend = client.register_script(_EXTEND)
+        self._finish = client.register_script(_FINISH)
+        self._closing = False
+        self._local = InProcessCoalescer[tuple[UpstreamResponse, bool]]()
+        self._inboxes: dict[str, list[_Inbox]] = {}
+        self._rounds: set[asyncio.Task[object]] = set()
+        self._listen_lock = asyncio.Lock()
+        self._pubsub: PubSub | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._redis_paused_until = -math.inf
+
+    def waiting(self) -> int:
+        return self._local.waiting()
+
+    async def run(
+        self, key: str, fetch: Callable[[], Awaitable[UpstreamResponse]]
+    ) -> tuple[UpstreamResponse, bool]:
+        (response, fetched), local_leader = await self._local.run(
+            key, lambda: self._round(key, fetch)
+        )
+        return response, fetched and local_leader
+
+    async def close(self) -> None:
+        """Stop listening and abandon rounds in flight (their locks expire, like a crash)."""
+        self._closing = True
+        tasks = [*self._rounds, *([self._reader] if self._reader else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._reader = None
+        await self._close_pubsub()
+
+    async def _close_pubsub(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is None:
+            return
+        try:
+            with _redis_errors("close"):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+        except BackendUnavailable:
+            log.warning("coalescer: closing the pub/sub connection failed", exc_info=True)
+
+    async def _round(
+        self, key: str, fetch: Callable[[], Awaitable[UpstreamResponse]]
+    ) -> tuple[UpstreamResponse, bool]:
+        task = asyncio.current_task()
+        assert task is not None
+        self._rounds.add(task)
+        channel = outcome_channel(key)
+        inbox = _Inbox()
+        self._inboxes.setdefault(channel, []).append(inbox)  # before the lock: no lost wake-up
+        try:
+            if self._clock.monotonic() < self._redis_paused_until:
+                outcome, led = await _capture(fetch), True
+            else:
+                try:
+                    outcome, led = await self._coordinate(key, fetch, inbox)
+                except BackendUnavailable:
+                    log.warning("coalescer: Redis failed; coalescing in-process", exc_info=True)
+                    self._redis_paused_until = self._clock.monotonic() + _REDIS_PAUSE_S
+                    outcome, led = await _capture(fetch), True
+        finally:
+            self._rounds.discard(task)
+            waiting = self._inboxes.get(channel, [])
+            waiting.remove(inbox)
+            if not waiting:
+                self._inboxes.pop(channel, None)
+        return outcome.unwrap(), led
+
+    async def _coordinate(
+        self, key: str, fetch: Callable[[], Awaitable[UpstreamResponse]], inbox: _Inbox
+    ) -> tuple[Outcome, bool]:
+        """Lead (True) or follow this round; raises BackendUnavailable before any fetch."""
+        await self._listen()
+        base, token = tagged(key), secrets.token_hex(16)
+        rounds: list[str] = []  # outcome keys of the leaders seen holding the lock
+        deadline = self._clock.monotonic() + self._max_wait_s
+        while True:
+            while inbox.items:  # a message that came while we looked elsewhere
+                if (outcome := decode_outcome(inbox.items.popleft())) is not None:
+                    return outcome, False
+            with _redis_errors("acquire"):
+                reply = await self._acquire(
+                    keys=[lock_key(key), *rounds], args=[token, self._lease_ms]
+                )
+            state, value = (*reply, None, None)[:2] if isinstance(reply, list) else (None, None)
+            if state == b"won":
+                return await self._lead(base, token, fetch), True
+            if state == b"done" and (outcome := decode_outcome(value)) is not None:
+                return outcome, False
+            if state == b"held" and isinstance(value, bytes):
+                held = base + ":outcome:" + value.decode("ascii", "replace")
+                if held not in rounds:
+                    rounds.append(held)
+            check_at = min(deadline, self._clock.monotonic() + self._lease_s / 2)
+            while (left := check_at - self._clock.monotonic()) > 0:
+                data = await inbox.get(left, self._clock)
+                if data == RELEASED:
+                    break
+                if data is not None and (outcome := decode_outcome(data)) is not None:
+                    return outcome, False
+            if self._clock.monotonic() >= deadline:
+                return Outcome(error=QueueTimeout(1.0, "Waited too long for a shared call.")), False
+
+    async def _lead(
+        self, base: str, token: str, fetch: Callable[[], Awaitable[UpstreamResponse]]
+    ) -> Outcome:
+        renewal = asyncio.create_task(self._renew(base + ":lock", token))
+        try:
+            outcome = await _capture(fetch)
+        except asyncio.CancelledError:
+            if not self._closing:  # our callers left; on close the lock expires as in a crash
+                await self._end(base, token, RELEASED, 0)
+            raise
+        finally:
+            renewal.cancel()
+        # shielded: once the answer is paid for, it is published even if our callers leave
+        await asyncio.shield(self._end(base, token, encode_outcome(outcome), self._lease_ms))
+        return outcome
+
+    async def _end(self, base: str, token: str, message: bytes, keep_ms: int) -> None:
+        try:
+            with _redis_errors("finish"):
+                await self._finish(
+                    keys=[base + ":lock", base + ":outcome:" + token],
+                    args=[token, message, keep_ms, CHANNEL_PREFIX + base],
+                )
+        except BackendUnavailable:  # followers take over when the lock expires
+            log.warning("coalescer: ending a round in Redis failed", exc_info=True)
+
+    async def _renew(self, lock: str, token: str) -> None:
+        while True:
+            await self._clock.sleep(self._lease_s / 3)
+            try:
+                with _redis_errors("renew"):
+                    if not await self._extend(keys=[lock], args=[token, self._lease_ms]):
+                        log.warning("coalescer: lock lost while fetching; another may lead")
+                        return
+            except BackendUnavailable:
+                log.warning("coalescer: renewing a lock failed", exc_info=True)
+
+    async def _listen(self) -> None:
+        """Subscribe once (confirmed) and start the reader that feeds the inboxes."""
+        async with self._listen_lock:
+            if self._reader is not None and not self._reader.done():
+                return
+            if self._pubsub is not None:  # the reader died: start over on a fresh connection
+                await self._close_pubsub()
+            pubsub = self._pubsub = self._client.pubsub()
+            with _redis_errors("subscribe"):
+                await pubsub.psubscribe(CHANNEL_PREFIX + "*")
+                async with asyncio.timeout(self._lease_s):
+                    while (await pubsub.get_message(timeout=self._lease_s)) is None:
+                        pass  # the first reply on a fresh connection is the confirmation
+            self._reader = asyncio.create_task(self._read(pubsub))
+
+    async def _read(self, pubsub: PubSub) -> None:
+        while True:
+            try:
+                with _redis_errors("listen"):
+                    message = await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=_LISTEN_POLL_S
+                    )
+            except BackendUnavailable:  # redis-py reconnects and resubscribes on the next read
+                log.warning("coalescer: pub/sub read failed", exc_info=True)
+                await self._clock.sleep(_REDIS_PAUSE_S)
+                continue
+            if message is None or message.get("type") != "pmessage":
+                continue
+            channel, data = message.get("channel"), message.get("data")
+            if isinstance(channel, bytes) and isinstance(data, bytes):
+                for inbox in self._inboxes.get(channel.decode("utf-8", "replace"), ()):
+                    inbox.put(data)
+
+
+async def _capture(fetch: Callable[[], Awaitable[UpstreamResponse]]) -> Outcome:
+    try:
+        return Outcome(response=await fetch())
+    except Exception as exc:  # handed to the round's waiters; CancelledError propagates
+        return Outcome(error=exc)

@@ -1,0 +1,394 @@
+"""The fleet-wide limiter: every replica sharing one Redis shares one upstream budget.
+
+State, under one hash tag so each script runs on Redis Cluster; times are Redis ``TIME`` in
+ms, so replicas with skewed clocks agree:
+
+    {ns:limit}:leases    ZSET lease -> expiry       in flight; a crashed holder's lease lapses
+    {ns:limit}:starts    ZSET lease -> start        sliding window (+ margin); a permit released
+                                                    early still counts as started
+    {ns:limit}:queue     ZSET ticket -> first try   one ticket per replica that has waiters
+    {ns:limit}:alive     ZSET ticket -> expiry      heartbeat: a dead replica's ticket lapses
+    {ns:limit}:wants     ZSET ticket -> waiters     that replica's demand (at most max)
+    {ns:limit}:released  channel                    a message per release (or spare grant)
+
+Fairness. Within a replica waiters queue FIFO on local futures and one dispatcher task talks
+to Redis for them. Across replicas the tickets queue oldest first: a ticket gets
+``free - (wants of all older tickets)`` permits at once, so an older replica's demand is
+reserved and a faster replica cannot take it. After a grant the replica's next ticket goes to
+the back, so replicas with waiters take turns (batch by batch) and none is locked out; spare
+capacity still flows to younger tickets. A dead replica's reservation holds only until its
+ticket's heartbeat lapses (``_ticket_ttl_ms``: 2.4 windows + 0.5 s).
+
+Waiting never polls: the dispatcher retries on a release message, or when the script's hint
+has passed (oldest start leaving the window, nearest lease expiry, or a short pause behind
+older tickets), plus 0-20 % jitter so replicas do not stampede.
+
+Held leases are renewed every ``lease_s / 3`` (one task for all) and released on every exit
+path, shielded from cancellation. Redis errors become ``BackendUnavailable`` in ``_redis``
+only; a failed release is logged, not raised: the lease lapses by itself, as does a grant
+whose reply was lost. ``QueueFull``/``QueueTimeout`` bound this replica's queue; their
+``retry_after`` is this replica's own estimate. Needs Redis >= 5 (scripts that call TIME).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import random
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from gateway.clock import Clock
+from gateway.errors import BackendUnavailable, QueueFull, QueueTimeout
+from gateway.limiter import LimiterSnapshot
+
+log = logging.getLogger("gateway.limiter")
+T = TypeVar("T")
+
+_OP_BOUND_S = 2.0  # backstop over the client's own (shorter) timeouts: no call waits forever
+_BLOCKED_HINT_MS = 250  # every permit is held: a release message normally comes sooner
+_BEHIND_HINT_MS = 100  # older tickets go first; a spare-capacity message normally comes sooner
+_JITTER = 0.2
+_RESUBSCRIBE_S = 0.5
+
+# KEYS leases starts queue alive wants; ARGV max, window ms, lease ms, ticket, want, ticket ttl
+# ms, blocked hint ms, behind hint ms, channel. Grants ticket:1..n; returns {n, 0} or {0, ms}.
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local max, window, lease_ms = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local ticket, want, ttl = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
+local dead = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, 100)
+for i = 3, 5 do
+  if #dead > 0 then redis.call('ZREM', KEYS[i], unpack(dead)) end
+  redis.call('PEXPIRE', KEYS[i], 2 * ttl)
+end
+redis.call('ZADD', KEYS[3], 'NX', now, ticket)
+redis.call('ZADD', KEYS[4], now + ttl, ticket)
+redis.call('ZADD', KEYS[5], want, ticket)
+local leases, starts = redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2])
+if leases >= max then
+  local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return {0, math.max(1, math.ceil(math.min(tonumber(first[2]) - now, tonumber(ARGV[7]))))}
+end
+if starts >= max then
+  local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+  return {0, math.max(1, math.ceil(tonumber(oldest[2]) + window - now))}
+end
+local free = math.min(max - leases, max - starts)
+local spare = free
+-- older tickets' demand is theirs to take first
+local rank = redis.call('ZRANK', KEYS[3], ticket)
+for _, older in ipairs(rank > 0 and redis.call('ZRANGE', KEYS[3], 0, rank - 1) or {}) do
+  spare = spare - (tonumber(redis.call('ZSCORE', KEYS[5], older)) or 1)
+end
+local n = math.min(want, spare)
+if n <= 0 then return {0, tonumber(ARGV[8])} end
+for i = 1, n do
+  redis.call('ZADD', KEYS[1], now + lease_ms, ticket .. ':' .. i)
+  redis.call('ZADD', KEYS[2], now, ticket .. ':' .. i)
+end
+for i = 3, 5 do redis.call('ZREM', KEYS[i], ticket) end
+redis.call('PEXPIRE', KEYS[1], 2 * lease_ms)
+redis.call('PEXPIRE', KEYS[2], 2 * window)
+if free > n and redis.call('ZCARD', KEYS[3]) > 0 then redis.call('PUBLISH', ARGV[9], 'spare') end
+return {n, 0}
+"""
+# KEYS leases; ARGV lease ms, leases... Extends those still held; returns those gone.
+_RENEW = """
+local t = redis.call('TIME')
+local expiry = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000 + tonumber(ARGV[1])
+local lost = {}
+for i = 2, #ARGV do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    redis.call('ZADD', KEYS[1], expiry, ARGV[i])
+  else
+    lost[#lost + 1] = ARGV[i]
+  end
+end
+redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[1]))
+return lost
+"""
+# KEYS sorted sets; ARGV channel, member. A lease released or a ticket withdrawn: tell waiters.
+_FORGET = """
+local gone = 0
+for _, key in ipairs(KEYS) do gone = gone + redis.call('ZREM', key, ARGV[2]) end
+if gone > 0 then redis.call('PUBLISH', ARGV[1], 'freed') end
+return gone
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class LimiterKeys:
+    leases: str
+    starts: str
+    queue: str
+    alive: str
+    wants: str
+    released: str  # the pub/sub channel
+
+    @classmethod
+    def for_namespace(cls, namespace: str) -> LimiterKeys:
+        tag = f"{{{namespace}:limit}}"
+        names = ("leases", "starts", "queue", "alive", "wants", "released")
+        return cls(*(f"{tag}:{name}" for name in names))
+
+
+class RedisLimiter:
+    """``Limiter`` over Redis: at most ``max_concurrent`` in flight and starts per ``window_s``
+    across every replica on the same keys. ``permit()`` raises ``QueueFull`` and
+    ``QueueTimeout`` (this replica's queue bounds) and ``BackendUnavailable`` (Redis failed;
+    nothing is left behind locally).
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        max_concurrent: int,
+        window_s: float,
+        max_queue: int,
+        max_wait_s: float,
+        lease_s: float,
+        clock: Clock,
+        namespace: str = "isales:v1",
+    ) -> None:
+        self.keys = LimiterKeys.for_namespace(namespace)
+        self._client = client
+        self._max = max_concurrent
+        self._window_s = window_s
+        self._max_queue = max_queue
+        self._max_wait = max_wait_s
+        self._lease_s = lease_s
+        self._clock = clock
+        # Twice the longest a live dispatcher goes between attempts (a lapsed live ticket only
+        # loses its place); a dead replica's reservation holds no longer than this.
+        longest_hint = (1 + _JITTER) * max(window_s * 1000, _BLOCKED_HINT_MS)
+        self._ticket_ttl_ms = round(2 * longest_hint + 500)
+        sources = {"acquire": _ACQUIRE, "renew": _RENEW, "forget": _FORGET}
+        self._scripts = {name: client.register_script(src) for name, src in sources.items()}
+        self._replica = uuid.uuid4().hex
+        self._tickets = itertools.count()
+        self._waiters: deque[asyncio.Future[str]] = deque()
+        self._trying: asyncio.Future[str] | None = None
+        self._held: set[str] = set()
+        self._wake: asyncio.Future[None] | None = None
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._renewer: asyncio.Task[None] | None = None
+        self._subscriber: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    def snapshot(self) -> LimiterSnapshot:
+        return LimiterSnapshot(len(self._held), self._queued())
+
+    @asynccontextmanager
+    async def permit(self) -> AsyncIterator[None]:
+        lease = await self._acquire()
+        try:
+            yield
+        finally:
+            self._held.discard(lease)
+            # Shielded: a cancellation arriving now must not abandon the release half-way.
+            await asyncio.shield(self._spawn(self._release(lease)))
+
+    async def close(self) -> None:
+        """Stop background tasks, fail local waiters, release held leases (best effort)."""
+        self._closed = True
+        tasks = [t for t in (self._dispatcher, self._renewer, self._subscriber) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._fail_waiters(BackendUnavailable("The limiter is closed."))
+        for lease in list(self._held):
+            self._spawn(self._release(lease))
+        if self._background:
+            await asyncio.wait(self._background, timeout=_OP_BOUND_S)
+
+    def _queued(self) -> int:
+        # A caller that found the queue empty is trying its luck, not queued, until refused
+        # (as with the in-memory limiter, whose idle fast path never queues).
+        return len(self._waiters) - (self._trying is not None and not self._trying.done())
+
+    def _retry_after(self, ahead: int) -> float:
+        return (ahead // self._max + 1) * self._window_s
+
+    async def _acquire(self) -> str:
+        if self._closed:
+            raise BackendUnavailable("The limiter is closed.")
+        ahead = self._queued()
+        if ahead >= self._max_queue:
+            raise QueueFull(self._retry_after(ahead))
+        waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        if not self._waiters:
+            self._trying = waiter
+        self._waiters.append(waiter)
+        deadline = self._clock.call_later(self._max_wait, lambda: self._expire(waiter))
+        if self._dispatcher is None or self._dispatcher.done():
+            self._dispatcher = asyncio.create_task(self._dispatch())
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                # Granted in the tick the caller went away: hand the permit back.
+                self._held.discard(waiter.result())
+                self._spawn(self._release(waiter.result()))
+            self._leave(waiter)
+            raise
+        finally:
+            deadline.cancel()
+
+    def _expire(self, waiter: asyncio.Future[str]) -> None:
+        if not waiter.done():
+            ahead = self._waiters.index(waiter) if waiter in self._waiters else 0
+            self._leave(waiter)
+            waiter.set_exception(QueueTimeout(self._retry_after(ahead)))
+
+    def _leave(self, waiter: asyncio.Future[str]) -> None:
+        with contextlib.suppress(ValueError):  # already served
+            self._waiters.remove(waiter)
+        if not self._waiters:
+            self._wake_up()  # so the dispatcher drops the ticket now, not after its hint
+
+    async def _dispatch(self) -> None:
+        """Serve the local queue until it is empty; at most one runs per limiter."""
+        ticket: str | None = None
+        try:
+            while True:
+                if not self._waiters:
+                    if ticket is None:
+                        return  # no await between the check and the end: no waiter is missed
+                    leaving, ticket = ticket, None
+                    await self._leave_queue(leaving)
+                    continue
+                ticket = ticket or f"{self._replica}:{next(self._tickets)}"
+                self._wake = asyncio.get_running_loop().create_future()
+                try:
+                    granted, hint_ms = await self._try(ticket)
+                except BackendUnavailable as exc:
+                    self._fail_waiters(exc)
+                    continue
+                self._trying = None
+                if granted:
+                    self._grant([f"{ticket}:{i}" for i in range(1, granted + 1)])
+                    ticket = None  # the script removed it: the next batch queues afresh
+                    continue
+                if self._subscriber is None or self._subscriber.done():
+                    self._subscriber = asyncio.create_task(self._listen())
+                jitter = 1 + random.uniform(0, _JITTER)  # noqa: S311 - spreading, not secrecy
+                timer = self._clock.call_later(hint_ms / 1000 * jitter, self._wake_up)
+                try:
+                    await self._wake
+                finally:
+                    timer.cancel()
+        finally:
+            if ticket is not None:  # cancelled by close()
+                self._spawn(self._leave_queue(ticket))
+
+    async def _try(self, ticket: str) -> tuple[int, int]:
+        k = self.keys
+        args: list[str | float] = [self._max, self._window_s * 1000, self._lease_s * 1000]
+        args += [ticket, min(len(self._waiters), self._max), self._ticket_ttl_ms]
+        args += [_BLOCKED_HINT_MS, _BEHIND_HINT_MS, k.released]
+        keys = [k.leases, k.starts, k.queue, k.alive, k.wants]
+        granted, hint_ms = await self._redis("acquire", self._scripts["acquire"](keys, args))
+        return int(granted), int(hint_ms)
+
+    def _grant(self, leases: list[str]) -> None:
+        for lease in leases:
+            while self._waiters and self._waiters[0].done():
+                self._waiters.popleft()  # cancelled; its task has not cleaned up yet
+            if self._waiters:
+                self._held.add(lease)
+                self._waiters.popleft().set_result(lease)
+            else:  # the waiter left while the script ran
+                self._spawn(self._release(lease))
+        if self._held and (self._renewer is None or self._renewer.done()):
+            self._renewer = asyncio.create_task(self._renew())
+
+    def _fail_waiters(self, exc: BackendUnavailable) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                failure = BackendUnavailable(exc.message)
+                failure.__cause__ = exc.__cause__
+                waiter.set_exception(failure)
+
+    def _wake_up(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    async def _renew(self) -> None:
+        """Extend every held lease each ``lease_s / 3`` so long calls keep their permit."""
+        while self._held:
+            await self._clock.sleep(self._lease_s / 3)
+            held = list(self._held)
+            if not held:
+                return
+            renew = self._scripts["renew"]([self.keys.leases], [self._lease_s * 1000, *held])
+            try:
+                lost = await self._redis("renew", renew)
+            except BackendUnavailable as exc:
+                log.warning("limiter lease renewal failed: %s", exc.__cause__)
+                continue
+            for lease in lost:
+                name = lease.decode() if isinstance(lease, bytes) else str(lease)
+                if name in self._held:
+                    log.error("limiter lease %s lapsed while held; the limit may be exceeded", name)
+
+    async def _release(self, lease: str) -> None:
+        release = self._scripts["forget"]([self.keys.leases], [self.keys.released, lease])
+        try:
+            await self._redis("release", release)
+        except BackendUnavailable as exc:
+            log.warning("limiter release failed, the lease will lapse: %s", exc.__cause__)
+        else:
+            self._wake_up()  # the local head may retry now, before the message comes round
+
+    async def _leave_queue(self, ticket: str) -> None:
+        k = self.keys
+        leave = self._scripts["forget"]([k.queue, k.alive, k.wants], [k.released, ticket])
+        with contextlib.suppress(BackendUnavailable):  # a dead ticket lapses by itself
+            await self._redis("leave", leave)
+
+    async def _listen(self) -> None:
+        """One subscription per limiter: any release in the fleet wakes the dispatcher."""
+        while True:
+            pubsub = self._client.pubsub()
+            try:
+                await self._redis("subscribe", pubsub.subscribe(self.keys.released))
+                while True:
+                    wait = pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if await self._redis("listen", wait) is not None:
+                        self._wake_up()
+            except BackendUnavailable as exc:
+                log.warning("limiter wake-ups lost, waiting on hints: %s", exc.__cause__)
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await self._clock.sleep(_RESUBSCRIBE_S)
+
+    def _spawn(self, work: Awaitable[None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _redis(self, action: str, call: Awaitable[T]) -> T:
+        """The one place Redis errors become ``BackendUnavailable``."""
+        try:
+            async with asyncio.timeout(_OP_BOUND_S):
+                return await call
+        except (RedisError, OSError) as exc:  # OSError: builtin Connection/TimeoutError too
+            raise BackendUnavailable(f"Shared limiter unavailable ({action}).") from exc

@@ -1,0 +1,541 @@
+"""The limiter contract, run on real time against every implementation, then Redis's own
+promises: one budget for several replicas, fair turns, leases that outlive crashes.
+
+Short windows (0.15-0.3 s) keep it quick. Starts are measured inside the permit, a little after
+the limiter counted them, so window checks allow ``SKEW`` for that measuring lag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.crc import key_slot
+
+from gateway.clock import SystemClock
+from gateway.errors import BackendUnavailable, QueueFull, QueueTimeout
+from gateway.limiter import InMemoryLimiter, Limiter, LimiterSnapshot
+from gateway.limiter_redis import RedisLimiter
+from tests.support.processes import RedisServer, free_port
+
+SKEW = 0.015
+IDLE = LimiterSnapshot(in_flight=0, queued=0)
+Build = Callable[..., Any]
+
+
+def limiter_options(**overrides: Any) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "max_concurrent": 3,
+        "window_s": 0.3,
+        "max_queue": 50,
+        "max_wait_s": 5.0,
+        "clock": SystemClock(),
+    }
+    options.update(overrides)
+    return options
+
+
+def redis_limiter(client: aioredis.Redis, **overrides: Any) -> RedisLimiter:
+    return RedisLimiter(client, **limiter_options(**{"lease_s": 5.0, **overrides}))
+
+
+@pytest.fixture
+async def closing() -> AsyncIterator[list[RedisLimiter]]:
+    made: list[RedisLimiter] = []
+    yield made
+    for limiter in made:
+        await limiter.close()
+
+
+@pytest.fixture
+async def second_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    """Another replica's own connection to the same Redis."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def build(request: pytest.FixtureRequest) -> Build:
+    """Builds the implementation under test with the contract's defaults and any overrides."""
+    if request.param == "memory":
+        return lambda **overrides: InMemoryLimiter(**limiter_options(**overrides))
+    client = request.getfixturevalue("redis_client")
+    closing = request.getfixturevalue("closing")  # set up after the client: closed before it
+
+    def make(**overrides: Any) -> RedisLimiter:
+        limiter = redis_limiter(client, **overrides)
+        closing.append(limiter)
+        return limiter
+
+    return make
+
+
+class Recorder:
+    """Runs callers through a limiter and records when each permit's body ran."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[float, float]] = []
+        self.order: list[Any] = []
+
+    async def call(self, limiter: Limiter, hold: float = 0.0, name: Any = None) -> None:
+        async with limiter.permit():
+            start = time.monotonic()
+            self.order.append(name)
+            await asyncio.sleep(hold)
+            self.spans.append((start, time.monotonic()))
+
+    def max_in_flight(self) -> int:
+        events = sorted([(s, 1) for s, _ in self.spans] + [(e, -1) for _, e in self.spans])
+        level = peak = 0
+        for _, step in events:  # at a tie an end sorts first: never over-counts
+            level += step
+            peak = max(peak, level)
+        return peak
+
+    def max_starts_within(self, window: float) -> int:
+        starts = sorted(s for s, _ in self.spans)
+        return max(sum(1 for t in starts[i:] if t < s + window) for i, s in enumerate(starts))
+
+
+class Holder:
+    """A caller that takes a permit and keeps it until ``done`` is set."""
+
+    def __init__(self, limiter: Limiter) -> None:
+        self.started = asyncio.Event()
+        self.done = asyncio.Event()
+        self.task = asyncio.create_task(self._run(limiter))
+
+    async def _run(self, limiter: Limiter) -> None:
+        async with limiter.permit():
+            self.started.set()
+            await self.done.wait()
+
+
+async def until(check: Callable[[], bool | Awaitable[bool]], within: float = 2.0) -> None:
+    """Wait until ``check`` holds (sync or async); fail after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        outcome = check()
+        if outcome if isinstance(outcome, bool) else await outcome:
+            return
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+def queued_is(limiter: Limiter, count: int) -> Callable[[], bool]:
+    return lambda: limiter.snapshot().queued == count
+
+
+def zcard_is(client: aioredis.Redis, key: str, size: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return int(await client.zcard(key)) == size
+
+    return check
+
+
+async def finish(*holders: Holder) -> None:
+    for holder in holders:
+        holder.done.set()
+    await asyncio.gather(*(h.task for h in holders))
+
+
+# The contract: every implementation.
+
+
+async def test_in_flight_and_starts_per_window_stay_within_the_limit_under_load(
+    build: Build,
+) -> None:
+    limiter = build()
+    recorder = Recorder()
+    holds = [0.35, 0.0, 0.05] * 4  # long holds bind the concurrency, short ones the window
+    await asyncio.gather(*(recorder.call(limiter, hold) for hold in holds))
+    assert len(recorder.spans) == 12
+    assert recorder.max_in_flight() <= 3
+    assert recorder.max_starts_within(0.3 - SKEW) == 3
+    assert limiter.snapshot() == IDLE
+
+
+async def test_callers_that_queue_in_order_are_granted_in_order(build: Build) -> None:
+    limiter = build(max_concurrent=1, window_s=0.05)
+    recorder = Recorder()
+    first = Holder(limiter)
+    await first.started.wait()
+    tasks = []
+    for i in range(5):
+        tasks.append(asyncio.create_task(recorder.call(limiter, name=i)))
+        await until(queued_is(limiter, i + 1))
+    await finish(first)
+    await asyncio.gather(*tasks)
+    assert recorder.order == [0, 1, 2, 3, 4]
+
+
+async def test_a_full_local_queue_rejects_at_once_with_a_retry_after(build: Build) -> None:
+    limiter = build(max_concurrent=1, max_queue=2)
+    holders = [Holder(limiter) for _ in range(3)]
+    await until(lambda: limiter.snapshot() == LimiterSnapshot(in_flight=1, queued=2))
+    began = time.monotonic()
+    with pytest.raises(QueueFull) as caught:
+        async with limiter.permit():
+            pass
+    assert time.monotonic() - began < 0.05
+    assert caught.value.retry_after > 0
+    await finish(*holders)
+    assert limiter.snapshot() == IDLE
+
+
+async def test_a_waiter_past_the_wait_bound_gets_queue_timeout(build: Build) -> None:
+    limiter = build(max_concurrent=1, max_wait_s=0.2)
+    holder = Holder(limiter)
+    await holder.started.wait()
+    began = time.monotonic()
+    with pytest.raises(QueueTimeout) as caught:
+        async with limiter.permit():
+            pass
+    assert 0.2 <= time.monotonic() - began < 0.35
+    assert caught.value.retry_after > 0
+    assert limiter.snapshot() == LimiterSnapshot(in_flight=1, queued=0)
+    await finish(holder)
+
+
+async def test_cancelled_waiters_and_holders_leave_the_whole_budget_usable(
+    build: Build,
+) -> None:
+    limiter = build(max_concurrent=2)
+    holders = [Holder(limiter) for _ in range(6)]
+    await until(lambda: limiter.snapshot() == LimiterSnapshot(in_flight=2, queued=4))
+    for holder in holders:
+        holder.task.cancel()
+    await asyncio.gather(*(h.task for h in holders), return_exceptions=True)
+    assert limiter.snapshot() == IDLE
+    late = [Holder(limiter) for _ in range(2)]
+    # Only the start window may delay them; a leaked permit would block them for good.
+    await asyncio.wait_for(asyncio.gather(*(h.started.wait() for h in late)), timeout=0.6)
+    await finish(*late)
+    assert limiter.snapshot() == IDLE
+
+
+async def test_an_exception_inside_the_permit_gives_it_back(build: Build) -> None:
+    limiter = build(max_concurrent=1, window_s=0.05)
+    with pytest.raises(RuntimeError):
+        async with limiter.permit():
+            raise RuntimeError("upstream broke")
+    assert limiter.snapshot() == IDLE
+    await asyncio.wait_for(Recorder().call(limiter), timeout=0.5)
+
+
+# Redis only: what one shared budget across replicas promises.
+
+
+class LatencyProxy:
+    """A TCP hop to Redis that delivers every chunk ``delay`` seconds late, both ways."""
+
+    def __init__(self, target_port: int, delay: float) -> None:
+        self.target_port = target_port
+        self.delay = delay
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    async def close(self) -> None:
+        self.server.close()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for writer in self.writers:
+            writer.close()
+        await self.server.wait_closed()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.writers += [writer, up_writer]
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            self.tasks.add(asyncio.create_task(self._pump(source, sink)))
+
+    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        # Each chunk leaves at its arrival + delay: added latency, not a narrower pipe.
+        chunks: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def deliver() -> None:
+            while True:
+                due, data = await chunks.get()
+                await asyncio.sleep(due - time.monotonic())
+                if not data:
+                    sink.close()
+                    return
+                sink.write(data)
+
+        delivering = asyncio.create_task(deliver())
+        try:
+            while True:
+                data = await source.read(65536)
+                chunks.put_nowait((time.monotonic() + self.delay, data))
+                if not data:
+                    break
+            await delivering
+        finally:
+            delivering.cancel()
+
+
+FAR = 0.01  # the far replica's extra latency to Redis, each way
+
+
+@pytest.fixture
+async def far_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    """A replica's connection to the same Redis from farther away (``FAR`` each way)."""
+    proxy = LatencyProxy(redis_server.port, FAR)
+    client = aioredis.Redis(port=await proxy.start())
+    yield client
+    await client.aclose()
+    await proxy.close()
+
+
+async def test_two_replicas_share_one_budget_and_take_fair_turns(
+    redis_client: aioredis.Redis, far_client: aioredis.Redis, closing: list[RedisLimiter]
+) -> None:
+    # The far replica hears of every freed permit last and would lose every race for it;
+    # only the limiter's own fairness gives it its turns.
+    options = {"max_concurrent": 4, "window_s": 0.15}
+    replicas = [redis_limiter(redis_client, **options), redis_limiter(far_client, **options)]
+    closing.extend(replicas)
+    recorder = Recorder()
+    callers = [
+        recorder.call(replica, hold=(0.2, 0.0, 0.02)[i % 3], name=r)
+        for i in range(30)
+        for r, replica in enumerate(replicas)
+    ]
+    await asyncio.gather(*callers)
+    assert recorder.max_in_flight() <= 4
+    assert recorder.max_starts_within(0.15 - SKEW - FAR) <= 4  # the far one hears of it late
+    # While both still had callers waiting, each got a fair share of the permits.
+    first_done = min(len(recorder.order) - recorder.order[::-1].index(r) for r in (0, 1))
+    contended = recorder.order[:first_done]
+    assert min(contended.count(0), contended.count(1)) >= 0.3 * len(contended)
+    assert all(replica.snapshot() == IDLE for replica in replicas)
+
+
+CRASHING_REPLICA = """
+import asyncio, sys
+import redis.asyncio as aioredis
+from gateway.clock import SystemClock
+from gateway.limiter_redis import RedisLimiter
+
+async def main() -> None:
+    limiter = RedisLimiter(
+        aioredis.Redis.from_url(sys.argv[1]), max_concurrent=3, window_s=0.3, max_queue=5,
+        max_wait_s=5.0, lease_s=0.5, clock=SystemClock(),
+    )
+    permits = [limiter.permit() for _ in range(3)]  # referenced: never finalized, never exited
+    for permit in permits:
+        await permit.__aenter__()
+    print("holding", flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_killed_replicas_permits_come_back_after_their_lease(
+    redis_server: RedisServer, redis_client: aioredis.Redis, closing: list[RedisLimiter]
+) -> None:
+    survivor = redis_limiter(redis_client, lease_s=0.5, max_wait_s=0.7)
+    closing.append(survivor)
+    crashing = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CRASHING_REPLICA, redis_server.url, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert crashing.stdout is not None
+        line = await asyncio.wait_for(crashing.stdout.readline(), timeout=10)
+        assert line == b"holding\n"
+        with pytest.raises(QueueTimeout):  # renewed past its 0.5 s lease while alive
+            async with survivor.permit():
+                pass
+    finally:
+        crashing.kill()
+        await crashing.wait()
+    killed = time.monotonic()
+    holders = [Holder(survivor) for _ in range(3)]
+    await asyncio.wait_for(asyncio.gather(*(h.started.wait() for h in holders)), timeout=1.0)
+    # Renewed at most lease/3 before the kill, so the leases lapse 0.33-0.5 s after it.
+    assert 0.3 <= time.monotonic() - killed <= 0.5 + 0.2
+    await finish(*holders)
+
+
+async def test_a_call_longer_than_the_lease_keeps_its_permit(
+    redis_client: aioredis.Redis, second_client: aioredis.Redis, closing: list[RedisLimiter]
+) -> None:
+    holder_replica = redis_limiter(redis_client, max_concurrent=1, lease_s=0.2)
+    other_replica = redis_limiter(second_client, max_concurrent=1, lease_s=0.2, max_wait_s=0.5)
+    closing.extend([holder_replica, other_replica])
+    holder = Holder(holder_replica)
+    await holder.started.wait()
+    with pytest.raises(QueueTimeout):
+        async with other_replica.permit():
+            pass
+    await finish(holder)
+    await asyncio.wait_for(Recorder().call(other_replica), timeout=0.5)
+
+
+async def test_every_key_the_scripts_touch_shares_one_hash_tag(
+    redis_client: aioredis.Redis, closing: list[RedisLimiter]
+) -> None:
+    limiter = redis_limiter(redis_client, max_concurrent=1, namespace="isales:v1")
+    closing.append(limiter)
+    holder, waiter = Holder(limiter), Holder(limiter)
+    await holder.started.wait()
+    await until(zcard_is(redis_client, limiter.keys.queue, 1))
+    names = {k.decode() if isinstance(k, bytes) else k for k in await redis_client.keys("*")}
+    assert names == {
+        "{isales:v1:limit}:leases",
+        "{isales:v1:limit}:starts",
+        "{isales:v1:limit}:queue",
+        "{isales:v1:limit}:alive",
+        "{isales:v1:limit}:wants",
+    }
+    assert len({key_slot(name.encode()) for name in names}) == 1
+    assert limiter.keys.released.startswith("{isales:v1:limit}:")
+    await finish(holder, waiter)
+
+
+async def test_an_unreachable_redis_fails_fast_with_backend_unavailable_and_keeps_nothing() -> None:
+    client = aioredis.Redis(
+        port=free_port(), socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0)
+    )
+    limiter = redis_limiter(client)
+
+    async def call() -> None:
+        async with limiter.permit():
+            pass
+
+    try:
+        began = time.monotonic()
+        outcomes = await asyncio.gather(*(call() for _ in range(5)), return_exceptions=True)
+        assert all(isinstance(outcome, BackendUnavailable) for outcome in outcomes)
+        assert time.monotonic() - began < 0.5
+        assert limiter.snapshot() == IDLE
+    finally:
+        await limiter.close()
+        await client.aclose()
+
+
+async def test_a_waiter_on_another_replica_is_woken_by_the_release_not_by_polling(
+    redis_client: aioredis.Redis, second_client: aioredis.Redis, closing: list[RedisLimiter]
+) -> None:
+    holding = redis_limiter(redis_client, max_concurrent=1, window_s=0.05)
+    waiting = redis_limiter(second_client, max_concurrent=1, window_s=0.05)
+    closing.extend([holding, waiting])
+    holder = Holder(holding)
+    await holder.started.wait()
+    await redis_client.config_resetstat()
+    waiter = Holder(waiting)
+    await asyncio.sleep(0.6)
+    stats = await redis_client.info("commandstats")
+    attempts = sum(stats.get(f"cmdstat_{cmd}", {}).get("calls", 0) for cmd in ("eval", "evalsha"))
+    released = time.monotonic()
+    await finish(holder)
+    await asyncio.wait_for(waiter.started.wait(), timeout=1.0)
+    assert time.monotonic() - released < 0.03  # woken by the message, not a 250 ms hint
+    assert attempts <= 4  # one retry per hint (250 ms + jitter), never a busy loop
+    await finish(waiter)
+
+
+async def test_a_caller_cancelled_while_its_acquire_script_runs_returns_the_permit(
+    redis_client: aioredis.Redis, closing: list[RedisLimiter]
+) -> None:
+    limiter = redis_limiter(redis_client)
+    closing.append(limiter)
+    await redis_client.client_pause(300, all=False)  # writes, scripts included, wait 300 ms
+    caller = Holder(limiter)
+    await asyncio.sleep(0.1)
+    caller.task.cancel()
+    await asyncio.gather(caller.task, return_exceptions=True)
+    assert limiter.snapshot() == IDLE
+    keys = limiter.keys
+    # The script granted once the pause ended; the permit went straight back.
+    await until(zcard_is(redis_client, keys.starts, 1))
+    await until(zcard_is(redis_client, keys.leases, 0))
+    assert not caller.started.is_set()
+
+
+async def test_a_holder_cancelled_during_its_release_still_releases(
+    redis_client: aioredis.Redis, closing: list[RedisLimiter]
+) -> None:
+    limiter = redis_limiter(redis_client)
+    closing.append(limiter)
+    holder = Holder(limiter)
+    await holder.started.wait()
+    await redis_client.client_pause(300, all=False)
+    holder.done.set()
+    await asyncio.sleep(0.05)  # now inside the release, which waits for the pause
+    holder.task.cancel()
+    await asyncio.gather(holder.task, return_exceptions=True)
+    assert limiter.snapshot() == IDLE
+    await until(zcard_is(redis_client, limiter.keys.leases, 0))
+
+
+async def test_a_waiter_that_times_out_leaves_no_ticket_in_redis(
+    redis_client: aioredis.Redis, closing: list[RedisLimiter]
+) -> None:
+    limiter = redis_limiter(redis_client, max_concurrent=1, max_wait_s=0.1)
+    closing.append(limiter)
+    holder = Holder(limiter)
+    await holder.started.wait()
+    with pytest.raises(QueueTimeout):
+        async with limiter.permit():
+            pass
+    assert limiter.snapshot() == LimiterSnapshot(in_flight=1, queued=0)
+    await until(zcard_is(redis_client, limiter.keys.queue, 0), within=0.3)
+    assert await redis_client.zcard(limiter.keys.alive) == 0
+    await finish(holder)
+
+
+async def test_close_releases_held_leases_stops_listening_and_fails_waiters(
+    redis_client: aioredis.Redis,
+) -> None:
+    limiter = redis_limiter(redis_client, max_concurrent=1)
+    holder, waiter = Holder(limiter), Holder(limiter)
+    await holder.started.wait()
+    channel = limiter.keys.released
+
+    async def subscribers_are(count: int) -> bool:
+        return int((await redis_client.pubsub_numsub(channel))[0][1]) == count
+
+    await until(lambda: subscribers_are(1))
+    await limiter.close()
+    assert await redis_client.zcard(limiter.keys.leases) == 0
+    assert await redis_client.zcard(limiter.keys.queue) == 0
+    assert await subscribers_are(0)
+    with pytest.raises(BackendUnavailable):
+        await waiter.task
+    await finish(holder)
+
+
+async def test_losing_redis_while_holding_a_permit_still_frees_the_local_slot() -> None:
+    server = RedisServer().start()
+    client = aioredis.Redis.from_url(server.url, retry=Retry(NoBackoff(), 0))
+    limiter = redis_limiter(client)
+    try:
+        holder = Holder(limiter)
+        await holder.started.wait()
+        server.stop()
+        await finish(holder)  # the release fails quietly: the lease lapses by itself
+        assert limiter.snapshot() == IDLE
+        with pytest.raises(BackendUnavailable):
+            async with limiter.permit():
+                pass
+        assert limiter.snapshot() == IDLE
+    finally:
+        await limiter.close()
+        await client.aclose()
+        server.close()
