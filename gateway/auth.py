@@ -1,14 +1,25 @@
-"""Who may call: keys are compared by their SHA-256, in constant time; the config never holds a key.
+"""Who may call, and which vdnIds they may read.
 
-Pure: no aiohttp, no I/O.
+Callers present an API key (``X-API-Key: <key>`` or ``Authorization: Bearer <key>``; a
+vendor-style ``auth-v2/...`` Authorization header from a drop-in client is ignored). The
+configuration holds only SHA-256 digests of keys, each with a caller name and the vdnIds it
+may query (``*`` for all); digests are compared in constant time. Pure: no aiohttp, no I/O
+beyond reading the callers file in ``load_callers``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
 
-from gateway.errors import Forbidden, Unauthenticated
+from gateway.errors import ConfigError, Forbidden, Unauthenticated
+
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 def key_digest(key: str) -> str:
@@ -24,10 +35,91 @@ def bearer(authorization: str | None) -> str | None:
     return token if scheme.lower() == "bearer" and token else None
 
 
-def require_admin(authorization: str | None, admin_sha256: str) -> None:
-    """Raise unless the header carries the admin key; with no admin key set, nobody is admin."""
-    token = bearer(authorization)
-    if token is None:
+def presented_key(api_key: str | None, authorization: str | None) -> str | None:
+    return api_key or bearer(authorization)
+
+
+def _matches(key: str, digest: str) -> bool:
+    return bool(digest) and hmac.compare_digest(key_digest(key), digest)
+
+
+def require_admin(key: str | None, admin_sha256: str) -> None:
+    """Raise unless ``key`` is the admin key; with no admin key set, nobody is admin."""
+    if key is None:
         raise Unauthenticated()
-    if not admin_sha256 or not hmac.compare_digest(key_digest(token), admin_sha256):
+    if not _matches(key, admin_sha256):
         raise Forbidden("Admin key required.")
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    name: str
+    key_sha256: str
+    vdn_ids: frozenset[int] | None  # None: every vdnId
+
+    def may_read(self, vdn_id: int) -> bool:
+        return self.vdn_ids is None or vdn_id in self.vdn_ids
+
+
+@dataclass(frozen=True, slots=True)
+class Callers:
+    callers: tuple[Caller, ...]
+
+    def authenticate(self, key: str | None) -> Caller:
+        """The caller owning ``key``; every digest is compared, so timing tells nothing."""
+        if key is None:
+            raise Unauthenticated()
+        found = None
+        for caller in self.callers:
+            if _matches(key, caller.key_sha256):
+                found = caller
+        if found is None:
+            raise Unauthenticated()
+        return found
+
+    @staticmethod
+    def authorize(caller: Caller, vdn_id: int) -> None:
+        if not caller.may_read(vdn_id):
+            raise Forbidden(f"Caller {caller.name} may not query vdnId {vdn_id}.")
+
+
+def parse_callers(data: dict[str, object], source: str = "auth.callers_file") -> Callers:
+    """Callers from ``[[callers]]`` tables: ``name``, ``key_sha256``, ``vdn_ids``."""
+    entries = data.get("callers")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(source, "needs at least one [[callers]] table")
+    callers = []
+    for n, entry in enumerate(entries):
+        where = f"{source}: callers[{n}]"
+        if not isinstance(entry, dict) or set(entry) != {"name", "key_sha256", "vdn_ids"}:
+            raise ConfigError(where, "needs exactly name, key_sha256 and vdn_ids")
+        name, digest, vdn_ids = entry["name"], entry["key_sha256"], entry["vdn_ids"]
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ConfigError(where, "name must be 1-64 of A-Z a-z 0-9 . _ -")
+        if not isinstance(digest, str) or not _DIGEST.match(digest):
+            raise ConfigError(where, "key_sha256 must be 64 lowercase hex digits")
+        callers.append(Caller(name, digest, _vdn_ids(vdn_ids, where)))
+    digests = [c.key_sha256 for c in callers]
+    if len(set(digests)) != len(digests):
+        raise ConfigError(source, "two callers share one key")
+    return Callers(tuple(callers))
+
+
+def _vdn_ids(value: object, where: str) -> frozenset[int] | None:
+    if value == ["*"]:
+        return None
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(type(v) is int and 1 <= v <= 9999 for v in value)
+    ):
+        raise ConfigError(where, 'vdn_ids must be ["*"] or a list of integers 1-9999')
+    return frozenset(value)
+
+
+def load_callers(path: str) -> Callers:
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError("auth.callers_file", f"cannot read {path}: {exc}") from exc
+    return parse_callers(data)

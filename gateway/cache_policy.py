@@ -20,12 +20,15 @@ LOCALES = frozenset({"zh_CN", "en_US"})
 
 @dataclass(frozen=True, slots=True)
 class CachePolicy:
-    """TTLs in seconds: ``closed`` for ranges that ended, ``open`` otherwise, then ``stale``."""
+    """Seconds: ``ttl_closed`` for ranges that ended, ``ttl_open`` otherwise, then ``stale``
+    retention; ``negative`` for "campaign does not exist"; ``swr``: how long after its TTL a
+    stale copy is served at once while it is refreshed in the background."""
 
     ttl_closed: float = 86400.0
     ttl_open: float = 30.0
     stale: float = 3600.0
     negative: float = 0.0
+    swr: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,6 +70,8 @@ def _startup_line(settings: Settings) -> None:
         lim.max_queue,
         lim.max_wait_ms,
     )
+    if not settings.auth.enabled:
+        log.warning("auth.enabled is false: any caller that reaches this port may query")
     if settings.embedded:
         log.warning(
             "redis.url is empty: embedded single-instance mode; the upstream limit and the "
@@ -109,6 +111,7 @@ def demo_environ(port: int, sim: SimulatorConfig) -> dict[str, str]:
         "GATEWAY_UPSTREAM__AK": sim.ak,
         "GATEWAY_UPSTREAM__SK": sim.sk,
         "GATEWAY_UPSTREAM__ALLOW_HTTP": "true",
+        "GATEWAY_AUTH__ENABLED": "false",
     }
     given = {k: v for k, v in os.environ.items() if k.startswith("GATEWAY_")}
     return defaults | given

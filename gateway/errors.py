@@ -22,6 +22,7 @@ with the vendor's numeric codes (``0200000``, ``0200001``, ``02000006``...).
         ├── UpstreamUnavailable       502 GW50200  connect error, reset, DNS
         ├── UpstreamBadResponse       502 GW50201  5xx or a body that is not the vendor's
         ├── UpstreamAuthRejected      502 GW50202  the upstream refused the gateway's AK/SK
+        ├── UpstreamCircuitOpen       503 GW50302  recent attempts failed; not calling for now
         └── UpstreamTimeout           504 GW50400
     BackendUnavailable                503 GW50310  Redis failed or timed out (internal: the cache
                                                    fails open, the limiter falls back)
@@ -166,6 +167,19 @@ class UpstreamBadResponse(UpstreamError):
 class UpstreamAuthRejected(UpstreamError):
     code = "GW50202"
     default_message = "Upstream rejected the gateway's credentials; check upstream.ak/sk."
+
+
+class UpstreamCircuitOpen(UpstreamError):
+    status = 503
+    code = "GW50302"
+    default_message = "Upstream is failing; calls are paused. Retry later."
+
+    def __init__(self, retry_after: float, message: str | None = None) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
 
 
 class UpstreamTimeout(UpstreamError):

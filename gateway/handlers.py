@@ -6,15 +6,18 @@ Handlers deal with HTTP only (content type, body size, headers); the request pat
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
-from gateway.auth import require_admin
+from gateway.auth import Callers, presented_key, require_admin
 from gateway.cache_policy import LOCALES
 from gateway.errors import BodyTooLarge, UnsupportedMediaType
-from gateway.state import PARTS, SERVICE
+from gateway.state import CALLER, PARTS, SERVICE
 from gateway.validation import MAX_INT, parse_path_id, parse_request
 
 CALLRESULT_PATH = "/rest/isales/v1/openapi/campaigns/{vdnId}/callresult/{campaignId}"
@@ -29,12 +32,21 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         raise BodyTooLarge(f"Request body is larger than {limit} bytes.") from exc
 
 
+def _key(request: web.Request) -> str | None:
+    return presented_key(request.headers.get("X-API-Key"), request.headers.get("Authorization"))
+
+
 async def callresult(request: web.Request) -> web.Response:
+    parts = request.app[PARTS]
+    caller = None if parts.callers is None else parts.callers.authenticate(_key(request))
+    if caller is not None:
+        request[CALLER] = caller.name
     if request.content_type != "application/json":
         raise UnsupportedMediaType()
-    parts = request.app[PARTS]
     raw = await read_body(request, parts.settings.server.max_body_bytes)
     query = parse_request(request.match_info["vdnId"], request.match_info["campaignId"], raw)
+    if caller is not None:
+        Callers.authorize(caller, query.vdn_id)  # before the cache: no peeking at other VDNs
     locale = request.headers.get("locale")
     refresh = "no-cache" in request.headers.get("Cache-Control", "").lower()
     answer = await request.app[SERVICE].answer(
@@ -52,7 +64,7 @@ async def callresult(request: web.Request) -> web.Response:
 async def purge_campaign(request: web.Request) -> web.Response:
     """Admin: drop every cached answer of one campaign, e.g. after the vendor corrected data."""
     parts = request.app[PARTS]
-    require_admin(request.headers.get("Authorization"), parts.settings.admin.key_sha256)
+    require_admin(_key(request), parts.settings.admin.key_sha256)
     vdn_id = parse_path_id("vdnId", request.match_info["vdnId"], 1, 9999)
     campaign_id = parse_path_id("campaignId", request.match_info["campaignId"], 1, MAX_INT)
     purged = 0 if parts.cache is None else await parts.cache.purge_campaign(vdn_id, campaign_id)
@@ -68,16 +80,27 @@ async def readyz(request: web.Request) -> web.Response:
     """Ready to serve: started, with what is degraded (never a secret)."""
     parts = request.app[PARTS]
     ready = SERVICE in request.app
+    degraded = []
+    if parts.redis is not None and not await _redis_answers(parts.redis):
+        degraded.append("redis")
     body: dict[str, object] = {
         "status": "ready" if ready else "starting",
         "mode": parts.mode,
-        "degraded": [],
+        "degraded": degraded,
     }
     return web.Response(
         status=200 if ready else 503,
         body=json.dumps(body).encode(),
         content_type="application/json",
     )
+
+
+async def _redis_answers(redis: Redis) -> bool:
+    try:
+        async with asyncio.timeout(1.0):
+            return bool(await redis.ping())
+    except (RedisError, OSError, TimeoutError):
+        return False
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -6,9 +6,12 @@ every labelled series is created at start-up so dashboards see zeros instead of 
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from gateway import __version__
 
 # From a sub-millisecond cache hit to the upstream timeout.
 LATENCY_BUCKETS = (
@@ -26,8 +29,17 @@ UPSTREAM_OUTCOMES = (
     "timeout",
     "unavailable",
 )
-REJECTION_REASONS = ("queue_full", "queue_timeout")
+REJECTION_REASONS = ("queue_full", "queue_timeout", "breaker_open")
 LOOKUP_RESULTS = ("hit", "stale", "miss", "error")
+# The vendor's documented result codes; anything else is counted as "other".
+RESULT_CODES = (
+    "0200000", "0200001", "0200007", "0200008", "0200009", "0200010", "0200011",
+    "02000001", "02000002", "02000003", "02000004", "02000005", "02000006", "02000007",
+    "02000008", "02000009", "02000010", "02000011", "other", "none",
+)  # fmt: skip
+REDIS_OPERATIONS = ("cache_get", "cache_put", "purge", "limiter", "coalesce", "ping")
+STALE_REASONS = ("upstream_error", "overload", "revalidate")
+BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 
 
 class GatewayMetrics:
@@ -54,8 +66,48 @@ class GatewayMetrics:
         )
         self.upstream_requests = Counter(
             "isales_gateway_upstream_requests",
-            "Requests sent to the upstream, by outcome.",
-            ["outcome"],
+            "Requests sent to the upstream, by outcome and business result code.",
+            ["outcome", "code"],
+            registry=registry,
+        )
+        self.upstream_retries = Counter(
+            "isales_gateway_upstream_retries",
+            "Upstream attempts that were retries of a failed attempt.",
+            registry=registry,
+        )
+        self.coalesced_wait = Histogram(
+            "isales_gateway_coalesced_wait_seconds",
+            "Time a caller waited for an identical in-flight call instead of calling itself.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.redis_errors = Counter(
+            "isales_gateway_redis_errors",
+            "Redis operations that failed or timed out, by operation.",
+            ["operation"],
+            registry=registry,
+        )
+        self.degraded = Gauge(
+            "isales_gateway_degraded",
+            "1 while a component is degraded (redis: local fallback limit, cache off).",
+            ["component"],
+            registry=registry,
+        )
+        self.breaker_state = Gauge(
+            "isales_gateway_upstream_breaker_state",
+            "Upstream circuit breaker: 0 closed, 1 half-open, 2 open.",
+            registry=registry,
+        )
+        self.stale_served = Counter(
+            "isales_gateway_stale_served",
+            "Stale copies served, by why no fresh answer was given.",
+            ["reason"],
+            registry=registry,
+        )
+        self.build_info = Gauge(
+            "isales_gateway_build_info",
+            "Always 1; the labels say which build runs.",
+            ["version", "python"],
             registry=registry,
         )
         self.upstream_duration = Histogram(
@@ -99,7 +151,15 @@ class GatewayMetrics:
         for result in LOOKUP_RESULTS:
             self.cache_lookups.labels(result)
         for outcome in UPSTREAM_OUTCOMES:
-            self.upstream_requests.labels(outcome)
+            self.upstream_requests.labels(outcome, "none")
+        for code in RESULT_CODES:
+            self.upstream_requests.labels("ok" if code == "0200000" else "business_error", code)
+        for operation in REDIS_OPERATIONS:
+            self.redis_errors.labels(operation)
+        self.degraded.labels("redis").set(0)
+        for reason in STALE_REASONS:
+            self.stale_served.labels(reason)
+        self.build_info.labels(__version__, platform.python_version()).set(1)
         for reason in REJECTION_REASONS:
             self.rejections.labels(reason)
 
@@ -110,6 +170,13 @@ class GatewayMetrics:
         self.permits_max.set(max_concurrent)
         self.permits_in_flight.set_function(in_flight)
         self.queue_depth.set_function(queued)
+
+
+def result_code_label(code: str | None) -> str:
+    """A bounded label for a vendor result code."""
+    if code is None:
+        return "none"
+    return code if code in RESULT_CODES else "other"
 
 
 def status_class(status: int) -> str:

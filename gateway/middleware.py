@@ -23,7 +23,7 @@ from gateway.errors import (
     NotFound,
 )
 from gateway.metrics import status_class
-from gateway.state import PARTS, REQUEST_ID
+from gateway.state import CALLER, PARTS, REQUEST_ID
 
 access_log = logging.getLogger("gateway.access")
 log = logging.getLogger("gateway")
@@ -95,6 +95,7 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
             elapsed * 1000,
             extra={
                 "request_id": request_id,
+                "caller": request.get(CALLER),
                 "method": request.method,
                 "path": request.path,
                 "status": response.status,

@@ -8,19 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from typing import Protocol
 
 from gateway.cache import CacheStore
 from gateway.cache_policy import (
-    SUCCESS,
     CacheEntry,
     CachePolicy,
     Freshness,
     age_seconds,
-    business_code,
     cache_key,
     fresh_ttl,
     freshness,
@@ -29,23 +25,14 @@ from gateway.clock import Clock
 from gateway.coalesce import Coalescer
 from gateway.errors import (
     BackendUnavailable,
+    GatewayError,
     Overloaded,
-    QueueFull,
-    UpstreamAuthRejected,
     UpstreamError,
-    UpstreamTimeout,
-    UpstreamUnavailable,
 )
-from gateway.limiter import Limiter
 from gateway.metrics import GatewayMetrics
+from gateway.retry import UpstreamCaller
 from gateway.upstream import UpstreamResponse
 from gateway.validation import CallResultQuery
-
-
-class Fetcher(Protocol):
-    async def fetch(
-        self, query: CallResultQuery, locale: str | None = None
-    ) -> UpstreamResponse: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,41 +47,31 @@ class Answer:
     warning: str | None = None
 
 
-def upstream_outcome(exc: UpstreamError) -> str:
-    if isinstance(exc, UpstreamTimeout):
-        return "timeout"
-    if isinstance(exc, UpstreamUnavailable):
-        return "unavailable"
-    if isinstance(exc, UpstreamAuthRejected):
-        return "auth_rejected"
-    return "http_error"
-
-
 class CallResultService:
     def __init__(
         self,
         *,
         cache: CacheStore | None,
         policy: CachePolicy,
-        limiter: Limiter,
         coalescer: Coalescer[UpstreamResponse],
-        upstream: Fetcher,
+        caller: UpstreamCaller,
         metrics: GatewayMetrics,
         clock: Clock,
     ) -> None:
         self._cache = cache
         self._policy = policy
-        self._limiter = limiter
         self._coalescer = coalescer
-        self._upstream = upstream
+        self._caller = caller
         self._metrics = metrics
         self._clock = clock
+        self._refreshing: set[asyncio.Task[object]] = set()
 
     async def answer(self, query: CallResultQuery, *, locale: str | None, refresh: bool) -> Answer:
         """Answer from cache when fresh, else from one (shared) upstream call.
 
         ``refresh`` (the caller's ``Cache-Control: no-cache``) skips the lookup, not the limit.
-        When no permit can be had or the upstream fails, a stale copy is served if one exists.
+        A stale copy is served at once while it is being revalidated (within ``swr``), and
+        instead of an error when no permit can be had or the upstream fails.
         """
         key = cache_key(query, locale)
         stale: CacheEntry | None = None
@@ -104,6 +81,7 @@ class CallResultService:
             except BackendUnavailable:
                 entry = None  # the cache fails open: a miss, never an error to the caller
                 self._metrics.cache_lookups.labels("error").inc()
+                self._metrics.redis_errors.labels("cache_get").inc()
             else:
                 now = self._clock.time()
                 state = freshness(entry, now) if entry is not None else Freshness.EXPIRED
@@ -114,6 +92,10 @@ class CallResultService:
                 if entry is not None and state is Freshness.STALE:
                     stale = entry
                 self._metrics.cache_lookups.labels("stale" if stale else "miss").inc()
+                if stale is not None and now < stale.stored_at + stale.ttl + self._policy.swr:
+                    self._revalidate(query, key, locale)
+                    return self._stale(stale, "revalidate", "revalidating")
+        asked = self._clock.monotonic()
         try:
             response, led = await self._coalescer.run(
                 key, lambda: self._fetch_and_store(query, key, locale)
@@ -121,15 +103,10 @@ class CallResultService:
         except (Overloaded, UpstreamError) as exc:
             if stale is None:
                 raise
-            return Answer(
-                200,
-                stale.body,
-                stale.content_type,
-                "STALE",
-                age_seconds(stale, self._clock.time()),
-                warning=f'110 isales-gateway "Response is stale: {exc.message}"',
-            )
+            reason = "overload" if isinstance(exc, Overloaded) else "upstream_error"
+            return self._stale(stale, reason, exc.message)
         if not led:
+            self._metrics.coalesced_wait.observe(self._clock.monotonic() - asked)
             label = "COALESCED"
         elif self._cache is None or refresh:
             label = "BYPASS"
@@ -137,60 +114,43 @@ class CallResultService:
             label = "MISS"
         return Answer(response.status, response.body, response.content_type, label, 0)
 
+    def _stale(self, entry: CacheEntry, reason: str, why: str) -> Answer:
+        self._metrics.stale_served.labels(reason).inc()
+        age = age_seconds(entry, self._clock.time())
+        warning = f'110 isales-gateway "Response is stale: {why}"'
+        return Answer(200, entry.body, entry.content_type, "STALE", age, warning)
+
+    def _revalidate(self, query: CallResultQuery, key: str, locale: str | None) -> None:
+        """Refresh one key in the background; coalescing makes concurrent refreshes one."""
+
+        async def refresh() -> object:
+            with contextlib.suppress(GatewayError):
+                await self._coalescer.run(key, lambda: self._fetch_and_store(query, key, locale))
+            return None
+
+        task = asyncio.ensure_future(refresh())
+        self._refreshing.add(task)
+        task.add_done_callback(self._refreshing.discard)
+
+    async def close(self) -> None:
+        """Stop background refreshes (at shutdown)."""
+        for task in list(self._refreshing):
+            task.cancel()
+        await asyncio.gather(*self._refreshing, return_exceptions=True)
+
     async def _fetch_and_store(
         self, query: CallResultQuery, key: str, locale: str | None
     ) -> UpstreamResponse:
-        async with self._permit():
-            call = asyncio.ensure_future(self._call_upstream(query, locale))
-            try:
-                response, code = await asyncio.shield(call)
-            except asyncio.CancelledError:
-                # Every caller left, but the request is already at the upstream: finish it
-                # under its permit and keep the answer; only then give up.
-                with contextlib.suppress(Exception):
-                    await self._store(query, key, *await call)
-                raise
-        await self._store(query, key, response, code)
-        return response
-
-    @contextlib.asynccontextmanager
-    async def _permit(self) -> AsyncIterator[None]:
-        """The limiter's permit, with the queue wait and rejections measured."""
-        queued_at = self._clock.monotonic()
-        try:
-            async with self._limiter.permit():
-                self._metrics.queue_wait.observe(self._clock.monotonic() - queued_at)
-                yield
-        except Overloaded as exc:
-            reason = "queue_full" if isinstance(exc, QueueFull) else "queue_timeout"
-            self._metrics.rejections.labels(reason).inc()
-            raise
-
-    async def _call_upstream(
-        self, query: CallResultQuery, locale: str | None
-    ) -> tuple[UpstreamResponse, str | None]:
-        """The upstream's answer and its business code (None if not a vendor answer)."""
-        started = self._clock.monotonic()
-        try:
-            response = await self._upstream.fetch(query, locale)
-        except UpstreamError as exc:
-            self._metrics.upstream_requests.labels(upstream_outcome(exc)).inc()
-            raise
-        finally:
-            self._metrics.upstream_duration.observe(self._clock.monotonic() - started)
-        code = business_code(response.status, response.body)
-        self._metrics.upstream_requests.labels("ok" if code == SUCCESS else "business_error").inc()
-        return response, code
-
-    async def _store(
-        self, query: CallResultQuery, key: str, response: UpstreamResponse, code: str | None
-    ) -> None:
+        response, code = await self._caller.call(query, locale)
         now = self._clock.time()
         ttl = fresh_ttl(query, code, _utc_date(now), self._policy)
         if self._cache is not None and ttl > 0:
             entry = CacheEntry(response.body, response.content_type, now, ttl, self._policy.stale)
-            with contextlib.suppress(BackendUnavailable):  # fails open: the answer still goes out
+            try:
                 await self._cache.put(key, entry)
+            except BackendUnavailable:  # fails open: the answer still goes out
+                self._metrics.redis_errors.labels("cache_put").inc()
+        return response
 
 
 def _utc_date(epoch: float) -> date:

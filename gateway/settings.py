@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Final, Literal, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
+from gateway.auth import load_callers
 from gateway.errors import ConfigError
 from gateway.signing import TimestampFormat
 
@@ -46,6 +47,13 @@ _BOUNDS: Final[dict[str, tuple[float, float]]] = {
     "upstream.timeout_ms": (1, math.inf),
     "redis.timeout_ms": (1, 60000),
     "redis.pool_size": (1, 10000),
+    "upstream.retries": (0, 10),
+    "upstream.retry_base_ms": (1, 60000),
+    "upstream.retry_max_ms": (1, 600000),
+    "upstream.deadline_ms": (1, math.inf),
+    "upstream.breaker_failures": (1, 1000),
+    "upstream.breaker_open_ms": (1, math.inf),
+    "cache.swr_s": (0, math.inf),
     "limit.max_concurrent": (1, math.inf),
     "limit.window_ms": (1, math.inf),
     "limit.margin_ms": (0, math.inf),
@@ -85,6 +93,12 @@ class UpstreamSettings:
     timestamp_format: TimestampFormat = "seconds"
     host_header: str = ""
     locale: str = ""
+    retries: int = 2
+    retry_base_ms: int = 200
+    retry_max_ms: int = 2000
+    deadline_ms: int = 60000
+    breaker_failures: int = 5
+    breaker_open_ms: int = 10000
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +111,12 @@ class RedisSettings:
 @dataclass(frozen=True, slots=True)
 class AdminSettings:
     key_sha256: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    enabled: bool = True
+    callers_file: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +136,7 @@ class CacheSettings:
     ttl_open_s: float = 30.0
     stale_s: float = 3600.0
     negative_ttl_s: float = 0.0
+    swr_s: float = 10.0
     max_entries: int = 10000
 
 
@@ -134,6 +155,7 @@ class Settings:
     cache: CacheSettings = field(default_factory=CacheSettings)
     log: LogSettings = field(default_factory=LogSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
 
     @property
     def embedded(self) -> bool:
@@ -327,6 +349,14 @@ def _validate(s: Settings, *, require_upstream: bool) -> None:
     if s.redis.url and not s.redis.url.startswith(REDIS_SCHEMES):
         schemes = ", ".join(REDIS_SCHEMES)
         raise ConfigError("redis.url", f"must start with one of {schemes} (or be empty: embedded)")
+    if s.auth.callers_file:
+        load_callers(s.auth.callers_file)  # raises a ConfigError naming what is wrong
+    elif s.auth.enabled and require_upstream:
+        raise ConfigError(
+            "auth.callers_file",
+            "required while auth.enabled is true (the callers' key digests); "
+            "set auth.enabled = false to run without caller authentication",
+        )
     if s.admin.key_sha256 and not re.fullmatch(r"[0-9a-f]{64}", s.admin.key_sha256):
         raise ConfigError("admin.key_sha256", "must be 64 lowercase hex digits (a SHA-256)")
     if up.url:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aiohttp import web
+from redis.asyncio import Redis
 
+from gateway.auth import Callers
 from gateway.cache import CacheStore
 from gateway.clock import Clock
 from gateway.limiter import Limiter
@@ -24,6 +26,8 @@ class Parts:
     cache: CacheStore | None
     limiter: Limiter
     mode: str
+    redis: Redis | None = None
+    callers: Callers | None = None  # None: caller authentication switched off
 
 
 PARTS = web.AppKey("parts", Parts)
@@ -31,3 +35,5 @@ PARTS = web.AppKey("parts", Parts)
 SERVICE = web.AppKey("service", CallResultService)
 # Per request: the id echoed in X-Request-ID and carried by every log line of the request.
 REQUEST_ID = web.RequestKey("request_id", str)
+# Per request: the authenticated caller's name, for the access log.
+CALLER = web.RequestKey("caller", str)

@@ -108,6 +108,7 @@ def gateway_settings(upstream_url: str, **env: str | int | float) -> Settings:
         "GATEWAY_UPSTREAM__AK": SIM.ak,
         "GATEWAY_UPSTREAM__SK": SIM.sk,
         "GATEWAY_UPSTREAM__ALLOW_HTTP": "true",
+        "GATEWAY_AUTH__ENABLED": "false",  # tests of caller keys switch it on
     }
     environ.update({f"GATEWAY_{k.upper()}": str(v) for k, v in env.items()})
     return load_settings(None, environ)

@@ -74,7 +74,7 @@ async def test_an_open_ended_answer_expires_after_its_short_ttl(
     upstream: Upstream, start_gateway: StartGateway
 ) -> None:
     clock = ManualClock(start=time.time())  # signatures must look fresh to the upstream
-    settings = gateway_settings(upstream.url, cache__ttl_open_s=30)
+    settings = gateway_settings(upstream.url, cache__ttl_open_s=30, cache__swr_s=0)
     gateway = await start_gateway(settings, clock=clock)
     await gateway.post(PATH, json={"pageSize": 5})
     clock.advance(29)
@@ -101,7 +101,7 @@ async def test_a_5xx_from_the_upstream_is_a_502_and_is_not_cached(
     start_simulator: StartSimulator, start_gateway: StartGateway
 ) -> None:
     upstream = await start_simulator(error_rate=1.0)
-    gateway = await start_gateway(gateway_settings(upstream.url))
+    gateway = await start_gateway(gateway_settings(upstream.url, upstream__retries=0))
     first = await gateway.post(PATH, json={"pageSize": 5})
     assert first.status == 502
     assert (await first.json())["resultCode"] == "GW50201"

@@ -25,6 +25,7 @@ UPSTREAM = {
     "GATEWAY_UPSTREAM__URL": "https://isales.example.com:28080",
     "GATEWAY_UPSTREAM__AK": "the-ak",
     "GATEWAY_UPSTREAM__SK": "the-sk",
+    "GATEWAY_AUTH__ENABLED": "false",
 }
 
 
@@ -52,7 +53,7 @@ def test_nothing_configured_gives_the_documented_defaults() -> None:
     assert settings.upstream.signed_headers == ("host",)
     assert settings.upstream.timestamp_format == "seconds"
     assert settings.limit == LimitSettings(10, 1000, 100, 250, 30000, 1)
-    assert settings.cache == CacheSettings(True, 86400.0, 30.0, 3600.0, 0.0, 10000)
+    assert settings.cache == CacheSettings(True, 86400.0, 30.0, 3600.0, 0.0, 10.0, 10000)
     assert (settings.log.level, settings.log.format) == ("INFO", "text")
     assert settings.embedded
 
@@ -305,9 +306,27 @@ def test_credentials_are_read_from_files_without_the_trailing_newline(tmp_path: 
         "GATEWAY_UPSTREAM__URL": "https://isales.example.com",
         "GATEWAY_UPSTREAM__AK_FILE": str(tmp_path / "ak"),
         "GATEWAY_UPSTREAM__SK_FILE": str(tmp_path / "sk"),
+        "GATEWAY_AUTH__ENABLED": "false",
     }
     upstream = load_settings(None, env).upstream
     assert (upstream.ak, upstream.sk) == ("file-ak", "file-sk")
+
+
+def test_caller_authentication_is_required_unless_switched_off_explicitly() -> None:
+    env = {k: v for k, v in UPSTREAM.items() if k != "GATEWAY_AUTH__ENABLED"}
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, env)
+    assert info.value.key == "auth.callers_file"
+
+
+def test_a_broken_callers_file_stops_start_up_naming_the_entry(tmp_path: Path) -> None:
+    path = tmp_path / "callers.toml"
+    path.write_text('[[callers]]\nname = "x"\nkey_sha256 = "abc"\nvdn_ids = [11]\n')
+    env = {**UPSTREAM, "GATEWAY_AUTH__ENABLED": "true", "GATEWAY_AUTH__CALLERS_FILE": str(path)}
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, env)
+    assert info.value.key == "auth.callers_file: callers[0]"
+    assert "key_sha256" in str(info.value)
 
 
 def test_setting_a_credential_and_its_file_is_an_error(tmp_path: Path) -> None:

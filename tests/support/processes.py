@@ -113,7 +113,10 @@ class Process:
             stderr=subprocess.STDOUT,
             env=full_env,
         )
-        wait_for_port(port, timeout=20, proc=self.proc)
+        try:
+            wait_for_port(port, timeout=20, proc=self.proc)
+        except (RuntimeError, TimeoutError) as exc:
+            raise RuntimeError(f"{' '.join(args)} did not start: {self.output()[-2000:]}") from exc
 
     @property
     def url(self) -> str:

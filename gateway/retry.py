@@ -1,0 +1,156 @@
+"""One upstream call as the caller sees it: attempts under permits, retries, the breaker.
+
+Each attempt takes its own permit (a retry is a new start for the vendor). Connect errors,
+timeouts and 5xx are retried after an exponential backoff with full jitter, within the
+request's deadline; a refused AK/SK is not (retrying cannot fix it). The circuit breaker
+fails calls fast while the upstream keeps failing, and lets one probe through later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from gateway.breaker import CircuitBreaker
+from gateway.cache_policy import SUCCESS, business_code
+from gateway.clock import Clock
+from gateway.errors import (
+    Overloaded,
+    QueueFull,
+    UpstreamAuthRejected,
+    UpstreamCircuitOpen,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from gateway.limiter import Limiter
+from gateway.metrics import GatewayMetrics, result_code_label
+from gateway.upstream import UpstreamResponse
+from gateway.validation import CallResultQuery
+
+
+class Fetcher(Protocol):
+    async def fetch(
+        self, query: CallResultQuery, locale: str | None = None
+    ) -> UpstreamResponse: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    retries: int = 2
+    base_s: float = 0.2
+    max_s: float = 2.0
+    deadline_s: float = 60.0
+
+
+def backoff_delay(retry: int, policy: RetryPolicy, u: float) -> float:
+    """Full jitter: uniform in [0, min(max, base * 2**(retry-1))); ``u`` in [0, 1)."""
+    return u * min(policy.max_s, policy.base_s * 2.0 ** (retry - 1))
+
+
+def upstream_outcome(exc: UpstreamError) -> str:
+    if isinstance(exc, UpstreamTimeout):
+        return "timeout"
+    if isinstance(exc, UpstreamUnavailable):
+        return "unavailable"
+    if isinstance(exc, UpstreamAuthRejected):
+        return "auth_rejected"
+    return "http_error"
+
+
+class UpstreamCaller:
+    def __init__(
+        self,
+        *,
+        upstream: Fetcher,
+        limiter: Limiter,
+        breaker: CircuitBreaker,
+        policy: RetryPolicy,
+        metrics: GatewayMetrics,
+        clock: Clock,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._upstream = upstream
+        self._limiter = limiter
+        self._breaker = breaker
+        self._policy = policy
+        self._metrics = metrics
+        self._clock = clock
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
+
+    async def call(
+        self, query: CallResultQuery, locale: str | None
+    ) -> tuple[UpstreamResponse, str | None]:
+        """The upstream's answer and its business code (None if not a vendor answer)."""
+        deadline = self._clock.monotonic() + self._policy.deadline_s
+        retry = 0
+        while True:
+            if not self._breaker.allow():
+                self._metrics.rejections.labels("breaker_open").inc()
+                raise UpstreamCircuitOpen(self._breaker.retry_after())
+            try:
+                answer = await self._attempt(query, locale)
+            except UpstreamAuthRejected:
+                self._breaker.success()  # it answered: alive, only our credentials are wrong
+                raise
+            except UpstreamError:
+                self._breaker.failure()
+                retry += 1
+                delay = backoff_delay(retry, self._policy, self._rng.random())
+                if retry > self._policy.retries or self._clock.monotonic() + delay >= deadline:
+                    raise
+            except BaseException:  # overload, cancellation: no verdict on the upstream
+                self._breaker.abandon()
+                raise
+            else:
+                self._breaker.success()
+                return answer
+            self._metrics.upstream_retries.inc()
+            await self._clock.sleep(delay)
+
+    async def _attempt(
+        self, query: CallResultQuery, locale: str | None
+    ) -> tuple[UpstreamResponse, str | None]:
+        async with self._permit():
+            call = asyncio.ensure_future(self._fetch(query, locale))
+            try:
+                return await asyncio.shield(call)
+            except asyncio.CancelledError:
+                # Every caller left, but the request is already at the upstream: it still
+                # holds its permit until the answer is in, so the limit stays exact.
+                with contextlib.suppress(Exception):
+                    await call
+                raise
+
+    @contextlib.asynccontextmanager
+    async def _permit(self) -> AsyncIterator[None]:
+        """The limiter's permit, with the queue wait and rejections measured."""
+        queued_at = self._clock.monotonic()
+        try:
+            async with self._limiter.permit():
+                self._metrics.queue_wait.observe(self._clock.monotonic() - queued_at)
+                yield
+        except Overloaded as exc:
+            reason = "queue_full" if isinstance(exc, QueueFull) else "queue_timeout"
+            self._metrics.rejections.labels(reason).inc()
+            raise
+
+    async def _fetch(
+        self, query: CallResultQuery, locale: str | None
+    ) -> tuple[UpstreamResponse, str | None]:
+        started = self._clock.monotonic()
+        try:
+            response = await self._upstream.fetch(query, locale)
+        except UpstreamError as exc:
+            self._metrics.upstream_requests.labels(upstream_outcome(exc), "none").inc()
+            raise
+        finally:
+            self._metrics.upstream_duration.observe(self._clock.monotonic() - started)
+        code = business_code(response.status, response.body)
+        outcome = "ok" if code == SUCCESS else "business_error"
+        self._metrics.upstream_requests.labels(outcome, result_code_label(code)).inc()
+        return response, code

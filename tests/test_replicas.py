@@ -1,0 +1,183 @@
+"""Several gateway replicas (separate processes) sharing one Redis, against one simulator process.
+
+What counts is what the simulator measured on its own clock, on arrival: the fleet as a whole
+keeps the vendor's limit, asks each distinct question once, and survives a replica's crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+import time
+
+import pytest
+from aiohttp import ClientSession, ClientTimeout, TCPConnector
+
+from gateway.validation import parse_request
+from tests.conftest import SIM, StartSimulator, signed_post
+from tests.support.processes import Process, RedisServer, free_port
+
+JSON = {"Content-Type": "application/json; charset=UTF-8"}
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+
+def start_simulator_process(*flags: str) -> Process:
+    port = free_port()
+    return Process(["simulate", "--port", str(port), "--ak", SIM.ak, "--sk", SIM.sk, *flags], port)
+
+
+def start_replica(upstream: Process, redis_url: str, **env: str) -> Process:
+    port = free_port()
+    settings = {
+        "GATEWAY_SERVER__HOST": "127.0.0.1",
+        "GATEWAY_SERVER__PORT": str(port),
+        "GATEWAY_UPSTREAM__URL": upstream.url,
+        "GATEWAY_UPSTREAM__AK": SIM.ak,
+        "GATEWAY_UPSTREAM__SK": SIM.sk,
+        "GATEWAY_UPSTREAM__ALLOW_HTTP": "true",
+        "GATEWAY_REDIS__URL": redis_url,
+        "GATEWAY_LOG__LEVEL": "WARNING",
+        "GATEWAY_AUTH__ENABLED": "false",
+    }
+    settings.update({f"GATEWAY_{k.upper()}": v for k, v in env.items()})
+    return Process(["serve"], port, env=settings)
+
+
+@pytest.fixture
+def fleet_redis(redis_server: RedisServer) -> RedisServer:
+    redis_server.flush()
+    return redis_server
+
+
+async def sim_stats(upstream: Process) -> dict[str, object]:
+    async with ClientSession() as session, session.get(upstream.url + "/__sim/stats") as r:
+        stats: dict[str, object] = await r.json()
+        return stats
+
+
+def path(campaign: int) -> str:
+    return f"/rest/isales/v1/openapi/campaigns/11/callresult/{campaign}"
+
+
+async def test_three_replicas_keep_the_limit_and_ask_each_distinct_question_once(
+    fleet_redis: RedisServer, start_simulator: StartSimulator
+) -> None:
+    upstream = start_simulator_process("--latency-ms", "200", "--enforce-limits")
+    replicas = [
+        start_replica(
+            upstream, fleet_redis.url, cache__ttl_open_s="600", limit__max_wait_ms="60000"
+        )
+        for _ in range(3)
+    ]
+    try:
+        # 120 distinct questions: closed past ranges and open-ended ones, then 2,000 requests.
+        distinct = [(path(c), b'{"pageSize":10}') for c in range(1, 61)]
+        distinct += [
+            (path(c), b'{"pageSize":10,"beginTime":"2026-05-10","endTime":"2026-06-01"}')
+            for c in range(1, 61)
+        ]
+        rng = random.Random(7)
+        plan = [rng.randrange(len(distinct)) for _ in range(2000)]
+        plan[: len(distinct)] = range(len(distinct))  # every distinct query is asked at least once
+        rng.shuffle(plan)
+        results: list[tuple[int, int, bytes]] = []
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for index in plan:
+            queue.put_nowait(index)
+
+        async def caller(n: int, session: ClientSession) -> None:
+            replica = replicas[n % 3]
+            while not queue.empty():
+                index = queue.get_nowait()
+                url, body = distinct[index]
+                async with session.post(replica.url + url, data=body, headers=JSON) as r:
+                    results.append((index, r.status, await r.read()))
+
+        async with ClientSession(
+            connector=TCPConnector(limit=0), timeout=ClientTimeout(total=120)
+        ) as session:
+            await asyncio.gather(*(caller(n, session) for n in range(300)))
+
+        stats = await sim_stats(upstream)
+        assert stats["violations"] == 0
+        assert stats["max_in_flight"] <= 10  # type: ignore[operator]
+        assert stats["max_starts_in_window"] <= 10  # type: ignore[operator]
+        assert stats["requests_total"] == len(distinct)
+        assert len(results) == 2000
+
+        reference = await start_simulator()
+        expected = {}
+        for index, (url, body) in enumerate(distinct):
+            canonical = parse_request("11", url.rsplit("/", 1)[1], body).body_bytes()
+            expected[index] = await signed_post(reference, url, canonical)
+        for index, status, got in results:
+            assert status == 200
+            assert got == expected[index]
+    finally:
+        for process in [*replicas, upstream]:
+            process.stop()
+
+
+async def test_500_identical_queries_over_three_replicas_cost_one_upstream_call(
+    fleet_redis: RedisServer,
+) -> None:
+    upstream = start_simulator_process("--latency-ms", "200", "--enforce-limits")
+    replicas = [start_replica(upstream, fleet_redis.url) for _ in range(3)]
+    try:
+        async with ClientSession(connector=TCPConnector(limit=0)) as session:
+
+            async def ask(n: int) -> tuple[int, str, bytes]:
+                url = replicas[n % 3].url + path(3)
+                async with session.post(url, data=b'{"pageSize":20}', headers=JSON) as r:
+                    return r.status, r.headers["X-Cache"], await r.read()
+
+            answers = await asyncio.gather(*(ask(n) for n in range(500)))
+        stats = await sim_stats(upstream)
+        assert stats["requests_total"] == 1
+        assert {status for status, _, _ in answers} == {200}
+        assert len({body for _, _, body in answers}) == 1
+        labels = [label for _, label, _ in answers]
+        assert labels.count("MISS") == 1
+        assert set(labels) <= {"MISS", "COALESCED", "HIT"}
+    finally:
+        for process in [*replicas, upstream]:
+            process.stop()
+
+
+async def test_a_killed_replicas_permits_come_back_within_the_lease(
+    fleet_redis: RedisServer,
+) -> None:
+    upstream = start_simulator_process("--latency-ms", "1500", "--enforce-limits")
+    # Lease = upstream timeout (3 s) + 1 s: a dead holder's permits return within 4 s.
+    env = {"upstream__timeout_ms": "3000", "upstream__connect_timeout_ms": "1000"}
+    doomed, survivor = (start_replica(upstream, fleet_redis.url, **env) for _ in range(2))
+    try:
+        async with ClientSession(connector=TCPConnector(limit=0)) as session:
+
+            async def ask(replica: Process, campaign: int) -> int:
+                async with session.post(
+                    replica.url + path(campaign), data=b"{}", headers=JSON
+                ) as r:
+                    await r.read()
+                    return r.status
+
+            held = [asyncio.ensure_future(ask(doomed, c)) for c in range(1, 11)]
+            await asyncio.sleep(0.5)  # all ten permits are held by `doomed` now
+            doomed.signal(signal.SIGKILL)
+            killed_at = time.monotonic()
+            await asyncio.gather(*held, return_exceptions=True)
+            statuses = await asyncio.gather(*(ask(survivor, c) for c in range(101, 111)))
+            elapsed = time.monotonic() - killed_at
+        assert statuses == [200] * 10
+        # The survivor had to wait for the leases (it cannot know the holder died) but no
+        # longer than lease + one upstream round trip + a window.
+        assert elapsed < 4.0 + 1.5 + 1.1 + 1.0
+        stats = await sim_stats(upstream)
+        assert stats["violations"] == 0
+        assert stats["max_in_flight"] <= 10  # type: ignore[operator]
+        assert json.dumps(stats)  # the simulator is still healthy
+    finally:
+        for process in [doomed, survivor, upstream]:
+            process.stop()
