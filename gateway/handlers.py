@@ -18,6 +18,7 @@ from gateway.auth import Callers, presented_key, require_admin
 from gateway.cache_policy import LOCALES
 from gateway.errors import BodyTooLarge, UnsupportedMediaType
 from gateway.state import CALLER, PARTS, SERVICE
+from gateway.trace import current as current_trace
 from gateway.validation import MAX_INT, parse_path_id, parse_request
 
 CALLRESULT_PATH = "/rest/isales/v1/openapi/campaigns/{vdnId}/callresult/{campaignId}"
@@ -45,6 +46,9 @@ async def callresult(request: web.Request) -> web.Response:
         raise UnsupportedMediaType()
     raw = await read_body(request, parts.settings.server.max_body_bytes)
     query = parse_request(request.match_info["vdnId"], request.match_info["campaignId"], raw)
+    trace = current_trace.get()
+    if trace is not None:
+        trace.vdn_id, trace.campaign_id = query.vdn_id, query.campaign_id
     if caller is not None:
         Callers.authorize(caller, query.vdn_id)  # before the cache: no peeking at other VDNs
     locale = request.headers.get("locale")

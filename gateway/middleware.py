@@ -24,6 +24,8 @@ from gateway.errors import (
 )
 from gateway.metrics import status_class
 from gateway.state import CALLER, PARTS, REQUEST_ID
+from gateway.trace import RequestTrace
+from gateway.trace import current as current_trace
 
 access_log = logging.getLogger("gateway.access")
 log = logging.getLogger("gateway")
@@ -78,6 +80,8 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
     given = request.headers.get(REQUEST_ID_HEADER, "")
     request_id = given if _SAFE_ID.match(given) else uuid.uuid4().hex
     request[REQUEST_ID] = request_id
+    trace = RequestTrace()
+    current_trace.set(trace)
     response = await handler(request)
     response.headers[REQUEST_ID_HEADER] = request_id
     elapsed = parts.clock.monotonic() - started
@@ -100,6 +104,11 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
                 "path": request.path,
                 "status": response.status,
                 "cache": cache,
+                "vdn_id": trace.vdn_id,
+                "campaign_id": trace.campaign_id,
+                "queue_wait_ms": trace.queue_wait_ms,
+                "upstream_ms": trace.upstream_ms,
+                "upstream_attempts": trace.attempts,
                 "duration_ms": round(elapsed * 1000, 3),
             },
         )

@@ -29,6 +29,7 @@ from gateway.errors import (
 )
 from gateway.limiter import Limiter
 from gateway.metrics import GatewayMetrics, result_code_label
+from gateway.trace import current as current_trace
 from gateway.upstream import UpstreamResponse
 from gateway.validation import CallResultQuery
 
@@ -132,7 +133,11 @@ class UpstreamCaller:
         queued_at = self._clock.monotonic()
         try:
             async with self._limiter.permit():
-                self._metrics.queue_wait.observe(self._clock.monotonic() - queued_at)
+                waited = self._clock.monotonic() - queued_at
+                self._metrics.queue_wait.observe(waited)
+                trace = current_trace.get()
+                if trace is not None:
+                    trace.queue_wait_ms = round((trace.queue_wait_ms or 0) + waited * 1000, 3)
                 yield
         except Overloaded as exc:
             reason = "queue_full" if isinstance(exc, QueueFull) else "queue_timeout"
@@ -149,7 +154,12 @@ class UpstreamCaller:
             self._metrics.upstream_requests.labels(upstream_outcome(exc), "none").inc()
             raise
         finally:
-            self._metrics.upstream_duration.observe(self._clock.monotonic() - started)
+            elapsed = self._clock.monotonic() - started
+            self._metrics.upstream_duration.observe(elapsed)
+            trace = current_trace.get()
+            if trace is not None:
+                trace.upstream_ms = round((trace.upstream_ms or 0) + elapsed * 1000, 3)
+                trace.attempts += 1
         code = business_code(response.status, response.body)
         outcome = "ok" if code == SUCCESS else "business_error"
         self._metrics.upstream_requests.labels(outcome, result_code_label(code)).inc()

@@ -1,0 +1,24 @@
+"""What one request spent where, for its access-log line.
+
+The middleware starts a ``RequestTrace`` per request in a context variable; the upstream
+caller fills it in. Context variables follow the request into the coalesced call's task (a
+task copies the context of the request that created it), so the leader's log line carries
+the queue wait and upstream time, and a follower's carries none.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class RequestTrace:
+    vdn_id: int | None = None
+    campaign_id: int | None = None
+    queue_wait_ms: float | None = None
+    upstream_ms: float | None = None
+    attempts: int = 0
+
+
+current: ContextVar[RequestTrace | None] = ContextVar("request_trace", default=None)

@@ -1,0 +1,57 @@
+"""SIGTERM: stop accepting, finish what is in flight, leave no permit or lock in Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import ClientSession, TCPConnector
+
+from tests.support.processes import RedisServer
+from tests.test_replicas import JSON, path, sim_stats, start_replica, start_simulator_process
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+
+async def test_sigterm_during_load_completes_in_flight_requests_and_releases_everything(
+    redis_server: RedisServer,
+) -> None:
+    redis_server.flush()
+    upstream = start_simulator_process("--latency-ms", "800", "--enforce-limits")
+    replica = start_replica(upstream, redis_server.url)
+    try:
+        async with ClientSession(connector=TCPConnector(limit=0)) as session:
+
+            async def ask(campaign: int) -> int:
+                async with session.post(
+                    replica.url + path(campaign), data=b"{}", headers=JSON
+                ) as r:
+                    await r.read()
+                    return r.status
+
+            # 14 distinct misses: 10 at the upstream, 4 queued behind them; plus 6 identical.
+            load = [asyncio.ensure_future(ask(c)) for c in range(1, 15)]
+            load += [asyncio.ensure_future(ask(99)) for _ in range(6)]
+            await asyncio.sleep(0.4)
+            replica.signal(signal.SIGTERM)
+            statuses = await asyncio.gather(*load)
+        assert statuses == [200] * 20
+        assert await asyncio.to_thread(replica.proc.wait, 30) == 0
+
+        client = aioredis.Redis.from_url(redis_server.url)
+        try:
+            leftovers = [key async for key in client.scan_iter(match="*lock*")]
+            leases = [
+                (key, await client.zcard(key)) async for key in client.scan_iter(match="*leases*")
+            ]
+        finally:
+            await client.aclose()
+        assert leftovers == []
+        assert all(count == 0 for _, count in leases), leases
+        stats = await sim_stats(upstream)
+        assert stats["violations"] == 0
+    finally:
+        replica.stop()
+        upstream.stop()
