@@ -27,6 +27,7 @@ from gateway.limiter import InMemoryLimiter, Limiter
 from gateway.limiter_redis import RedisLimiter
 from gateway.metrics import BREAKER_STATES, GatewayMetrics
 from gateway.middleware import error_middleware, observe_middleware
+from gateway.openapi import add_openapi_route
 from gateway.redis_client import connect
 from gateway.retry import RetryPolicy, UpstreamCaller
 from gateway.service import CallResultService
@@ -175,4 +176,5 @@ def create_app(
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(upstream_ctx)
     add_routes(app)
+    add_openapi_route(app)
     return app

@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 
 from gateway.auth import Callers, presented_key, require_admin
 from gateway.cache_policy import LOCALES
-from gateway.errors import BodyTooLarge, UnsupportedMediaType
+from gateway.errors import BodyTooLarge, CallerError, UnsupportedMediaType
 from gateway.state import CALLER, PARTS, SERVICE
 from gateway.trace import current as current_trace
 from gateway.validation import MAX_INT, parse_path_id, parse_request
@@ -31,6 +31,8 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         return await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise BodyTooLarge(f"Request body is larger than {limit} bytes.") from exc
+    except web.RequestPayloadError as exc:  # a broken gzip/deflate body, a broken chunk
+        raise CallerError("Request body could not be read (Content-Encoding or framing).") from exc
 
 
 def _key(request: web.Request) -> str | None:

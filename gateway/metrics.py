@@ -20,7 +20,7 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 CACHE_RESULTS = ("HIT", "MISS", "STALE", "COALESCED", "BYPASS", "NONE")
 STATUS_CLASSES = ("2xx", "4xx", "5xx")
-ROUTES = ("callresult", "admin", "healthz", "readyz", "metrics", "other")
+ROUTES = ("callresult", "admin", "healthz", "readyz", "metrics", "openapi", "other")
 UPSTREAM_OUTCOMES = (
     "ok",
     "business_error",

@@ -32,7 +32,7 @@ MAX_SESSION_ID: Final = 32
 MAX_PAGE_SIZE: Final = {0: 500, 1: 100}
 MAX_SPAN_DAYS: Final = 30
 
-_DIGITS = re.compile(r"^[0-9]{1,10}$")
+_DIGITS = re.compile(r"[0-9]+")
 _DATE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
 _INT_FIELDS = ("pageSize", "pageNum", "showDetail")
 _STR_FIELDS = ("sessionId", "customField", "beginTime", "endTime")
@@ -77,9 +77,11 @@ class CallResultQuery:
 
 def parse_path_id(name: str, text: str, low: int, high: int) -> int:
     """A path parameter as an integer in [low, high]."""
-    if not _DIGITS.match(text):
+    if not _DIGITS.fullmatch(text):  # fullmatch: "$" would let a trailing newline through
         raise ParameterError(WRONG_TYPE, f"{name} must be an integer.")
-    value = int(text)
+    digits = text.lstrip("0") or "0"
+    # More than 10 significant digits is beyond every range here; never int() thousands.
+    value = int(digits) if len(digits) <= 10 else high + 1
     if not low <= value <= high:
         raise ParameterError(WRONG_VALUE, f"{name} must be between {low} and {high}.")
     return value
@@ -91,7 +93,11 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         return {}
     try:
         value = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        if b"\\u" in raw:
+            # A lone surrogate escape ("\ud800") parses but has no UTF-8 form: it would fail
+            # later, when the query is encoded for the upstream or quoted in an error.
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError) as exc:  # UnicodeError is a ValueError
         raise ParameterError(CONVERSION, "Request body is not valid UTF-8 JSON.") from exc
     if not isinstance(value, dict):
         raise ParameterError(WRONG_TYPE, "Request body must be a JSON object.")
