@@ -96,9 +96,10 @@ class CallResultService:
                     self._revalidate(query, key, locale)
                     return self._stale(stale, "revalidate", "revalidating")
         asked = self._clock.monotonic()
+        since = self._clock.time() if refresh else 0.0
         try:
             response, led = await self._coalescer.run(
-                key, lambda: self._fetch_and_store(query, key, locale)
+                key, lambda: self._fetch_and_store(query, key, locale, since)
             )
         except (Overloaded, UpstreamError) as exc:
             if stale is None:
@@ -108,6 +109,9 @@ class CallResultService:
         if not led:
             self._metrics.coalesced_wait.observe(self._clock.monotonic() - asked)
             label = "COALESCED"
+        elif response.cached_age is not None:
+            label = "HIT"
+            return Answer(200, response.body, response.content_type, label, response.cached_age)
         elif self._cache is None or refresh:
             label = "BYPASS"
         else:
@@ -125,7 +129,9 @@ class CallResultService:
 
         async def refresh() -> object:
             with contextlib.suppress(GatewayError):
-                await self._coalescer.run(key, lambda: self._fetch_and_store(query, key, locale))
+                await self._coalescer.run(
+                    key, lambda: self._fetch_and_store(query, key, locale, 0.0)
+                )
             return None
 
         task = asyncio.ensure_future(refresh())
@@ -139,8 +145,15 @@ class CallResultService:
         await asyncio.gather(*self._refreshing, return_exceptions=True)
 
     async def _fetch_and_store(
-        self, query: CallResultQuery, key: str, locale: str | None
+        self, query: CallResultQuery, key: str, locale: str | None, since: float
     ) -> UpstreamResponse:
+        """Call the upstream and store the answer, unless an answer stored at or after
+        ``since`` is already fresh in the cache: another replica's call may have finished
+        between this caller's lookup and its turn to lead (double-checked, so a burst still
+        costs the upstream one call)."""
+        fresh = await self._recheck(key, since)
+        if fresh is not None:
+            return fresh
         response, code = await self._caller.call(query, locale)
         now = self._clock.time()
         ttl = fresh_ttl(query, code, _utc_date(now), self._policy)
@@ -151,6 +164,19 @@ class CallResultService:
             except BackendUnavailable:  # fails open: the answer still goes out
                 self._metrics.redis_errors.labels("cache_put").inc()
         return response
+
+    async def _recheck(self, key: str, since: float) -> UpstreamResponse | None:
+        if self._cache is None:
+            return None
+        try:
+            entry = await self._cache.get(key)
+        except BackendUnavailable:
+            self._metrics.redis_errors.labels("cache_get").inc()
+            return None
+        now = self._clock.time()
+        if entry is None or entry.stored_at < since or freshness(entry, now) is not Freshness.FRESH:
+            return None
+        return UpstreamResponse(200, entry.body, entry.content_type, age_seconds(entry, now))
 
 
 def _utc_date(epoch: float) -> date:

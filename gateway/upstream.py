@@ -31,6 +31,8 @@ class UpstreamResponse:
     status: int
     body: bytes
     content_type: str
+    # Set when the answer came from a cache entry another call had just stored: its age.
+    cached_age: int | None = None
 
 
 def ssl_context(settings: UpstreamSettings) -> ssl.SSLContext | bool:
