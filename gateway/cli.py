@@ -69,6 +69,16 @@ def _startup_line(settings: Settings) -> None:
         lim.margin_ms,
         lim.max_queue,
         lim.max_wait_ms,
+        extra={
+            "mode": "embedded" if settings.embedded else "redis",
+            "upstream": settings.upstream.url,
+            "max_concurrent": lim.max_concurrent,
+            "window_ms": lim.window_ms,
+            "margin_ms": lim.margin_ms,
+            "max_queue": lim.max_queue,
+            "max_wait_ms": lim.max_wait_ms,
+            "auth": settings.auth.enabled,
+        },
     )
     if not settings.auth.enabled:
         log.warning("auth.enabled is false: any caller that reaches this port may query")

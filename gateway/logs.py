@@ -1,39 +1,139 @@
-"""Logging set-up: text for people, one JSON object per line for log pipelines."""
+"""Logging set-up: text for people, one JSON object per line for log pipelines.
+
+Both formats carry every field passed with ``extra=`` (the access log's ``request_id``,
+``status``, ``cache``, ...). A line logged while a request is handled carries that
+request's id even without ``extra``: the middleware binds it with ``bind_request_id`` and
+the handler's ``RequestIdFilter`` copies it onto each record.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
+from contextvars import ContextVar, Token
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final, TextIO
 
+FORMATS: Final = ("text", "json")
 # Attributes every LogRecord has; anything else was passed with ``extra=`` and is kept.
-_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message"}
+_STANDARD: Final = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message",
+    "asctime",
+}
+_request_id: ContextVar[str | None] = ContextVar("gateway_request_id", default=None)
+
+
+def bind_request_id(request_id: str) -> Token[str | None]:
+    """Tag the lines logged from here on (in this task and the tasks it starts).
+
+    Give the token back to ``reset_request_id`` when the request ends: keep-alive
+    connections serve several requests in one task.
+    """
+    return _request_id.set(request_id)
+
+
+def reset_request_id(token: Token[str | None]) -> None:
+    _request_id.reset(token)
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds the bound request id to records that do not carry one already."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        request_id = _request_id.get()
+        if request_id is not None and not hasattr(record, "request_id"):
+            record.request_id = request_id
+        return True
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    moment = datetime.fromtimestamp(record.created, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in vars(record).items() if k not in _STANDARD}
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with NaN and infinities as strings: JSON has no literal for them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_jsonable(v) for v in value]
+    return value
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``ts``, ``level``, ``logger``, ``msg``, then the extras.
+
+    An extra field never replaces one of the four; a traceback goes in ``exc`` (its line
+    breaks escaped, so the record stays one line).
+    """
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "ts": _timestamp(record),
             "level": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        entry.update((k, v) for k, v in vars(record).items() if k not in _STANDARD)
+        for key, value in _extras(record).items():
+            entry.setdefault(key, value)
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str, ensure_ascii=False)
+            entry.setdefault("exc", self.formatException(record.exc_info))
+        if record.stack_info:
+            entry.setdefault("stack", self.formatStack(record.stack_info))
+        entry = _jsonable(entry)
+        line = json.dumps(entry, default=str, ensure_ascii=False, allow_nan=False)
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate, e.g. from a crafted path: escape all
+            line = json.dumps(entry, default=str, ensure_ascii=True, allow_nan=False)
+        return line
 
 
-def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+def _logfmt(value: Any) -> str:
+    text = str(value)
+    if not text or any(c in text for c in ' "=\\\n\r\t'):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+class TextFormatter(logging.Formatter):
+    """``<ts> <LEVEL> <logger> <message> key=value ...``: the extras in logfmt, for people."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        head = f"{_timestamp(record)} {record.levelname:<7} {record.name} {record.getMessage()}"
+        fields = " ".join(f"{k}={_logfmt(v)}" for k, v in _extras(record).items())
+        line = f"{head} {fields}" if fields else head
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        if record.stack_info:
+            line += "\n" + self.formatStack(record.stack_info)
+        return line
+
+
+def setup_logging(
+    level: str = "INFO", fmt: str = "text", stream: TextIO | None = None
+) -> logging.Handler:
+    """Send every logger's lines to ``stream`` (stderr) in ``fmt``, from ``level`` up.
+
+    Replaces the root logger's handlers and returns the one installed. Raises
+    ``ValueError`` for an unknown format or level.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
+    root.setLevel(level.upper())
     root.handlers[:] = [handler]
-    root.setLevel(level)
     # aiohttp's own access log would duplicate ours.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    return handler

@@ -22,6 +22,7 @@ from gateway.errors import (
     MethodNotAllowed,
     NotFound,
 )
+from gateway.logs import bind_request_id, reset_request_id
 from gateway.metrics import status_class
 from gateway.state import CALLER, PARTS, REQUEST_ID
 from gateway.trace import RequestTrace
@@ -82,7 +83,11 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
     request[REQUEST_ID] = request_id
     trace = RequestTrace()
     current_trace.set(trace)
-    response = await handler(request)
+    bound = bind_request_id(request_id)  # every line logged during the request carries it
+    try:
+        response = await handler(request)
+    finally:
+        reset_request_id(bound)
     response.headers[REQUEST_ID_HEADER] = request_id
     elapsed = parts.clock.monotonic() - started
     route = request.match_info.route.name or "other"
