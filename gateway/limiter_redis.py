@@ -10,6 +10,7 @@ ms, so replicas with skewed clocks agree:
     {ns:limit}:alive     ZSET ticket -> expiry      heartbeat: a dead replica's ticket lapses
     {ns:limit}:wants     ZSET ticket -> waiters     that replica's demand (at most max)
     {ns:limit}:released  channel                    a message per release (or spare grant)
+    {ns:limit}:gate      string: ms                 no grants before it (after an outage)
 
 Fairness. Within a replica waiters queue FIFO on local futures and one dispatcher task talks
 to Redis for them. Across replicas the tickets queue oldest first: a ticket gets
@@ -28,6 +29,11 @@ path, shielded from cancellation. Redis errors become ``BackendUnavailable`` in 
 only; a failed release is logged, not raised: the lease lapses by itself, as does a grant
 whose reply was lost. ``QueueFull``/``QueueTimeout`` bound this replica's queue; their
 ``retry_after`` is this replica's own estimate. Needs Redis >= 5 (scripts that call TIME).
+
+After an outage (see ``limiter_failover``) ``adopt`` registers permits granted locally meanwhile
+and sets the gate (``SET NX``, it expires when it opens): the acquire script grants nothing
+before it, so every replica, even one that never noticed the outage, starts at one moment.
+With an ``on_failure`` hook, every Redis failure is reported to it and logged at debug only.
 """
 
 from __future__ import annotations
@@ -36,10 +42,11 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import random
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TypeVar
@@ -60,7 +67,7 @@ _BEHIND_HINT_MS = 100  # older tickets go first; a spare-capacity message normal
 _JITTER = 0.2
 _RESUBSCRIBE_S = 0.5
 
-# KEYS leases starts queue alive wants; ARGV max, window ms, lease ms, ticket, want, ticket ttl
+# KEYS leases starts queue alive wants gate; ARGV max, window ms, lease ms, ticket, want, ticket ttl
 # ms, blocked hint ms, behind hint ms, channel. Grants ticket:1..n; returns {n, 0} or {0, ms}.
 _ACQUIRE = """
 local t = redis.call('TIME')
@@ -77,6 +84,8 @@ end
 redis.call('ZADD', KEYS[3], 'NX', now, ticket)
 redis.call('ZADD', KEYS[4], now + ttl, ticket)
 redis.call('ZADD', KEYS[5], want, ticket)
+local gate = tonumber(redis.call('GET', KEYS[6]) or '0')
+if gate > now then return {0, math.max(1, math.ceil(math.min(gate - now, window)))} end
 local leases, starts = redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2])
 if leases >= max then
   local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
@@ -120,6 +129,20 @@ end
 redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[1]))
 return lost
 """
+# KEYS leases starts gate; ARGV lease ms, window ms, hold ms, n, n leases, then (name, age ms)
+# pairs. Registers permits granted without Redis; returns ms until the (first) gate opens.
+_ADOPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease_ms, window = tonumber(ARGV[1]), tonumber(ARGV[2])
+local hold, n = math.max(1, tonumber(ARGV[3])), tonumber(ARGV[4])
+redis.call('SET', KEYS[3], now + hold, 'NX', 'PX', hold)
+for i = 5, 4 + n do redis.call('ZADD', KEYS[1], now + lease_ms, ARGV[i]) end
+for i = 5 + n, #ARGV, 2 do redis.call('ZADD', KEYS[2], now - tonumber(ARGV[i + 1]), ARGV[i]) end
+redis.call('PEXPIRE', KEYS[1], 2 * lease_ms)
+redis.call('PEXPIRE', KEYS[2], 2 * window)
+return (tonumber(redis.call('GET', KEYS[3])) or now) - now
+"""
 # KEYS sorted sets; ARGV channel, member. A lease released or a ticket withdrawn: tell waiters.
 _FORGET = """
 local gone = 0
@@ -137,11 +160,12 @@ class LimiterKeys:
     alive: str
     wants: str
     released: str  # the pub/sub channel
+    gate: str
 
     @classmethod
     def for_namespace(cls, namespace: str) -> LimiterKeys:
         tag = f"{{{namespace}:limit}}"
-        names = ("leases", "starts", "queue", "alive", "wants", "released")
+        names = ("leases", "starts", "queue", "alive", "wants", "released", "gate")
         return cls(*(f"{tag}:{name}" for name in names))
 
 
@@ -149,7 +173,8 @@ class RedisLimiter:
     """``Limiter`` over Redis: at most ``max_concurrent`` in flight and starts per ``window_s``
     across every replica on the same keys. ``permit()`` raises ``QueueFull`` and
     ``QueueTimeout`` (this replica's queue bounds) and ``BackendUnavailable`` (Redis failed;
-    nothing is left behind locally).
+    nothing is left behind locally). ``on_failure`` hears of every Redis failure, background
+    ones (renewal, release, subscription) included.
     """
 
     def __init__(
@@ -163,6 +188,7 @@ class RedisLimiter:
         lease_s: float,
         clock: Clock,
         namespace: str = "isales:v1",
+        on_failure: Callable[[BackendUnavailable], None] | None = None,
     ) -> None:
         self.keys = LimiterKeys.for_namespace(namespace)
         self._client = client
@@ -172,11 +198,14 @@ class RedisLimiter:
         self._max_wait = max_wait_s
         self._lease_s = lease_s
         self._clock = clock
+        self._on_failure = on_failure
+        # The hook's owner reports outages once; a warning per failed call would flood the log.
+        self._level = logging.WARNING if on_failure is None else logging.DEBUG
         # Twice the longest a live dispatcher goes between attempts (a lapsed live ticket only
         # loses its place); a dead replica's reservation holds no longer than this.
         longest_hint = (1 + _JITTER) * max(window_s * 1000, _BLOCKED_HINT_MS)
         self._ticket_ttl_ms = round(2 * longest_hint + 500)
-        sources = {"acquire": _ACQUIRE, "renew": _RENEW, "forget": _FORGET}
+        sources = {"acquire": _ACQUIRE, "renew": _RENEW, "forget": _FORGET, "adopt": _ADOPT}
         self._scripts = {name: client.register_script(src) for name, src in sources.items()}
         self._replica = uuid.uuid4().hex
         self._tickets = itertools.count()
@@ -215,6 +244,32 @@ class RedisLimiter:
             self._spawn(self._release(lease))
         if self._background:
             await asyncio.wait(self._background, timeout=_OP_BOUND_S)
+
+    async def ping(self) -> None:
+        """Raise ``BackendUnavailable`` unless Redis answers within the client's budget."""
+        await self._redis("ping", self._client.ping())
+
+    async def adopt(
+        self, leases: Sequence[str], starts: Sequence[tuple[str, float]], hold_s: float
+    ) -> float:
+        """Register permits taken without Redis: ``leases`` still held (for ``lease_s``) and
+        ``starts`` as (name, seconds ago). Sets the fleet's gate ``hold_s`` from now unless one is
+        set already; returns the seconds until it opens. Raises ``BackendUnavailable``.
+        """
+        k = self.keys
+        ms = [round(self._lease_s * 1000), round(self._window_s * 1000), math.ceil(hold_s * 1000)]
+        args: list[str | int] = [*ms]
+        args += [len(leases), *leases]
+        for name, age_s in starts:
+            args += [name, round(age_s * 1000)]
+        wait_ms = await self._redis(
+            "adopt", self._scripts["adopt"]([k.leases, k.starts, k.gate], args)
+        )
+        return int(wait_ms) / 1000
+
+    def forget(self, lease: str) -> None:
+        """Release an adopted lease in the background (it lapses by itself if this fails)."""
+        self._spawn(self._release(lease))
 
     def _queued(self) -> int:
         # A caller that found the queue empty is trying its luck, not queued, until refused
@@ -301,7 +356,7 @@ class RedisLimiter:
         args: list[str | float] = [self._max, self._window_s * 1000, self._lease_s * 1000]
         args += [ticket, min(len(self._waiters), self._max), self._ticket_ttl_ms]
         args += [_BLOCKED_HINT_MS, _BEHIND_HINT_MS, k.released]
-        keys = [k.leases, k.starts, k.queue, k.alive, k.wants]
+        keys = [k.leases, k.starts, k.queue, k.alive, k.wants, k.gate]
         granted, hint_ms = await self._redis("acquire", self._scripts["acquire"](keys, args))
         return int(granted), int(hint_ms)
 
@@ -340,7 +395,7 @@ class RedisLimiter:
             try:
                 lost = await self._redis("renew", renew)
             except BackendUnavailable as exc:
-                log.warning("limiter lease renewal failed: %s", exc.__cause__)
+                log.log(self._level, "limiter lease renewal failed: %s", exc.__cause__)
                 continue
             for lease in lost:
                 name = lease.decode() if isinstance(lease, bytes) else str(lease)
@@ -352,7 +407,7 @@ class RedisLimiter:
         try:
             await self._redis("release", release)
         except BackendUnavailable as exc:
-            log.warning("limiter release failed, the lease will lapse: %s", exc.__cause__)
+            log.log(self._level, "limiter release failed, the lease will lapse: %s", exc.__cause__)
         else:
             self._wake_up()  # the local head may retry now, before the message comes round
 
@@ -373,7 +428,7 @@ class RedisLimiter:
                     if await self._redis("listen", wait) is not None:
                         self._wake_up()
             except BackendUnavailable as exc:
-                log.warning("limiter wake-ups lost, waiting on hints: %s", exc.__cause__)
+                log.log(self._level, "limiter wake-ups lost, waiting on hints: %s", exc.__cause__)
             finally:
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
@@ -391,4 +446,8 @@ class RedisLimiter:
             async with asyncio.timeout(_OP_BOUND_S):
                 return await call
         except (RedisError, OSError) as exc:  # OSError: builtin Connection/TimeoutError too
-            raise BackendUnavailable(f"Shared limiter unavailable ({action}).") from exc
+            failure = BackendUnavailable(f"Shared limiter unavailable ({action}).")
+            failure.__cause__ = exc
+            if self._on_failure is not None:
+                self._on_failure(failure)
+            raise failure from exc

@@ -22,6 +22,7 @@ from redis.crc import key_slot
 from gateway.clock import SystemClock
 from gateway.errors import BackendUnavailable, QueueFull, QueueTimeout
 from gateway.limiter import InMemoryLimiter, Limiter, LimiterSnapshot
+from gateway.limiter_failover import FailoverLimiter
 from gateway.limiter_redis import RedisLimiter
 from tests.support.processes import RedisServer, free_port
 
@@ -47,8 +48,8 @@ def redis_limiter(client: aioredis.Redis, **overrides: Any) -> RedisLimiter:
 
 
 @pytest.fixture
-async def closing() -> AsyncIterator[list[RedisLimiter]]:
-    made: list[RedisLimiter] = []
+async def closing() -> AsyncIterator[list[RedisLimiter | FailoverLimiter]]:
+    made: list[RedisLimiter | FailoverLimiter] = []
     yield made
     for limiter in made:
         await limiter.close()
@@ -62,16 +63,17 @@ async def second_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Red
     await client.aclose()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "failover"])
 def build(request: pytest.FixtureRequest) -> Build:
     """Builds the implementation under test with the contract's defaults and any overrides."""
     if request.param == "memory":
         return lambda **overrides: InMemoryLimiter(**limiter_options(**overrides))
     client = request.getfixturevalue("redis_client")
     closing = request.getfixturevalue("closing")  # set up after the client: closed before it
+    kind = RedisLimiter if request.param == "redis" else FailoverLimiter
 
-    def make(**overrides: Any) -> RedisLimiter:
-        limiter = redis_limiter(client, **overrides)
+    def make(**overrides: Any) -> RedisLimiter | FailoverLimiter:
+        limiter = kind(client, **limiter_options(**{"lease_s": 5.0, **overrides}))
         closing.append(limiter)
         return limiter
 
