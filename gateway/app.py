@@ -24,7 +24,7 @@ from gateway.coalesce import Coalescer, InProcessCoalescer
 from gateway.coalesce_redis import RedisCoalescer
 from gateway.handlers import add_routes
 from gateway.limiter import InMemoryLimiter, Limiter
-from gateway.limiter_redis import RedisLimiter
+from gateway.limiter_failover import FailoverLimiter
 from gateway.metrics import BREAKER_STATES, GatewayMetrics
 from gateway.middleware import error_middleware, observe_middleware
 from gateway.openapi import add_openapi_route
@@ -59,7 +59,9 @@ def _call_budget_s(settings: Settings) -> float:
     return (settings.limit.max_wait_ms + settings.upstream.timeout_ms) / 1000 + 1
 
 
-def build_limiter(settings: Settings, clock: Clock, redis: Redis | None) -> Limiter:
+def build_limiter(
+    settings: Settings, clock: Clock, redis: Redis | None, metrics: GatewayMetrics
+) -> Limiter:
     lim = settings.limit
     window_s = (lim.window_ms + lim.margin_ms) / 1000
     if redis is None:
@@ -70,9 +72,12 @@ def build_limiter(settings: Settings, clock: Clock, redis: Redis | None) -> Limi
             max_wait_s=lim.max_wait_ms / 1000,
             clock=clock,
         )
-    # A lease outlives the upstream timeout, so a permit cannot lapse under a live call even
-    # if renewals stall; a crashed holder's permits return within this time.
-    return RedisLimiter(
+    degraded = metrics.degraded.labels("redis")
+    # The global limiter, falling back to floor(max_concurrent / replicas) per replica when
+    # Redis fails (never failing open). A lease outlives the upstream timeout, so a permit
+    # cannot lapse under a live call even if renewals stall; a crashed holder's permits
+    # return within this time.
+    return FailoverLimiter(
         redis,
         max_concurrent=lim.max_concurrent,
         window_s=window_s,
@@ -80,6 +85,9 @@ def build_limiter(settings: Settings, clock: Clock, redis: Redis | None) -> Limi
         max_wait_s=lim.max_wait_ms / 1000,
         lease_s=settings.upstream.timeout_ms / 1000 + 1,
         clock=clock,
+        replicas=lim.replicas,
+        on_error=metrics.redis_errors.labels("limiter").inc,
+        on_degraded=lambda down: degraded.set(int(down)),
     )
 
 
@@ -97,7 +105,7 @@ def create_app(
     metrics = GatewayMetrics(registry or CollectorRegistry())
     redis = None if settings.embedded else connect(settings.redis)
     if limiter is None:
-        limiter = build_limiter(settings, clock, redis)
+        limiter = build_limiter(settings, clock, redis, metrics)
     if cache is None and settings.cache.enabled:
         cache = (
             InMemoryCacheStore(max_entries=settings.cache.max_entries, clock=clock)

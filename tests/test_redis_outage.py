@@ -1,0 +1,79 @@
+"""Redis dies under load and comes back: callers keep their answers, the limit holds."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import time
+
+import pytest
+from aiohttp import ClientSession, ClientTimeout, TCPConnector
+
+from tests.support.processes import Process, RedisServer
+from tests.test_replicas import JSON, path, sim_stats, start_replica, start_simulator_process
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+
+async def degraded(session: ClientSession, replica: Process) -> bool:
+    async with session.get(replica.url + "/readyz") as response:
+        body = await response.json()
+        return "redis" in body["degraded"]
+
+
+async def test_redis_killed_under_load_costs_no_5xx_and_no_violation_and_heals_itself() -> None:
+    redis = RedisServer().start()
+    upstream = start_simulator_process("--latency-ms", "200", "--enforce-limits")
+    env = {
+        "limit__replicas": "2",
+        "upstream__timeout_ms": "2000",  # lease 3 s: a failover settles within that
+        "upstream__connect_timeout_ms": "500",
+        "limit__max_wait_ms": "60000",
+    }
+    replicas = [start_replica(upstream, redis.url, **env) for _ in range(2)]
+    statuses: list[int] = []
+    try:
+        rng = random.Random(3)
+        stop_at = time.monotonic() + 14
+        async with ClientSession(
+            connector=TCPConnector(limit=0), timeout=ClientTimeout(total=90)
+        ) as session:
+
+            async def caller(n: int) -> None:
+                while time.monotonic() < stop_at:
+                    campaign = rng.randrange(1, 60)  # a mix: repeats become hits or coalesce
+                    url = replicas[n % 2].url + path(campaign)
+                    async with session.post(url, data=b"{}", headers=JSON) as response:
+                        await response.read()
+                        statuses.append(response.status)
+
+            load = asyncio.gather(*(caller(n) for n in range(30)))
+            await asyncio.sleep(3)
+            redis.stop(signal.SIGKILL)
+            await asyncio.sleep(4)
+            assert await degraded(session, replicas[0])
+            redis.start()
+            healed_at = None
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                if not any([await degraded(session, r) for r in replicas]):
+                    healed_at = time.monotonic()
+                    break
+                await asyncio.sleep(0.2)
+            await load
+            assert healed_at is not None, "the replicas did not return to global mode"
+            for replica in replicas:
+                async with session.get(replica.url + "/metrics") as response:
+                    assert 'isales_gateway_degraded{component="redis"} 0.0' in await response.text()
+
+        assert len(statuses) > 100
+        assert sorted(set(statuses)) == [200], {s: statuses.count(s) for s in set(statuses)}
+        stats = await sim_stats(upstream)
+        assert stats["violations"] == 0
+        assert stats["max_in_flight"] <= 10  # type: ignore[operator]
+        assert stats["max_starts_in_window"] <= 10  # type: ignore[operator]
+    finally:
+        for process in [*replicas, upstream]:
+            process.stop()
+        redis.close()
