@@ -1,0 +1,94 @@
+"""A sick upstream (30% 5xx and some hangs): stale copies answer, the breaker opens and
+closes, and the vendor's limit holds throughout."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from aiohttp import ClientSession
+
+from tests.conftest import StartGateway, gateway_settings
+from tests.test_replicas import sim_stats, start_simulator_process
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+
+def path(campaign: int) -> str:
+    return f"/rest/isales/v1/openapi/campaigns/11/callresult/{campaign}"
+
+
+async def behave(url: str, **behaviour: float) -> None:
+    async with (
+        ClientSession() as session,
+        session.post(url + "/__sim/behaviour", json=behaviour) as response,
+    ):
+        assert response.status == 200
+
+
+def breaker_state(metrics: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith("isales_gateway_upstream_breaker_state "):
+            return float(line.split()[1])
+    raise AssertionError("no breaker gauge")
+
+
+async def test_stale_copies_answer_a_flaky_upstream_and_the_breaker_opens_then_closes(
+    start_gateway: StartGateway,
+) -> None:
+    upstream = start_simulator_process("--latency-ms", "50", "--enforce-limits", "--hang-s", "3")
+    try:
+        settings = gateway_settings(
+            upstream.url,
+            cache__ttl_open_s=1,
+            cache__swr_s=0,
+            upstream__timeout_ms=600,
+            upstream__connect_timeout_ms=300,
+            upstream__retries=1,
+            upstream__retry_base_ms=20,
+            upstream__breaker_failures=2,
+            upstream__breaker_open_ms=500,
+        )
+        gateway = await start_gateway(settings)
+        warm = [path(c) for c in range(1, 21)]
+        for p in warm:
+            assert (await gateway.post(p, json={})).status == 200
+        await asyncio.sleep(1.1)  # every warm answer is stale now, none expired
+        await behave(upstream.url, error_rate=0.3, timeout_rate=0.05)
+
+        answers: list[tuple[str, int, str]] = []
+        states: set[float] = set()
+        stop_at = time.monotonic() + 6
+
+        async def caller(n: int) -> None:
+            while time.monotonic() < stop_at:
+                p = warm[n % len(warm)]
+                response = await gateway.post(p, json={})
+                answers.append((p, response.status, response.headers.get("X-Cache", "")))
+                n += 7
+
+        async def watch() -> None:
+            while time.monotonic() < stop_at:
+                states.add(breaker_state(await (await gateway.get("/metrics")).text()))
+                await asyncio.sleep(0.05)
+
+        await asyncio.gather(watch(), *(caller(n) for n in range(10)))
+        assert 2.0 in states, "the breaker opened"
+        assert {status for _, status, _ in answers} == {200}, "every warm query was answered"
+        assert any(label == "STALE" for _, _, label in answers)
+
+        await behave(upstream.url, error_rate=0.0, timeout_rate=0.0)
+        deadline = time.monotonic() + 5
+        closed = False
+        while time.monotonic() < deadline and not closed:
+            await gateway.post(path(99), json={})
+            closed = breaker_state(await (await gateway.get("/metrics")).text()) == 0.0
+            await asyncio.sleep(0.1)
+        assert closed, "the breaker closed once the upstream was healthy"
+
+        stats = await sim_stats(upstream)
+        assert stats["violations"] == 0
+        assert stats["max_in_flight"] <= 10  # type: ignore[operator]
+    finally:
+        upstream.stop()
