@@ -22,5 +22,10 @@ lint: $(BIN)/.installed
 test: lint
 	$(BIN)/pytest
 
+# README "Performance": a few minutes; needs wrk and redis-server on PATH. BENCH_ARGS=--quick
+# for a smoke run.
+bench: $(BIN)/.installed
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

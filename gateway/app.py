@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from gateway.auth import load_callers
 from gateway.breaker import CircuitBreaker
 from gateway.cache import CacheStore, InMemoryCacheStore
+from gateway.cache_local import TieredCacheStore
 from gateway.cache_policy import CachePolicy
 from gateway.cache_redis import RedisCacheStore
 from gateway.clock import Clock, SystemClock
@@ -110,7 +111,7 @@ def create_app(
         cache = (
             InMemoryCacheStore(max_entries=settings.cache.max_entries, clock=clock)
             if redis is None
-            else RedisCacheStore(redis, clock=clock)
+            else TieredCacheStore(RedisCacheStore(redis, clock=clock), redis, clock=clock)
         )
     if coalescer is None:
         coalescer = (
@@ -123,6 +124,7 @@ def create_app(
     lim = settings.limit
     metrics.observe_limiter(
         lim.max_concurrent,
+        (lim.window_ms + lim.margin_ms) / 1000,
         in_flight=lambda: limiter.snapshot().in_flight,
         queued=lambda: limiter.snapshot().queued,
     )
@@ -178,6 +180,8 @@ def create_app(
         yield
         await limiter.close()
         await coalescer.close()
+        if cache is not None:
+            await cache.close()
         if redis is not None:
             await redis.aclose()
 

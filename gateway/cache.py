@@ -24,6 +24,10 @@ class CacheStore(Protocol):
         """Remove every entry of one campaign; returns how many were removed."""
         ...
 
+    async def close(self) -> None:
+        """Stop background work (at shutdown); the entries stay where they are."""
+        ...
+
 
 class InMemoryCacheStore:
     """A bounded LRU for the single-instance mode; entries leave at the end of stale retention."""
@@ -55,6 +59,9 @@ class InMemoryCacheStore:
         for key in doomed:
             del self._entries[key]
         return len(doomed)
+
+    async def close(self) -> None:
+        """Nothing runs in the background."""
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -200,6 +200,9 @@ class RedisCacheStore:
         with _redis_errors("put"):
             await self._put(keys=[key, index], args=[value, px])
 
+    async def close(self) -> None:
+        """Nothing runs in the background; the shared client is closed by the app."""
+
     async def purge_campaign(self, vdn_id: int, campaign_id: int) -> int:
         """Unlink one campaign's entries and its index; returns how many entries existed."""
         index = campaign_prefix(vdn_id, campaign_id) + INDEX_SUFFIX

@@ -126,6 +126,11 @@ class GatewayMetrics:
             "The configured upstream concurrency limit (the budget line).",
             registry=registry,
         )
+        self.limit_window = Gauge(
+            "isales_gateway_limit_window_seconds",
+            "The configured start window plus margin: permits_max starts per this many seconds.",
+            registry=registry,
+        )
         self.queue_depth = Gauge(
             "isales_gateway_queue_depth",
             "Callers of this replica waiting for an upstream permit.",
@@ -143,13 +148,20 @@ class GatewayMetrics:
             ["reason"],
             registry=registry,
         )
+        # Children bound once: ``labels()`` on every request would double what counting and
+        # timing a request costs (about 2.7 µs instead of 1.2 µs).
+        self.requests_by: dict[tuple[str, str, str], Counter] = {}
+        self.request_duration_by: dict[tuple[str, str], Histogram] = {}
         for route in ROUTES:
             for cache in CACHE_RESULTS:
-                self.request_duration.labels(route, cache)
+                self.request_duration_by[route, cache] = self.request_duration.labels(route, cache)
                 for status_class in STATUS_CLASSES:
-                    self.requests.labels(route, status_class, cache)
-        for result in LOOKUP_RESULTS:
-            self.cache_lookups.labels(result)
+                    self.requests_by[route, status_class, cache] = self.requests.labels(
+                        route, status_class, cache
+                    )
+        self.cache_lookups_by = {
+            result: self.cache_lookups.labels(result) for result in LOOKUP_RESULTS
+        }
         for outcome in UPSTREAM_OUTCOMES:
             self.upstream_requests.labels(outcome, "none")
         for code in RESULT_CODES:
@@ -163,11 +175,25 @@ class GatewayMetrics:
         for reason in REJECTION_REASONS:
             self.rejections.labels(reason)
 
+    def observe_request(self, route: str, status: int, cache: str, seconds: float) -> None:
+        """One answered request: counted by route, status class and cache result, and timed."""
+        status_label = status_class(status)
+        counter = self.requests_by.get((route, status_label, cache))
+        timer = self.request_duration_by.get((route, cache))
+        # A route added without a ROUTES entry still counts, on the slower path.
+        (counter or self.requests.labels(route, status_label, cache)).inc()
+        (timer or self.request_duration.labels(route, cache)).observe(seconds)
+
     def observe_limiter(
-        self, max_concurrent: int, in_flight: Callable[[], float], queued: Callable[[], float]
+        self,
+        max_concurrent: int,
+        window_s: float,
+        in_flight: Callable[[], float],
+        queued: Callable[[], float],
     ) -> None:
         """Read the limiter's gauges at scrape time instead of tracking every change."""
         self.permits_max.set(max_concurrent)
+        self.limit_window.set(window_s)
         self.permits_in_flight.set_function(in_flight)
         self.queue_depth.set_function(queued)
 

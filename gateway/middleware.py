@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-import uuid
+import secrets
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -23,7 +23,6 @@ from gateway.errors import (
     NotFound,
 )
 from gateway.logs import bind_request_id, reset_request_id
-from gateway.metrics import status_class
 from gateway.state import CALLER, PARTS, REQUEST_ID
 from gateway.trace import RequestTrace
 from gateway.trace import current as current_trace
@@ -77,9 +76,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id in and out, the request's metrics and its access-log line."""
     parts = request.app[PARTS]
-    started = parts.clock.monotonic()
-    given = request.headers.get(REQUEST_ID_HEADER, "")
-    request_id = given if _SAFE_ID.match(given) else uuid.uuid4().hex
+    clock = parts.clock
+    started = clock.monotonic()
+    given = request.headers.get(REQUEST_ID_HEADER)
+    # 128 random bits in 32 hex digits, as uuid4().hex gave, at a third of its cost
+    request_id = given if given and _SAFE_ID.match(given) else secrets.token_hex(16)
     request[REQUEST_ID] = request_id
     trace = RequestTrace()
     current_trace.set(trace)
@@ -89,25 +90,26 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
     finally:
         reset_request_id(bound)
     response.headers[REQUEST_ID_HEADER] = request_id
-    elapsed = parts.clock.monotonic() - started
+    elapsed = clock.monotonic() - started
     route = request.match_info.route.name or "other"
     cache = response.headers.get("X-Cache", "NONE")
-    parts.metrics.requests.labels(route, status_class(response.status), cache).inc()
-    parts.metrics.request_duration.labels(route, cache).observe(elapsed)
+    status = response.status
+    parts.metrics.observe_request(route, status, cache, elapsed)
     if access_log.isEnabledFor(logging.INFO):
+        method, path = request.method, request.path
         access_log.info(
             "%s %s %s %s %.1fms",
-            request.method,
-            request.path,
-            response.status,
+            method,
+            path,
+            status,
             cache,
             elapsed * 1000,
             extra={
                 "request_id": request_id,
                 "caller": request.get(CALLER),
-                "method": request.method,
-                "path": request.path,
-                "status": response.status,
+                "method": method,
+                "path": path,
+                "status": status,
                 "cache": cache,
                 "vdn_id": trace.vdn_id,
                 "campaign_id": trace.campaign_id,

@@ -80,18 +80,18 @@ class CallResultService:
                 entry = await self._cache.get(key)
             except BackendUnavailable:
                 entry = None  # the cache fails open: a miss, never an error to the caller
-                self._metrics.cache_lookups.labels("error").inc()
+                self._metrics.cache_lookups_by["error"].inc()
                 self._metrics.redis_errors.labels("cache_get").inc()
             else:
                 now = self._clock.time()
                 state = freshness(entry, now) if entry is not None else Freshness.EXPIRED
                 if entry is not None and state is Freshness.FRESH:
-                    self._metrics.cache_lookups.labels("hit").inc()
+                    self._metrics.cache_lookups_by["hit"].inc()
                     age = age_seconds(entry, now)
                     return Answer(200, entry.body, entry.content_type, "HIT", age)
                 if entry is not None and state is Freshness.STALE:
                     stale = entry
-                self._metrics.cache_lookups.labels("stale" if stale else "miss").inc()
+                self._metrics.cache_lookups_by["stale" if stale else "miss"].inc()
                 if stale is not None and now < stale.stored_at + stale.ttl + self._policy.swr:
                     self._revalidate(query, key, locale)
                     return self._stale(stale, "revalidate", "revalidating")

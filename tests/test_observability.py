@@ -377,6 +377,7 @@ ALERT_CASES = [
                 "isales_gateway_upstream_requests_total", "0+540x20", outcome="ok", code="0200000"
             ),
             _series("isales_gateway_permits_max", "10x20"),
+            _series("isales_gateway_limit_window_seconds", "1.1x20"),
             _series("isales_gateway_permits_in_flight", "3x20"),
         ],
         severity="warning",
@@ -387,6 +388,7 @@ ALERT_CASES = [
         [
             OK,
             _series("isales_gateway_permits_max", "10x20"),
+            _series("isales_gateway_limit_window_seconds", "1.1x20"),
             _series("isales_gateway_permits_in_flight", "3x20"),
         ],
     ),
