@@ -15,8 +15,8 @@ demo: $(BIN)/.installed
 	$(BIN)/isales-gateway demo
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check gateway tests
-	$(BIN)/ruff format --check gateway tests
+	$(BIN)/ruff check gateway tests bench
+	$(BIN)/ruff format --check gateway tests bench
 	$(BIN)/mypy
 
 test: lint
