@@ -34,7 +34,7 @@ from gateway.retry import RetryPolicy, UpstreamCaller
 from gateway.service import CallResultService
 from gateway.settings import Settings
 from gateway.state import PARTS, SERVICE, Parts
-from gateway.upstream import UpstreamClient, UpstreamResponse, ssl_context
+from gateway.upstream import UpstreamClient, UpstreamResponse, send_trace, ssl_context
 
 log = logging.getLogger("gateway")
 
@@ -146,7 +146,9 @@ def create_app(
     async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         up = settings.upstream
         connector = aiohttp.TCPConnector(limit=lim.max_concurrent * 2, ssl=ssl_context(up))
-        async with aiohttp.ClientSession(connector=connector, auto_decompress=True) as session:
+        async with aiohttp.ClientSession(
+            connector=connector, auto_decompress=True, trace_configs=[send_trace()]
+        ) as session:
             breaker = CircuitBreaker(
                 failures=up.breaker_failures, open_s=up.breaker_open_ms / 1000, clock=clock
             )

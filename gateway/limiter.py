@@ -1,5 +1,11 @@
 """The upstream limit: at most N requests in flight and N starts per (window + margin).
 
+The vendor counts a start when the request arrives, so a start counts from when it is sent,
+not from when its permit was granted: the holder calls ``Permit.sent()`` as the request goes
+out. Until then the start is pending and counts as in the window however long it waits (a
+stalled event loop or a slow TLS handshake cannot bunch starts up); a permit released without
+``sent()`` counts its start at release (the request may have reached the vendor).
+
 ``WindowBudget`` is the pure decision (times are inputs). ``InMemoryLimiter`` is the
 single-instance backend: callers wait in FIFO order in a bounded queue with a bounded wait,
 and every permit is given back on success, error, timeout and cancellation.
@@ -12,7 +18,7 @@ import asyncio
 import contextlib
 import math
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol
@@ -27,9 +33,22 @@ class LimiterSnapshot:
     queued: int
 
 
+class Permit(Protocol):
+    async def sent(self) -> None:
+        """The request is being sent now: its start counts from this moment.
+
+        Idempotent. Never raises for a backend failure: the start then stays pending (counted
+        as in the window) until the permit is released, which is the safe side.
+        """
+        ...
+
+
 class Limiter(Protocol):
-    def permit(self) -> AbstractAsyncContextManager[None]:
+    def permit(self) -> AbstractAsyncContextManager[Permit]:
         """An async context manager holding one upstream permit for its body.
+
+        Call ``sent()`` on the permit it yields when the request goes out; a permit released
+        without that counts its start at release.
 
         Raises ``QueueFull`` at once when the queue is at its bound and ``QueueTimeout``
         when no permit came within the wait bound.
@@ -44,26 +63,46 @@ class Limiter(Protocol):
 
 
 class WindowBudget:
-    """Concurrency plus sliding-window start budget. All times in seconds on one clock."""
+    """Concurrency plus sliding-window start budget. All times in seconds on one clock.
+
+    A granted permit's start is pending (it counts as in the window whatever the time) until
+    ``sent``; then it counts for ``window`` from the time it was sent.
+    """
 
     def __init__(self, max_concurrent: int, window: float) -> None:
         self.max_concurrent = max_concurrent
         self.window = window
         self.in_flight = 0
-        self._starts: deque[float] = deque()
+        self.pending = 0
+        self._starts: deque[float] = deque()  # sent times, appended in order: sorted
 
-    def delay(self, now: float) -> float:
-        """Seconds until a start is allowed: 0 now, ``inf`` until a permit is released."""
+    def delay(self, now: float, pending_elsewhere: int = 0) -> float:
+        """Seconds until a start is allowed: 0 now, ``inf`` until a permit is released or
+        a pending start is sent. ``pending_elsewhere``: unsent starts this budget does not hold
+        (counted as pending too).
+        """
         if self.in_flight >= self.max_concurrent:
             return math.inf
         while self._starts and self._starts[0] <= now - self.window:
             self._starts.popleft()
-        if len(self._starts) < self.max_concurrent:
+        if len(self._starts) + self.pending + pending_elsewhere < self.max_concurrent:
             return 0.0
+        if not self._starts:
+            return math.inf  # only pending starts: none leaves before it is sent
         return self._starts[0] + self.window - now
 
-    def start(self, now: float) -> None:
+    def grant(self) -> None:
+        """A permit is taken: one more in flight, its start pending."""
         self.in_flight += 1
+        self.pending += 1
+
+    def sent(self, now: float) -> None:
+        """A pending start went out at ``now``."""
+        self.pending -= 1
+        self.record(now)
+
+    def record(self, now: float) -> None:
+        """A start at ``now`` that this budget did not grant (it counts all the same)."""
         self._starts.append(now)
 
     def finish(self) -> None:
@@ -72,6 +111,25 @@ class WindowBudget:
     def retry_after(self, ahead: int) -> float:
         """An honest estimate of when a caller with ``ahead`` waiters before it gets a start."""
         return (ahead // self.max_concurrent + 1) * self.window
+
+
+class BudgetPermit:
+    """A permit whose start ``record`` notes at ``sent()``, or at ``close()`` (release)
+    if it was never sent; once either way.
+    """
+
+    __slots__ = ("_record",)
+
+    def __init__(self, record: Callable[[], None]) -> None:
+        self._record: Callable[[], None] | None = record
+
+    async def sent(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        record, self._record = self._record, None
+        if record is not None:
+            record()
 
 
 class InMemoryLimiter:
@@ -105,18 +163,24 @@ class InMemoryLimiter:
         """Nothing to give back: the budget dies with the process."""
 
     @asynccontextmanager
-    async def permit(self) -> AsyncIterator[None]:
+    async def permit(self) -> AsyncIterator[Permit]:
         await self._acquire()
+        permit = BudgetPermit(self._sent)
         try:
-            yield
+            yield permit
         finally:
+            permit.close()  # never sent: it may have reached the vendor, count it from now
             self._budget.finish()
             self._serve()
+
+    def _sent(self) -> None:
+        # No re-serve: the oldest sent start, which the timer waits for, is unchanged.
+        self._budget.sent(self._clock.monotonic())
 
     async def _acquire(self) -> None:
         now = self._clock.monotonic()
         if not self._waiters and self._budget.delay(now) == 0:
-            self._budget.start(now)
+            self._budget.grant()
             return
         ahead = len(self._waiters)
         if ahead >= self._max_queue:
@@ -130,6 +194,7 @@ class InMemoryLimiter:
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 # Granted in the same tick the caller went away: hand the permit back.
+                self._sent()
                 self._budget.finish()
             self._remove(waiter)
             self._serve()
@@ -160,7 +225,7 @@ class InMemoryLimiter:
             waiter = self._waiters.popleft()
             if waiter.done():
                 continue
-            self._budget.start(now)
+            self._budget.grant()
             waiter.set_result(None)
 
     def _arm_timer(self, due: float) -> None:

@@ -17,6 +17,12 @@ outage waits too. Then GLOBAL: queued callers move to Redis, ``on_degraded(False
 line. A local permit is released locally and its adopted lease in Redis (else it would hold a
 global slot for ``lease_s``). A caller keeps its deadline across a switch.
 
+Starts count from when they are sent (``Permit.sent()``), as in every limiter. Local permits
+keep theirs on the local budget. A global permit still unsent counts as a pending start of the
+local window too (it may go out during an outage, unseen by Redis); one sent or released
+outside GLOBAL is recorded locally. Adoption carries each start's age, or "not sent yet" for a
+pending one, which the permit's ``sent()`` (or release) then records in Redis.
+
 Limitation: a replica cut off from Redis while the others reach it keeps its local share while
 they use the whole budget; the limit holds only if such a partition lasts under ``settle_s``.
 """
@@ -33,13 +39,14 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
 from gateway.clock import Clock, TimerHandle
 from gateway.errors import BackendUnavailable, QueueFull, QueueTimeout
-from gateway.limiter import LimiterSnapshot, WindowBudget
-from gateway.limiter_redis import RedisLimiter
+from gateway.limiter import LimiterSnapshot, Permit, WindowBudget
+from gateway.limiter_redis import RedisLimiter, RedisPermit
 
 log = logging.getLogger("gateway.limiter")
 
@@ -48,6 +55,21 @@ class Mode(enum.Enum):
     GLOBAL = "global"
     FALLBACK = "fallback"
     RECOVERING = "recovering"  # Redis answers again; registering local permits
+
+
+@dataclass(eq=False)
+class FailoverPermit:
+    """A permit of either kind; ``sent()`` records its start (once) where it belongs."""
+
+    owner: FailoverLimiter
+    name: str
+    shared: RedisPermit | None  # None: a local permit
+    pending: bool = field(default=True, init=False)
+
+    async def sent(self) -> None:
+        self.owner._record(self)
+        if self.shared is not None and self.owner.mode is Mode.GLOBAL:
+            await self.shared.sent()  # outside GLOBAL, adoption carries the local record
 
 
 class FailoverLimiter:
@@ -102,7 +124,8 @@ class FailoverLimiter:
         self._waiters: deque[asyncio.Future[str | None]] = deque()  # None: go global
         self._names = (f"{uuid.uuid4().hex}:local:{n}" for n in itertools.count())
         self._held: set[str] = set()
-        self._recent: deque[tuple[float, str]] = deque()  # local starts within the window
+        self._recent: deque[tuple[float, str]] = deque()  # starts recorded here, by time sent
+        self._unsent: dict[str, FailoverPermit] = {}  # granted, start pending (both kinds)
         self._adopted: set[str] = set()
         self._timer: TimerHandle | None = None
         self._timer_due = math.inf
@@ -133,35 +156,57 @@ class FailoverLimiter:
         await self.shared.close()
 
     @asynccontextmanager
-    async def permit(self) -> AsyncIterator[None]:
+    async def permit(self) -> AsyncIterator[Permit]:
         async with AsyncExitStack() as stack:
             stack.callback(self._serve)  # runs last: a release in either mode may let one in
-            await self._enter(stack)
-            yield
+            permit = await self._enter(stack)
+            self._unsent[permit.name] = permit
+            stack.callback(self._record, permit)  # never sent: counts from its release
+            yield permit
 
-    async def _enter(self, stack: AsyncExitStack) -> None:
+    async def _enter(self, stack: AsyncExitStack) -> FailoverPermit:
         deadline = self._clock.monotonic() + self._max_wait
         moved = False  # admitted once already: keeps its deadline, skips the length bound
         while not self._closed:
             if self._mode is Mode.GLOBAL:
                 with contextlib.suppress(BackendUnavailable):  # the hook has fallen back
-                    await self._enter_global(stack, deadline if moved else None)
-                    return
+                    shared = await self._enter_global(stack, deadline if moved else None)
+                    return FailoverPermit(self, shared.lease, shared)
             elif (name := await self._acquire_local(deadline, moved)) is not None:
                 stack.callback(self._release_local, name)
-                return
+                return FailoverPermit(self, name, None)
             moved = True
         raise BackendUnavailable("The limiter is closed.")
 
-    async def _enter_global(self, stack: AsyncExitStack, deadline: float | None) -> None:
+    async def _enter_global(self, stack: AsyncExitStack, deadline: float | None) -> RedisPermit:
         if deadline is None:
-            await stack.enter_async_context(self.shared.permit())
-            return
+            return await stack.enter_async_context(self.shared.permit())
         try:
             async with asyncio.timeout(max(0.0, deadline - self._clock.monotonic())):
-                await stack.enter_async_context(self.shared.permit())
+                return await stack.enter_async_context(self.shared.permit())
         except TimeoutError:
             raise QueueTimeout(self._budget.retry_after(0)) from None
+
+    def _record(self, permit: FailoverPermit) -> None:
+        """``permit``'s start went out now (or it is released unsent): count it from now."""
+        if not permit.pending:
+            return
+        permit.pending = False
+        self._unsent.pop(permit.name, None)
+        local = permit.shared is None
+        if not local and self._mode is Mode.GLOBAL:
+            return  # Redis has it; a fall now waits ``settle_s``, longer than a window
+        now = self._clock.monotonic()
+        if local:
+            self._budget.sent(now)
+        else:
+            self._budget.record(now)
+        self._recent.append((now, permit.name))
+        while self._recent[0][0] <= now - self._window:
+            self._recent.popleft()
+        if local and permit.name in self._adopted:
+            self.shared.record_sent_later(permit.name)
+        self._serve()  # a pending start now leaves the window at a known time
 
     async def _acquire_local(self, deadline: float, admitted: bool) -> str | None:
         ahead = len(self._waiters) + self.shared.snapshot().queued
@@ -178,6 +223,7 @@ class FailoverLimiter:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 name = waiter.result()
                 if name is not None:  # granted in the tick the caller went away
+                    self._record(FailoverPermit(self, name, None))
                     self._release_local(name)
             with contextlib.suppress(ValueError):
                 self._waiters.remove(waiter)
@@ -202,7 +248,8 @@ class FailoverLimiter:
         self._held.discard(name)
         if name in self._adopted and not self._closed:
             self._adopted.discard(name)
-            self.shared.forget(name)
+            # Its start again at release: ``record_sent_later`` may have run before ``adopt``.
+            self.shared.forget(name, record_start=True)
 
     def _serve(self) -> None:
         """Grant local permits to the head of the queue, or move it to Redis in GLOBAL."""
@@ -217,17 +264,15 @@ class FailoverLimiter:
                 return
             now = self._clock.monotonic()
             busy = self._budget.in_flight + self.shared.snapshot().in_flight
-            delay = max(self._settled_at - now, self._budget.delay(now))
+            unsent_global = sum(p.shared is not None for p in self._unsent.values())
+            delay = max(self._settled_at - now, self._budget.delay(now, unsent_global))
             if busy >= self._budget.max_concurrent or delay > 0:
                 if delay > 0 and delay != math.inf:
                     self._arm_timer(now + delay)
                 return
             name = next(self._names)
-            self._budget.start(now)
+            self._budget.grant()
             self._held.add(name)
-            self._recent.append((now, name))
-            while self._recent[0][0] <= now - self._window:
-                self._recent.popleft()
             self._waiters.popleft().set_result(name)
 
     def _arm_timer(self, due: float) -> None:
@@ -268,7 +313,9 @@ class FailoverLimiter:
                 self._mode = Mode.RECOVERING  # no local grant from now on
                 now = self._clock.monotonic()
                 held = sorted(self._held)
+                starts: list[tuple[str, float | None]]
                 starts = [(n, now - t) for t, n in self._recent if t > now - self._window]
+                starts += [(name, None) for name in self._unsent]
                 self._adopted.update(held)
                 await self.shared.adopt(held, starts, hold_s=self._probe_s + self._window)
             except BackendUnavailable:

@@ -4,8 +4,9 @@ State, under one hash tag so each script runs on Redis Cluster; times are Redis 
 ms, so replicas with skewed clocks agree:
 
     {ns:limit}:leases    ZSET lease -> expiry       in flight; a crashed holder's lease lapses
-    {ns:limit}:starts    ZSET lease -> start        sliding window (+ margin); a permit released
-                                                    early still counts as started
+    {ns:limit}:starts    ZSET lease -> start        sliding window (+ margin), by time sent; a
+                                                    pending (unsent) start is scored now + lease
+                                                    (renewed with it) so it counts until sent
     {ns:limit}:queue     ZSET ticket -> first try   one ticket per replica that has waiters
     {ns:limit}:alive     ZSET ticket -> expiry      heartbeat: a dead replica's ticket lapses
     {ns:limit}:wants     ZSET ticket -> waiters     that replica's demand (at most max)
@@ -23,6 +24,11 @@ ticket's heartbeat lapses (``_ticket_ttl_ms``: 2.4 windows + 0.5 s).
 Waiting never polls: the dispatcher retries on a release message, or when the script's hint
 has passed (oldest start leaving the window, nearest lease expiry, or a short pause behind
 older tickets), plus 0-20 % jitter so replicas do not stampede.
+
+A start is granted pending and recorded at Redis's ``TIME`` when the permit's ``sent()`` runs,
+or at release if it never did (Redis's time then is never earlier than the real send). A crashed
+holder's unsent starts count until its lease lapses and a window more: it may have sent them as
+it died.
 
 Held leases are renewed every ``lease_s / 3`` (one task for all) and released on every exit
 path, shielded from cancellation. Redis errors become ``BackendUnavailable`` in ``_redis``
@@ -92,8 +98,9 @@ if leases >= max then
   return {0, math.max(1, math.ceil(math.min(tonumber(first[2]) - now, tonumber(ARGV[7]))))}
 end
 if starts >= max then
+  -- a pending start (scored in the future) leaves a window after it is sent: not before now
   local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-  return {0, math.max(1, math.ceil(tonumber(oldest[2]) + window - now))}
+  return {0, math.max(1, math.ceil(math.min(tonumber(oldest[2]), now) + window - now))}
 end
 local free = math.min(max - leases, max - starts)
 local spare = free
@@ -106,31 +113,38 @@ local n = math.min(want, spare)
 if n <= 0 then return {0, tonumber(ARGV[8])} end
 for i = 1, n do
   redis.call('ZADD', KEYS[1], now + lease_ms, ticket .. ':' .. i)
-  redis.call('ZADD', KEYS[2], now, ticket .. ':' .. i)
+  redis.call('ZADD', KEYS[2], now + lease_ms, ticket .. ':' .. i)  -- pending until sent
 end
 for i = 3, 5 do redis.call('ZREM', KEYS[i], ticket) end
 redis.call('PEXPIRE', KEYS[1], 2 * lease_ms)
-redis.call('PEXPIRE', KEYS[2], 2 * window)
+redis.call('PEXPIRE', KEYS[2], lease_ms + 2 * window)
 if free > n and redis.call('ZCARD', KEYS[3]) > 0 then redis.call('PUBLISH', ARGV[9], 'spare') end
 return {n, 0}
 """
-# KEYS leases; ARGV lease ms, leases... Extends those still held; returns those gone.
+# KEYS leases starts; ARGV lease ms, window ms, leases... Extends those still held, and their
+# starts still pending; returns those gone.
 _RENEW = """
 local t = redis.call('TIME')
-local expiry = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000 + tonumber(ARGV[1])
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local lease_ms = tonumber(ARGV[1])
 local lost = {}
-for i = 2, #ARGV do
+for i = 3, #ARGV do
   if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
-    redis.call('ZADD', KEYS[1], expiry, ARGV[i])
+    redis.call('ZADD', KEYS[1], now + lease_ms, ARGV[i])
   else
     lost[#lost + 1] = ARGV[i]
   end
+  if tonumber(redis.call('ZSCORE', KEYS[2], ARGV[i]) or '0') > now then
+    redis.call('ZADD', KEYS[2], now + lease_ms, ARGV[i])
+  end
 end
-redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[1]))
+redis.call('PEXPIRE', KEYS[1], 2 * lease_ms)
+redis.call('PEXPIRE', KEYS[2], lease_ms + 2 * tonumber(ARGV[2]))
 return lost
 """
 # KEYS leases starts gate; ARGV lease ms, window ms, hold ms, n, n leases, then (name, age ms)
-# pairs. Registers permits granted without Redis; returns ms until the (first) gate opens.
+# pairs, a negative age for a start not sent yet. Registers permits granted without Redis;
+# returns ms until the (first) gate opens.
 _ADOPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -138,10 +152,26 @@ local lease_ms, window = tonumber(ARGV[1]), tonumber(ARGV[2])
 local hold, n = math.max(1, tonumber(ARGV[3])), tonumber(ARGV[4])
 redis.call('SET', KEYS[3], now + hold, 'NX', 'PX', hold)
 for i = 5, 4 + n do redis.call('ZADD', KEYS[1], now + lease_ms, ARGV[i]) end
-for i = 5 + n, #ARGV, 2 do redis.call('ZADD', KEYS[2], now - tonumber(ARGV[i + 1]), ARGV[i]) end
+for i = 5 + n, #ARGV, 2 do
+  local age = tonumber(ARGV[i + 1])
+  redis.call('ZADD', KEYS[2], age < 0 and now + lease_ms or now - age, ARGV[i])
+end
 redis.call('PEXPIRE', KEYS[1], 2 * lease_ms)
-redis.call('PEXPIRE', KEYS[2], 2 * window)
+redis.call('PEXPIRE', KEYS[2], lease_ms + 2 * window)
 return (tonumber(redis.call('GET', KEYS[3])) or now) - now
+"""
+# KEYS starts; ARGV member. Its start went out now (XX: a lapsed start is not brought back).
+_SENT = """
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[1], 'XX', tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000, ARGV[1])
+"""
+# KEYS leases starts; ARGV channel, lease, 1 to record its start now (it was never sent).
+_RELEASE = """
+if ARGV[3] == '1' then
+  local t = redis.call('TIME')
+  redis.call('ZADD', KEYS[2], 'XX', tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000, ARGV[2])
+end
+if redis.call('ZREM', KEYS[1], ARGV[2]) > 0 then redis.call('PUBLISH', ARGV[1], 'freed') end
 """
 # KEYS sorted sets; ARGV channel, member. A lease released or a ticket withdrawn: tell waiters.
 _FORGET = """
@@ -205,7 +235,14 @@ class RedisLimiter:
         # loses its place); a dead replica's reservation holds no longer than this.
         longest_hint = (1 + _JITTER) * max(window_s * 1000, _BLOCKED_HINT_MS)
         self._ticket_ttl_ms = round(2 * longest_hint + 500)
-        sources = {"acquire": _ACQUIRE, "renew": _RENEW, "forget": _FORGET, "adopt": _ADOPT}
+        sources = {
+            "acquire": _ACQUIRE,
+            "renew": _RENEW,
+            "forget": _FORGET,
+            "adopt": _ADOPT,
+            "sent": _SENT,
+            "release": _RELEASE,
+        }
         self._scripts = {name: client.register_script(src) for name, src in sources.items()}
         self._replica = uuid.uuid4().hex
         self._tickets = itertools.count()
@@ -223,14 +260,16 @@ class RedisLimiter:
         return LimiterSnapshot(len(self._held), self._queued())
 
     @asynccontextmanager
-    async def permit(self) -> AsyncIterator[None]:
+    async def permit(self) -> AsyncIterator[RedisPermit]:
         lease = await self._acquire()
+        permit = RedisPermit(self, lease)
         try:
-            yield
+            yield permit
         finally:
             self._held.discard(lease)
             # Shielded: a cancellation arriving now must not abandon the release half-way.
-            await asyncio.shield(self._spawn(self._release(lease)))
+            release = self._release(lease, record_start=not permit.recorded)
+            await asyncio.shield(self._spawn(release))
 
     async def close(self) -> None:
         """Stop background tasks, fail local waiters, release held leases (best effort)."""
@@ -241,7 +280,7 @@ class RedisLimiter:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._fail_waiters(BackendUnavailable("The limiter is closed."))
         for lease in list(self._held):
-            self._spawn(self._release(lease))
+            self._spawn(self._release(lease, record_start=True))  # sent or not: the later time
         if self._background:
             await asyncio.wait(self._background, timeout=_OP_BOUND_S)
 
@@ -250,26 +289,47 @@ class RedisLimiter:
         await self._redis("ping", self._client.ping())
 
     async def adopt(
-        self, leases: Sequence[str], starts: Sequence[tuple[str, float]], hold_s: float
+        self, leases: Sequence[str], starts: Sequence[tuple[str, float | None]], hold_s: float
     ) -> float:
         """Register permits taken without Redis: ``leases`` still held (for ``lease_s``) and
-        ``starts`` as (name, seconds ago). Sets the fleet's gate ``hold_s`` from now unless one is
-        set already; returns the seconds until it opens. Raises ``BackendUnavailable``.
+        ``starts`` as (name, seconds ago), None for a start not sent yet (pending: ``record_sent``
+        records it). Sets the fleet's gate ``hold_s`` from now unless one is set already; returns
+        the seconds until it opens. Raises ``BackendUnavailable``.
         """
         k = self.keys
         ms = [round(self._lease_s * 1000), round(self._window_s * 1000), math.ceil(hold_s * 1000)]
         args: list[str | int] = [*ms]
         args += [len(leases), *leases]
         for name, age_s in starts:
-            args += [name, round(age_s * 1000)]
+            args += [name, -1 if age_s is None else max(0, round(age_s * 1000))]
         wait_ms = await self._redis(
             "adopt", self._scripts["adopt"]([k.leases, k.starts, k.gate], args)
         )
         return int(wait_ms) / 1000
 
-    def forget(self, lease: str) -> None:
-        """Release an adopted lease in the background (it lapses by itself if this fails)."""
-        self._spawn(self._release(lease))
+    def forget(self, lease: str, record_start: bool) -> None:
+        """Release an adopted lease in the background (it lapses by itself if this fails),
+        recording its start now if ``record_start`` (it was never sent).
+        """
+        self._spawn(self._release(lease, record_start))
+
+    async def record_sent(self, lease: str) -> bool:
+        """Record ``lease``'s start at Redis's time now; False (logged) if Redis failed."""
+        sent = self._scripts["sent"]([self.keys.starts], [lease])
+        try:
+            await self._redis("sent", sent)
+        except BackendUnavailable as exc:
+            log.log(self._level, "limiter start not recorded, stays pending: %s", exc.__cause__)
+            return False
+        return True
+
+    def record_sent_later(self, lease: str) -> None:
+        """``record_sent`` in the background (for an adopted start the caller holds locally)."""
+
+        async def record() -> None:
+            await self.record_sent(lease)
+
+        self._spawn(record())
 
     def _queued(self) -> int:
         # A caller that found the queue empty is trying its luck, not queued, until refused
@@ -298,7 +358,7 @@ class RedisLimiter:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 # Granted in the tick the caller went away: hand the permit back.
                 self._held.discard(waiter.result())
-                self._spawn(self._release(waiter.result()))
+                self._spawn(self._release(waiter.result(), record_start=True))
             self._leave(waiter)
             raise
         finally:
@@ -368,7 +428,7 @@ class RedisLimiter:
                 self._held.add(lease)
                 self._waiters.popleft().set_result(lease)
             else:  # the waiter left while the script ran
-                self._spawn(self._release(lease))
+                self._spawn(self._release(lease, record_start=True))
         if self._held and (self._renewer is None or self._renewer.done()):
             self._renewer = asyncio.create_task(self._renew())
 
@@ -391,7 +451,10 @@ class RedisLimiter:
             held = list(self._held)
             if not held:
                 return
-            renew = self._scripts["renew"]([self.keys.leases], [self._lease_s * 1000, *held])
+            keys = [self.keys.leases, self.keys.starts]
+            renew = self._scripts["renew"](
+                keys, [self._lease_s * 1000, self._window_s * 1000, *held]
+            )
             try:
                 lost = await self._redis("renew", renew)
             except BackendUnavailable as exc:
@@ -402,8 +465,11 @@ class RedisLimiter:
                 if name in self._held:
                     log.error("limiter lease %s lapsed while held; the limit may be exceeded", name)
 
-    async def _release(self, lease: str) -> None:
-        release = self._scripts["forget"]([self.keys.leases], [self.keys.released, lease])
+    async def _release(self, lease: str, record_start: bool) -> None:
+        """``record_start``: never sent, or not recorded; it may have gone out until now."""
+        k = self.keys
+        args: list[str | int] = [k.released, lease, int(record_start)]
+        release = self._scripts["release"]([k.leases, k.starts], args)
         try:
             await self._redis("release", release)
         except BackendUnavailable as exc:
@@ -451,3 +517,16 @@ class RedisLimiter:
             if self._on_failure is not None:
                 self._on_failure(failure)
             raise failure from exc
+
+
+class RedisPermit:
+    """A permit of ``RedisLimiter``: ``sent()`` records its start at Redis's time (once)."""
+
+    def __init__(self, limiter: RedisLimiter, lease: str) -> None:
+        self.lease = lease
+        self.recorded = False
+        self._limiter = limiter
+
+    async def sent(self) -> None:
+        if not self.recorded:
+            self.recorded = await self._limiter.record_sent(self.lease)

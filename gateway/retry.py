@@ -1,6 +1,7 @@
 """One upstream call as the caller sees it: attempts under permits, retries, the breaker.
 
-Each attempt takes its own permit (a retry is a new start for the vendor). Connect errors,
+Each attempt takes its own permit (a retry is a new start for the vendor) and tells it when
+the request goes out (``on_sent``), which is when the vendor counts the start. Connect errors,
 timeouts and 5xx are retried after an exponential backoff with full jitter, within the
 request's deadline; a refused AK/SK is not (retrying cannot fix it). The circuit breaker
 fails calls fast while the upstream keeps failing, and lets one probe through later.
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,7 +28,7 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.limiter import Limiter
+from gateway.limiter import Limiter, Permit
 from gateway.metrics import GatewayMetrics, result_code_label
 from gateway.trace import current as current_trace
 from gateway.upstream import UpstreamResponse
@@ -36,8 +37,13 @@ from gateway.validation import CallResultQuery
 
 class Fetcher(Protocol):
     async def fetch(
-        self, query: CallResultQuery, locale: str | None = None
-    ) -> UpstreamResponse: ...
+        self,
+        query: CallResultQuery,
+        locale: str | None = None,
+        on_sent: Callable[[], Awaitable[None]] | None = None,
+    ) -> UpstreamResponse:
+        """The upstream's answer; ``on_sent`` is awaited as the request goes out (at most once)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,8 +122,8 @@ class UpstreamCaller:
     async def _attempt(
         self, query: CallResultQuery, locale: str | None
     ) -> tuple[UpstreamResponse, str | None]:
-        async with self._permit():
-            call = asyncio.ensure_future(self._fetch(query, locale))
+        async with self._permit() as permit:
+            call = asyncio.ensure_future(self._fetch(query, locale, permit))
             try:
                 return await asyncio.shield(call)
             except asyncio.CancelledError:
@@ -128,28 +134,28 @@ class UpstreamCaller:
                 raise
 
     @contextlib.asynccontextmanager
-    async def _permit(self) -> AsyncIterator[None]:
+    async def _permit(self) -> AsyncIterator[Permit]:
         """The limiter's permit, with the queue wait and rejections measured."""
         queued_at = self._clock.monotonic()
         try:
-            async with self._limiter.permit():
+            async with self._limiter.permit() as permit:
                 waited = self._clock.monotonic() - queued_at
                 self._metrics.queue_wait.observe(waited)
                 trace = current_trace.get()
                 if trace is not None:
                     trace.queue_wait_ms = round((trace.queue_wait_ms or 0) + waited * 1000, 3)
-                yield
+                yield permit
         except Overloaded as exc:
             reason = "queue_full" if isinstance(exc, QueueFull) else "queue_timeout"
             self._metrics.rejections.labels(reason).inc()
             raise
 
     async def _fetch(
-        self, query: CallResultQuery, locale: str | None
+        self, query: CallResultQuery, locale: str | None, permit: Permit
     ) -> tuple[UpstreamResponse, str | None]:
         started = self._clock.monotonic()
         try:
-            response = await self._upstream.fetch(query, locale)
+            response = await self._upstream.fetch(query, locale, on_sent=permit.sent)
         except UpstreamError as exc:
             self._metrics.upstream_requests.labels(upstream_outcome(exc), "none").inc()
             raise

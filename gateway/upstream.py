@@ -1,5 +1,11 @@
 """The call to the vendor: sign afresh, send exactly the signed bytes, translate failures.
 
+The vendor counts a request's start on arrival, so the permit learns the moment its headers go
+out (aiohttp's ``on_request_headers_sent`` trace, given to the session by ``send_trace()``), not
+when it was granted: connection set-up, a TLS handshake or a stalled event loop in between
+cannot bunch starts up at the vendor. aiohttp fires it as it hands the headers to the
+connection, one loop step at most before the bytes are written; the margin covers that step.
+
 aiohttp errors become ``UpstreamError`` subclasses here and nowhere else. A business answer
 (HTTP 200, any ``resultCode``) passes through unchanged; HTTP 401 means the gateway's AK/SK
 were refused; any other status is a broken upstream.
@@ -8,7 +14,9 @@ were refused; any other status is a broken upstream.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import aiohttp
 
@@ -24,6 +32,8 @@ from gateway.signing import authorization, format_timestamp
 from gateway.validation import CallResultQuery
 
 REQUEST_CONTENT_TYPE = "application/json; charset=UTF-8"
+
+OnSent = Callable[[], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +52,36 @@ def ssl_context(settings: UpstreamSettings) -> ssl.SSLContext | bool:
     return ssl.create_default_context(cafile=settings.ca_file or None)
 
 
+@dataclass(frozen=True, slots=True)
+class _SendHook:
+    """The ``trace_request_ctx`` of one fetch: what to await once its headers go out."""
+
+    on_sent: OnSent
+
+
+class SendTrace(aiohttp.TraceConfig):
+    """Awaits a fetch's ``on_sent`` when its request headers are written to the connection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_request_headers_sent.append(self._headers_sent)
+
+    @staticmethod
+    async def _headers_sent(
+        session: aiohttp.ClientSession,
+        context: SimpleNamespace,
+        params: aiohttp.TraceRequestHeadersSentParams,
+    ) -> None:
+        hook = context.trace_request_ctx
+        if isinstance(hook, _SendHook):
+            await hook.on_sent()
+
+
+def send_trace() -> SendTrace:
+    """The trace to give the session of ``UpstreamClient`` (``trace_configs=[send_trace()]``)."""
+    return SendTrace()
+
+
 class UpstreamClient:
     """Sends one signed callresult query per ``fetch``; the caller holds the permit."""
 
@@ -56,6 +96,9 @@ class UpstreamClient:
         self._base = settings.url.rstrip("/")
         self._host = host
         self._session = session
+        # Without the trace, ``on_sent`` is called just before the request (never earlier
+        # than the grant, so no less exact than counting at the grant).
+        self._traced = any(isinstance(t, SendTrace) for t in session.trace_configs)
         self._clock = clock
         self._timeout = aiohttp.ClientTimeout(
             total=settings.timeout_ms / 1000, sock_connect=settings.connect_timeout_ms / 1000
@@ -82,9 +125,17 @@ class UpstreamClient:
             headers["locale"] = locale
         return headers
 
-    async def fetch(self, query: CallResultQuery, locale: str | None = None) -> UpstreamResponse:
+    async def fetch(
+        self, query: CallResultQuery, locale: str | None = None, on_sent: OnSent | None = None
+    ) -> UpstreamResponse:
+        """The vendor's answer; ``on_sent`` is awaited as the request headers go out, so only
+        if the request got that far (a redirect is never followed: at most once).
+        """
         body = query.body_bytes()
         headers = self.signed_headers(query.path, body, locale or self._settings.locale or None)
+        hook = None if on_sent is None else _SendHook(on_sent)
+        if hook is not None and not self._traced:
+            await hook.on_sent()
         try:
             async with self._session.post(
                 self._base + query.path,
@@ -92,6 +143,7 @@ class UpstreamClient:
                 headers=headers,
                 timeout=self._timeout,
                 allow_redirects=False,
+                trace_request_ctx=hook,
             ) as response:
                 payload = await response.read()
                 status = response.status

@@ -1,4 +1,8 @@
-"""The in-memory limiter, driven by a manual clock: time is advanced, never slept."""
+"""The in-memory limiter, driven by a manual clock: time is advanced, never slept.
+
+A start counts from when its permit says the request was sent (``Permit.sent()``), as the
+vendor counts it on arrival: pending until then, or until release if it never was.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import pytest
 
 from gateway.clock import ManualClock
 from gateway.errors import QueueFull, QueueTimeout
-from gateway.limiter import InMemoryLimiter, WindowBudget
+from gateway.limiter import InMemoryLimiter, Permit, WindowBudget
 
 
 def make_limiter(
@@ -35,36 +39,84 @@ async def settle() -> None:
 
 
 class Holder:
-    """A caller that takes a permit and holds it until told to let go."""
+    """A caller that takes a permit, sends at once unless told to wait (``send``), and holds
+    it until told to let go (``done``).
+    """
 
-    def __init__(self, limiter: InMemoryLimiter) -> None:
+    def __init__(self, limiter: InMemoryLimiter, *, send_at_once: bool = True) -> None:
         self.limiter = limiter
         self.started = asyncio.Event()
+        self.send = asyncio.Event()
         self.done = asyncio.Event()
+        if send_at_once:
+            self.send.set()
         self.task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
-        async with self.limiter.permit():
+        async with self.limiter.permit() as permit:
             self.started.set()
+            sending = asyncio.create_task(self._send_when_told(permit))
             await self.done.wait()
+            sending.cancel()
+
+    async def _send_when_told(self, permit: Permit) -> None:
+        await self.send.wait()
+        await permit.sent()
+
+
+def one_start(budget: WindowBudget, sent_at: float) -> None:
+    budget.grant()
+    budget.sent(sent_at)
+    budget.finish()
 
 
 def test_budget_allows_n_starts_then_waits_for_the_oldest_to_leave_the_window() -> None:
     budget = WindowBudget(max_concurrent=2, window=1.0)
-    budget.start(0.0)
-    budget.finish()
-    budget.start(0.3)
-    budget.finish()
+    one_start(budget, 0.0)
+    one_start(budget, 0.3)
     assert budget.delay(0.5) == pytest.approx(0.5)
     assert budget.delay(1.0) == 0.0
 
 
 def test_budget_blocks_without_end_while_all_permits_are_held() -> None:
     budget = WindowBudget(max_concurrent=1, window=1.0)
-    budget.start(0.0)
+    budget.grant()
+    budget.sent(0.0)
     assert budget.delay(5.0) == math.inf
     budget.finish()
     assert budget.delay(5.0) == 0.0
+
+
+def test_budget_counts_a_start_from_when_it_was_sent_not_when_it_was_granted() -> None:
+    budget = WindowBudget(max_concurrent=1, window=1.1)
+    budget.grant()  # at 0
+    budget.sent(0.5)
+    budget.finish()
+    assert budget.delay(1.5) == pytest.approx(0.1)
+    assert budget.delay(1.6) == 0.0
+
+
+def test_budget_counts_a_pending_start_in_the_window_however_long_it_waits() -> None:
+    budget = WindowBudget(max_concurrent=2, window=1.0)
+    budget.grant()  # held, not sent
+    one_start(budget, 0.0)
+    assert budget.delay(0.5) == pytest.approx(0.5)
+    assert budget.delay(100.0) == 0.0
+    one_start(budget, 100.0)
+    assert budget.delay(100.5) == pytest.approx(0.5), "the pending start still counts"
+    budget.sent(100.7)
+    budget.finish()
+    assert budget.delay(100.9) == pytest.approx(0.1)
+    one_start(budget, 101.0)
+    assert budget.delay(101.2) == pytest.approx(0.5), "sent at 100.7, it leaves at 101.7"
+
+
+def test_budget_counts_starts_pending_elsewhere_and_waits_without_end_on_them_alone() -> None:
+    budget = WindowBudget(max_concurrent=3, window=1.0)
+    one_start(budget, 0.0)
+    assert budget.delay(0.5, pending_elsewhere=1) == 0.0
+    assert budget.delay(0.5, pending_elsewhere=2) == pytest.approx(0.5)
+    assert budget.delay(5.0, pending_elsewhere=3) == math.inf
 
 
 async def test_ten_callers_start_at_once_and_the_eleventh_waits_for_the_window() -> None:
@@ -203,3 +255,97 @@ async def test_an_error_inside_the_permit_gives_it_back() -> None:
         async with limiter.permit():
             raise RuntimeError("upstream broke")
     assert limiter.snapshot().in_flight == 0
+
+
+async def test_ten_permits_sent_late_push_the_eleventh_start_a_window_past_the_sending() -> None:
+    clock = ManualClock()
+    limiter = make_limiter(clock)  # window 1.1 s
+    holders = [Holder(limiter, send_at_once=False) for _ in range(11)]
+    await settle()
+    assert sum(h.started.is_set() for h in holders) == 10
+    clock.advance(0.5)  # granted at 0, sent at 0.5: a stall between grant and send
+    for h in holders[:10]:
+        h.send.set()
+        await settle()
+        h.done.set()
+    await settle()
+    clock.advance(1.09)
+    await settle()
+    assert not holders[10].started.is_set(), "counted from the grant it would start at 1.1"
+    clock.advance(0.02)
+    await settle()
+    assert holders[10].started.is_set()
+    holders[10].done.set()
+    await asyncio.gather(*(h.task for h in holders))
+
+
+async def test_an_unsent_start_holds_its_place_in_the_window_until_it_is_sent() -> None:
+    clock = ManualClock()
+    limiter = make_limiter(clock, max_concurrent=2)
+    unsent = Holder(limiter, send_at_once=False)
+    early = Holder(limiter)
+    await settle()
+    early.done.set()
+    clock.advance(100)  # long past any window: only the unsent start is left in it
+    late = Holder(limiter)
+    await settle()
+    late.done.set()
+    waiter = Holder(limiter)
+    await settle()
+    assert late.started.is_set()
+    assert not waiter.started.is_set(), "the unsent start and the late one fill the window"
+    clock.advance(0.5)
+    unsent.send.set()  # sent at 100.5: the late start (100.0) is still the first to leave
+    await settle()
+    clock.advance(0.59)
+    await settle()
+    assert not waiter.started.is_set()
+    clock.advance(0.02)
+    await settle()
+    assert waiter.started.is_set()
+    for h in (unsent, waiter):
+        h.done.set()
+    await asyncio.gather(*(h.task for h in (unsent, early, late, waiter)))
+    assert limiter.snapshot().in_flight == 0
+
+
+async def test_a_permit_released_without_being_sent_counts_its_start_at_release() -> None:
+    clock = ManualClock()
+    limiter = make_limiter(clock, max_concurrent=1)
+    failed = Holder(limiter, send_at_once=False)  # the request broke before it was sent
+    waiter = Holder(limiter)
+    await settle()
+    clock.advance(0.7)
+    failed.done.set()
+    await settle()
+    clock.advance(1.09)
+    await settle()
+    assert not waiter.started.is_set()
+    clock.advance(0.02)
+    await settle()
+    assert waiter.started.is_set()
+    waiter.done.set()
+    await asyncio.gather(failed.task, waiter.task)
+
+
+async def test_a_permit_sent_twice_counts_one_start_from_the_first_time() -> None:
+    clock = ManualClock()
+    limiter = make_limiter(clock, max_concurrent=2)
+    async with limiter.permit() as permit:
+        await permit.sent()
+        clock.advance(0.5)
+        await permit.sent()
+    waiter = Holder(limiter)
+    await settle()
+    assert waiter.started.is_set(), "one start in the window, not two"
+    second = Holder(limiter)
+    await settle()
+    clock.advance(0.59)  # the first start (at 0) leaves at 1.1, not 1.6
+    await settle()
+    assert not second.started.is_set()
+    clock.advance(0.02)
+    await settle()
+    assert second.started.is_set()
+    for h in (waiter, second):
+        h.done.set()
+    await asyncio.gather(waiter.task, second.task)

@@ -2,7 +2,8 @@
 promises: one budget for several replicas, fair turns, leases that outlive crashes.
 
 Short windows (0.15-0.3 s) keep it quick. Starts are measured inside the permit, a little after
-the limiter counted them, so window checks allow ``SKEW`` for that measuring lag.
+the limiter counted them, so window checks allow ``SKEW`` for that measuring lag. A start counts
+from the permit's ``sent()`` (or its release, if never sent), not from the grant.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from redis.crc import key_slot
 
 from gateway.clock import SystemClock
 from gateway.errors import BackendUnavailable, QueueFull, QueueTimeout
-from gateway.limiter import InMemoryLimiter, Limiter, LimiterSnapshot
+from gateway.limiter import InMemoryLimiter, Limiter, LimiterSnapshot, Permit
 from gateway.limiter_failover import FailoverLimiter
 from gateway.limiter_redis import RedisLimiter
 from tests.support.processes import RedisServer, free_port
@@ -88,7 +89,8 @@ class Recorder:
         self.order: list[Any] = []
 
     async def call(self, limiter: Limiter, hold: float = 0.0, name: Any = None) -> None:
-        async with limiter.permit():
+        async with limiter.permit() as permit:
+            await permit.sent()
             start = time.monotonic()
             self.order.append(name)
             await asyncio.sleep(hold)
@@ -108,17 +110,32 @@ class Recorder:
 
 
 class Holder:
-    """A caller that takes a permit and keeps it until ``done`` is set."""
+    """A caller that takes a permit, sends at once unless told to wait (``send``), and keeps it
+    until ``done`` is set. ``sent_at`` and ``released_at`` are when those happened.
+    """
 
-    def __init__(self, limiter: Limiter) -> None:
+    def __init__(self, limiter: Limiter, *, send_at_once: bool = True) -> None:
         self.started = asyncio.Event()
+        self.send = asyncio.Event()
         self.done = asyncio.Event()
+        self.granted_at = self.sent_at = self.released_at = 0.0
+        if send_at_once:
+            self.send.set()
         self.task = asyncio.create_task(self._run(limiter))
 
     async def _run(self, limiter: Limiter) -> None:
-        async with limiter.permit():
+        async with limiter.permit() as permit:
+            self.granted_at = time.monotonic()
             self.started.set()
+            sending = asyncio.create_task(self._send_when_told(permit))
             await self.done.wait()
+            sending.cancel()
+            self.released_at = time.monotonic()
+
+    async def _send_when_told(self, permit: Permit) -> None:
+        await self.send.wait()
+        self.sent_at = time.monotonic()
+        await permit.sent()
 
 
 async def until(check: Callable[[], bool | Awaitable[bool]], within: float = 2.0) -> None:
@@ -231,6 +248,57 @@ async def test_an_exception_inside_the_permit_gives_it_back(build: Build) -> Non
             raise RuntimeError("upstream broke")
     assert limiter.snapshot() == IDLE
     await asyncio.wait_for(Recorder().call(limiter), timeout=0.5)
+
+
+async def test_a_start_counts_from_when_it_was_sent_not_when_it_was_granted(
+    build: Build,
+) -> None:
+    limiter = build(max_concurrent=1, window_s=0.2)
+    late = Holder(limiter, send_at_once=False)
+    await late.started.wait()
+    await asyncio.sleep(0.15)  # a stall between the grant and the send, longer than any margin
+    late.send.set()
+    await until(lambda: late.sent_at > 0)
+    await finish(late)
+    following = Holder(limiter)
+    await following.started.wait()
+    # Counted from the grant, the start would have left the window 0.15 s earlier.
+    assert following.granted_at - late.sent_at >= 0.2 - SKEW
+    await finish(following)
+    assert limiter.snapshot() == IDLE
+
+
+async def test_an_unsent_start_holds_its_place_in_the_window_past_the_window(
+    build: Build,
+) -> None:
+    limiter = build(max_concurrent=2, window_s=0.15)
+    unsent = Holder(limiter, send_at_once=False)
+    await unsent.started.wait()
+    await asyncio.sleep(0.3)  # granted two windows ago, still not sent
+    sent = Holder(limiter)
+    await until(lambda: sent.sent_at > 0)
+    await finish(sent)
+    waiter = Holder(limiter)
+    await waiter.started.wait()
+    # The window holds the unsent start and the sent one: the next waits for the sent one.
+    assert waiter.granted_at - sent.sent_at >= 0.15 - SKEW
+    await finish(unsent, waiter)
+    assert limiter.snapshot() == IDLE
+
+
+async def test_a_permit_released_without_being_sent_counts_its_start_at_release(
+    build: Build,
+) -> None:
+    limiter = build(max_concurrent=1, window_s=0.2)
+    failed = Holder(limiter, send_at_once=False)  # the request broke before it was sent
+    await failed.started.wait()
+    await asyncio.sleep(0.15)
+    await finish(failed)
+    following = Holder(limiter)
+    await following.started.wait()
+    assert following.granted_at - failed.released_at >= 0.2 - SKEW
+    await finish(following)
+    assert limiter.snapshot() == IDLE
 
 
 # Redis only: what one shared budget across replicas promises.
@@ -351,7 +419,7 @@ asyncio.run(main())
 async def test_a_killed_replicas_permits_come_back_after_their_lease(
     redis_server: RedisServer, redis_client: aioredis.Redis, closing: list[RedisLimiter]
 ) -> None:
-    survivor = redis_limiter(redis_client, lease_s=0.5, max_wait_s=0.7)
+    survivor = redis_limiter(redis_client, lease_s=0.5, max_wait_s=1.2)
     closing.append(survivor)
     crashing = await asyncio.create_subprocess_exec(
         sys.executable, "-c", CRASHING_REPLICA, redis_server.url, stdout=asyncio.subprocess.PIPE
@@ -368,9 +436,11 @@ async def test_a_killed_replicas_permits_come_back_after_their_lease(
         await crashing.wait()
     killed = time.monotonic()
     holders = [Holder(survivor) for _ in range(3)]
-    await asyncio.wait_for(asyncio.gather(*(h.started.wait() for h in holders)), timeout=1.0)
-    # Renewed at most lease/3 before the kill, so the leases lapse 0.33-0.5 s after it.
-    assert 0.3 <= time.monotonic() - killed <= 0.5 + 0.2
+    await asyncio.wait_for(asyncio.gather(*(h.started.wait() for h in holders)), timeout=1.5)
+    # Renewed at most lease/3 before the kill, so the leases lapse 0.33-0.5 s after it; their
+    # starts, never marked sent, count a window (0.3 s) longer: it may have sent them as it died.
+    # Each of the two waits ends on a hint with up to 20 % jitter.
+    assert 0.3 + 0.3 <= time.monotonic() - killed <= (0.5 + 0.3) * 1.2 + 0.1
     await finish(*holders)
 
 
@@ -387,6 +457,23 @@ async def test_a_call_longer_than_the_lease_keeps_its_permit(
             pass
     await finish(holder)
     await asyncio.wait_for(Recorder().call(other_replica), timeout=0.5)
+
+
+async def test_an_unsent_start_keeps_its_place_past_its_lease_while_the_permit_is_held(
+    redis_client: aioredis.Redis, closing: list[RedisLimiter]
+) -> None:
+    limiter = redis_limiter(redis_client, max_concurrent=2, window_s=0.15, lease_s=0.2)
+    closing.append(limiter)
+    unsent = Holder(limiter, send_at_once=False)
+    await unsent.started.wait()
+    await asyncio.sleep(0.5)  # past lease + window: renewals kept the start pending
+    sent = Holder(limiter)
+    await until(lambda: sent.sent_at > 0)
+    await finish(sent)
+    waiter = Holder(limiter)
+    await waiter.started.wait()
+    assert waiter.granted_at - sent.sent_at >= 0.15 - SKEW
+    await finish(unsent, waiter)
 
 
 async def test_every_key_the_scripts_touch_shares_one_hash_tag(

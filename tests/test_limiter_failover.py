@@ -293,3 +293,79 @@ async def test_global_permits_still_held_count_against_the_local_share(
     await asyncio.wait_for(asyncio.gather(*(h.started.wait() for h in others)), timeout=0.5)
     await finish(*others)
     assert r.limiter.snapshot() == IDLE
+
+
+async def test_in_fallback_a_local_start_counts_from_when_it_was_sent(
+    own_redis: RedisServer, replica: Callable[..., Replica]
+) -> None:
+    r = replica(own_redis, max_concurrent=1)
+    own_redis.stop()
+    late = Holder(r.limiter, send_at_once=False)
+    await late.started.wait()  # a local permit, once settled
+    assert r.limiter.mode is Mode.FALLBACK
+    await asyncio.sleep(0.2)  # a stall between the grant and the send
+    late.send.set()
+    await until(lambda: late.sent_at > 0)
+    await finish(late)
+    following = Holder(r.limiter)
+    await following.started.wait()
+    assert following.granted_at - late.sent_at >= WINDOW - SKEW
+    await finish(following)
+    assert r.limiter.snapshot() == IDLE
+
+
+async def test_an_unsent_global_permit_counts_in_the_local_window_and_its_send_is_recorded(
+    own_redis: RedisServer, replica: Callable[..., Replica]
+) -> None:
+    r = replica(own_redis, max_concurrent=2)
+    unsent = Holder(r.limiter, send_at_once=False)  # global; may go out during the outage
+    await unsent.started.wait()
+    own_redis.stop()
+    first = Holder(r.limiter)
+    await until(lambda: first.sent_at > 0, within=SETTLE + 1.0)
+    assert r.limiter.mode is Mode.FALLBACK
+    await finish(first)
+    second = Holder(r.limiter)
+    await second.started.wait()
+    # The unsent global start and the first local one fill the local share's window.
+    assert second.granted_at - first.sent_at >= WINDOW - SKEW
+    await until(lambda: second.sent_at > 0)
+    await finish(second)
+    await asyncio.sleep(0.05)
+    unsent.send.set()  # sent during the outage: Redis cannot hear of it, the local window does
+    await until(lambda: unsent.sent_at > 0)
+    third = Holder(r.limiter)
+    await third.started.wait()
+    assert third.granted_at - second.sent_at >= WINDOW - SKEW
+    await finish(unsent, third)
+    assert r.limiter.snapshot() == IDLE
+
+
+async def test_a_local_start_still_unsent_at_recovery_is_adopted_pending_and_recorded_when_sent(
+    own_redis: RedisServer, replica: Callable[..., Replica]
+) -> None:
+    r = replica(own_redis, max_concurrent=3, lease_s=5.0, settle_s=SETTLE)
+    own_redis.stop()
+    holder = Holder(r.limiter, send_at_once=False)
+    await holder.started.wait()
+    own_redis.start()
+    await until(modes_are(Mode.GLOBAL, r), within=3.0)
+    starts = r.limiter.shared.keys.starts
+
+    async def start_score_vs_redis_now() -> tuple[float, float]:
+        members = await r.client.zrange(starts, 0, -1, withscores=True)
+        assert len(members) == 1
+        seconds, micros = await r.client.time()
+        return float(members[0][1]), float(seconds) * 1000 + float(micros) / 1000
+
+    score, now = await start_score_vs_redis_now()
+    assert score > now + 1000, "pending: it counts in the window until it is sent"
+    holder.send.set()
+
+    async def recorded() -> bool:
+        score, now = await start_score_vs_redis_now()
+        return score <= now
+
+    await until(recorded)
+    await finish(holder)
+    assert r.limiter.snapshot() == IDLE

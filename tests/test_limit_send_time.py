@@ -1,0 +1,160 @@
+"""Starts count from when the request is sent, as the vendor counts them on arrival.
+
+A stall between the grant and the send (here: each new connection's set-up takes 0.3 s, as a
+slow TLS handshake would, longer than the 0.1 s margin) must not bunch starts up at the vendor.
+The simulator runs in a process of its own, so its clock on arrival is independent of ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
+
+from gateway.breaker import CircuitBreaker
+from gateway.clock import SystemClock
+from gateway.errors import UpstreamUnavailable
+from gateway.limiter import InMemoryLimiter, Limiter, LimiterSnapshot, Permit
+from gateway.limiter_failover import FailoverLimiter
+from gateway.metrics import GatewayMetrics
+from gateway.retry import RetryPolicy, UpstreamCaller
+from gateway.upstream import UpstreamClient, send_trace
+from gateway.validation import parse_request
+from tests.conftest import StartGateway, gateway_settings
+from tests.support.processes import Process, free_port
+from tests.test_replicas import sim_stats, start_simulator_process
+
+SIM_WINDOW_S, MARGIN_S, STALL_S = 0.3, 0.1, 0.3
+JSON = {"Content-Type": "application/json; charset=UTF-8"}
+
+
+@pytest.fixture
+def simulator() -> Iterator[Process]:
+    upstream = start_simulator_process("--window-ms", str(SIM_WINDOW_S * 1000))
+    yield upstream
+    upstream.stop()
+
+
+@pytest.fixture(params=["memory", "failover"])
+async def limiter(
+    request: pytest.FixtureRequest, redis_client: aioredis.Redis
+) -> AsyncIterator[Limiter]:
+    """The gateway's limiters: embedded, and over Redis (global, with its local fallback)."""
+    options: dict[str, Any] = {
+        "max_concurrent": 10,
+        "window_s": SIM_WINDOW_S + MARGIN_S,
+        "max_queue": 100,
+        "max_wait_s": 10.0,
+        "clock": SystemClock(),
+    }
+    if request.param == "memory":
+        yield InMemoryLimiter(**options)
+        return
+    failover = FailoverLimiter(redis_client, lease_s=5.0, **options)
+    yield failover
+    await failover.close()
+
+
+def slow_connection_set_up() -> aiohttp.TraceConfig:
+    """Each new connection takes ``STALL_S`` to set up; a reused one goes at once."""
+
+    async def stall(
+        session: aiohttp.ClientSession,
+        context: SimpleNamespace,
+        params: aiohttp.TraceConnectionCreateStartParams,
+    ) -> None:
+        await asyncio.sleep(STALL_S)
+
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_create_start.append(stall)
+    return trace
+
+
+async def test_starts_delayed_past_the_margin_after_their_grant_stay_within_the_vendors_limit(
+    simulator: Process, limiter: Limiter
+) -> None:
+    settings = gateway_settings(simulator.url)
+    clock = SystemClock()
+    metrics = GatewayMetrics(CollectorRegistry())
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=20),
+        trace_configs=[send_trace(), slow_connection_set_up()],
+    ) as session:
+        caller = UpstreamCaller(
+            upstream=UpstreamClient(settings.upstream, settings.upstream_host, session, clock),
+            limiter=limiter,
+            breaker=CircuitBreaker(failures=100, open_s=1.0, clock=clock),
+            policy=RetryPolicy(retries=0),
+            metrics=metrics,
+            clock=clock,
+        )
+        # Ten grants at once go out 0.3 s later on new connections; the next ten, granted a
+        # window (+ margin) after those grants, would reuse the connections and go at once.
+        queries = [parse_request("11", str(c), b'{"pageSize":10}') for c in range(1, 21)]
+        answers = await asyncio.gather(*(caller.call(query, None) for query in queries))
+    stats = await sim_stats(simulator)
+    assert [code for _, code in answers] == ["0200000"] * 20
+    assert stats["requests_total"] == 20
+    assert stats["violations"] == 0
+    assert stats["max_starts_in_window"] == 10
+    assert limiter.snapshot() == LimiterSnapshot(in_flight=0, queued=0)
+
+
+@dataclass
+class NotingPermit:
+    """A permit that notes in ``flags[index]`` that it was told its request went out."""
+
+    inner: Permit
+    flags: list[bool]
+    index: int
+
+    async def sent(self) -> None:
+        self.flags[self.index] = True
+        await self.inner.sent()
+
+
+class SendWatchingLimiter:
+    """The embedded limiter, noting for each permit whether its request went out."""
+
+    def __init__(self, inner: InMemoryLimiter) -> None:
+        self.inner = inner
+        self.sent: list[bool] = []
+
+    @asynccontextmanager
+    async def permit(self) -> AsyncIterator[Permit]:
+        async with self.inner.permit() as permit:
+            self.sent.append(False)
+            yield NotingPermit(permit, self.sent, len(self.sent) - 1)
+
+    def snapshot(self) -> LimiterSnapshot:
+        return self.inner.snapshot()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+async def test_a_request_that_never_reached_the_upstream_is_not_marked_sent(
+    start_gateway: StartGateway,
+) -> None:
+    # The app's upstream session carries the send trace: a connection refused before any byte
+    # went out leaves the permit unsent (its start then counts from its release).
+    settings = gateway_settings(f"http://127.0.0.1:{free_port()}", upstream__retries=0)
+    watching = SendWatchingLimiter(
+        InMemoryLimiter(
+            max_concurrent=10, window_s=1.1, max_queue=10, max_wait_s=1.0, clock=SystemClock()
+        )
+    )
+    gateway = await start_gateway(settings, limiter=watching)
+    response = await gateway.post(
+        "/rest/isales/v1/openapi/campaigns/11/callresult/5", data=b"{}", headers=JSON
+    )
+    assert response.status == UpstreamUnavailable.status
+    assert watching.sent == [False]
