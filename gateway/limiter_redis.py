@@ -23,7 +23,9 @@ ticket's heartbeat lapses (``_ticket_ttl_ms``: 2.4 windows + 0.5 s).
 
 Waiting never polls: the dispatcher retries on a release message, or when the script's hint
 has passed (oldest start leaving the window, nearest lease expiry, or a short pause behind
-older tickets), plus 0-20 % jitter so replicas do not stampede.
+older tickets), plus 0-5 ms of jitter so replicas do not stampede. The jitter is absolute, not
+a share of the hint: a share of a window-long hint made every batch start ~9 % late and cost
+the fleet that much of the vendor's budget (README "Performance").
 
 A start is granted pending and recorded at Redis's ``TIME`` when the permit's ``sent()`` runs,
 or at release if it never did (Redis's time then is never earlier than the real send). A crashed
@@ -70,7 +72,7 @@ T = TypeVar("T")
 _OP_BOUND_S = 2.0  # backstop over the client's own (shorter) timeouts: no call waits forever
 _BLOCKED_HINT_MS = 250  # every permit is held: a release message normally comes sooner
 _BEHIND_HINT_MS = 100  # older tickets go first; a spare-capacity message normally comes sooner
-_JITTER = 0.2
+_JITTER_MS = 5.0
 _RESUBSCRIBE_S = 0.5
 
 # KEYS leases starts queue alive wants gate; ARGV max, window ms, lease ms, ticket, want, ticket ttl
@@ -233,7 +235,7 @@ class RedisLimiter:
         self._level = logging.WARNING if on_failure is None else logging.DEBUG
         # Twice the longest a live dispatcher goes between attempts (a lapsed live ticket only
         # loses its place); a dead replica's reservation holds no longer than this.
-        longest_hint = (1 + _JITTER) * max(window_s * 1000, _BLOCKED_HINT_MS)
+        longest_hint = max(window_s * 1000, _BLOCKED_HINT_MS) + _JITTER_MS
         self._ticket_ttl_ms = round(2 * longest_hint + 500)
         sources = {
             "acquire": _ACQUIRE,
@@ -401,8 +403,8 @@ class RedisLimiter:
                     continue
                 if self._subscriber is None or self._subscriber.done():
                     self._subscriber = asyncio.create_task(self._listen())
-                jitter = 1 + random.uniform(0, _JITTER)  # noqa: S311 - spreading, not secrecy
-                timer = self._clock.call_later(hint_ms / 1000 * jitter, self._wake_up)
+                jitter_ms = random.uniform(0, _JITTER_MS)  # noqa: S311 - spreading, not secrecy
+                timer = self._clock.call_later((hint_ms + jitter_ms) / 1000, self._wake_up)
                 try:
                     await self._wake
                 finally:
