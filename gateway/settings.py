@@ -28,7 +28,7 @@ ENV_PREFIX: Final = "GATEWAY_"
 SIGNABLE_HEADERS: Final = frozenset({"host", "content-type", "content-length"})
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS: Final = ("text", "json")
-REDIS_SCHEMES: Final = ("redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://")
+REDIS_SCHEMES: Final = ("redis://", "rediss://", "unix://", "redis+sentinel://")
 _TRUE: Final = frozenset({"true", "1", "yes"})
 _FALSE: Final = frozenset({"false", "0", "no"})
 _SECRET_QUERY: Final = re.compile(r"([?&](?:sentinel_)?password=)[^&#]*", re.IGNORECASE)
@@ -346,6 +346,12 @@ def _validate(s: Settings, *, require_upstream: bool) -> None:
         raise ConfigError("log.level", f"must be one of {', '.join(LOG_LEVELS)}")
     if s.log.format not in LOG_FORMATS:
         raise ConfigError("log.format", f"must be one of {', '.join(LOG_FORMATS)}")
+    if s.redis.url.startswith("redis+cluster://"):
+        raise ConfigError(
+            "redis.url",
+            "Redis Cluster is not supported yet (the limiter's and coalescer's pub/sub and "
+            "scripts are tested on a single endpoint); use a standalone Redis or Sentinel",
+        )
     if s.redis.url and not s.redis.url.startswith(REDIS_SCHEMES):
         schemes = ", ".join(REDIS_SCHEMES)
         raise ConfigError("redis.url", f"must start with one of {schemes} (or be empty: embedded)")
