@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -103,3 +104,36 @@ class ManualClock:
             if not timer.cancelled:
                 timer.callback()
         self._now = target
+
+
+class Rearm:
+    """One re-armable timer on ``clock``: ``callback`` runs once at the earliest due time asked.
+
+    ``arm(due)`` (seconds on ``clock.monotonic``) keeps an earlier pending timer as it is, so
+    callers may re-arm on every pass without stacking timers; the callback re-arms if it must.
+    """
+
+    __slots__ = ("_callback", "_clock", "_due", "_handle")
+
+    def __init__(self, clock: Clock, callback: Callable[[], None]) -> None:
+        self._clock = clock
+        self._callback = callback
+        self._handle: TimerHandle | None = None
+        self._due = math.inf
+
+    def arm(self, due: float) -> None:
+        if self._handle is not None and self._due <= due:
+            return
+        if self._handle is not None:
+            self._handle.cancel()
+        self._due = due
+        self._handle = self._clock.call_later(due - self._clock.monotonic(), self._fire)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle, self._due = None, math.inf
+
+    def _fire(self) -> None:
+        self._handle, self._due = None, math.inf
+        self._callback()

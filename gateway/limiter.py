@@ -23,7 +23,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
-from gateway.clock import Clock, TimerHandle
+from gateway.clock import Clock, Rearm
 from gateway.errors import QueueFull, QueueTimeout
 
 
@@ -153,8 +153,7 @@ class InMemoryLimiter:
         self._max_wait = max_wait_s
         self._clock = clock
         self._waiters: deque[asyncio.Future[None]] = deque()
-        self._timer: TimerHandle | None = None
-        self._timer_due = math.inf
+        self._timer = Rearm(clock, self._serve)
 
     def snapshot(self) -> LimiterSnapshot:
         return LimiterSnapshot(self._budget.in_flight, len(self._waiters))
@@ -220,23 +219,10 @@ class InMemoryLimiter:
             delay = self._budget.delay(now)
             if delay > 0:
                 if delay != math.inf:
-                    self._arm_timer(now + delay)
+                    self._timer.arm(now + delay)
                 return
             waiter = self._waiters.popleft()
             if waiter.done():
                 continue
             self._budget.grant()
             waiter.set_result(None)
-
-    def _arm_timer(self, due: float) -> None:
-        if self._timer is not None and self._timer_due <= due:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_due = due
-        self._timer = self._clock.call_later(due - self._clock.monotonic(), self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_due = math.inf
-        self._serve()

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
-from gateway.clock import Clock, TimerHandle
+from gateway.clock import Clock, Rearm
 from gateway.errors import BackendUnavailable, QueueFull, QueueTimeout
 from gateway.limiter import LimiterSnapshot, Permit, WindowBudget
 from gateway.limiter_redis import RedisLimiter, RedisPermit
@@ -127,8 +127,7 @@ class FailoverLimiter:
         self._recent: deque[tuple[float, str]] = deque()  # starts recorded here, by time sent
         self._unsent: dict[str, FailoverPermit] = {}  # granted, start pending (both kinds)
         self._adopted: set[str] = set()
-        self._timer: TimerHandle | None = None
-        self._timer_due = math.inf
+        self._timer = Rearm(clock, self._serve)
         self._probe: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -147,8 +146,7 @@ class FailoverLimiter:
         if self._probe is not None:
             self._probe.cancel()
             await asyncio.gather(self._probe, return_exceptions=True)
-        if self._timer is not None:
-            self._timer.cancel()
+        self._timer.cancel()
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
@@ -268,24 +266,12 @@ class FailoverLimiter:
             delay = max(self._settled_at - now, self._budget.delay(now, unsent_global))
             if busy >= self._budget.max_concurrent or delay > 0:
                 if delay > 0 and delay != math.inf:
-                    self._arm_timer(now + delay)
+                    self._timer.arm(now + delay)
                 return
             name = next(self._names)
             self._budget.grant()
             self._held.add(name)
             self._waiters.popleft().set_result(name)
-
-    def _arm_timer(self, due: float) -> None:
-        if self._timer is not None and self._timer_due <= due:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_due = due
-        self._timer = self._clock.call_later(due - self._clock.monotonic(), self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer, self._timer_due = None, math.inf
-        self._serve()
 
     def _failed(self, exc: BackendUnavailable) -> None:
         """Every Redis failure, from any call of the Redis limiter, lands here."""

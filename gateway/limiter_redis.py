@@ -56,7 +56,6 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import TypeVar
 
 import redis.asyncio as aioredis
@@ -65,6 +64,15 @@ from redis.exceptions import RedisError
 from gateway.clock import Clock
 from gateway.errors import BackendUnavailable, QueueFull, QueueTimeout
 from gateway.limiter import LimiterSnapshot
+from gateway.limiter_scripts import (
+    ACQUIRE,
+    ADOPT,
+    FORGET,
+    RELEASE,
+    RENEW,
+    SENT,
+    LimiterKeys,
+)
 
 log = logging.getLogger("gateway.limiter")
 T = TypeVar("T")
@@ -74,131 +82,6 @@ _BLOCKED_HINT_MS = 250  # every permit is held: a release message normally comes
 _BEHIND_HINT_MS = 100  # older tickets go first; a spare-capacity message normally comes sooner
 _JITTER_MS = 5.0
 _RESUBSCRIBE_S = 0.5
-
-# KEYS leases starts queue alive wants gate; ARGV max, window ms, lease ms, ticket, want, ticket ttl
-# ms, blocked hint ms, behind hint ms, channel. Grants ticket:1..n; returns {n, 0} or {0, ms}.
-_ACQUIRE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local max, window, lease_ms = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local ticket, want, ttl = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
-local dead = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, 100)
-for i = 3, 5 do
-  if #dead > 0 then redis.call('ZREM', KEYS[i], unpack(dead)) end
-  redis.call('PEXPIRE', KEYS[i], 2 * ttl)
-end
-redis.call('ZADD', KEYS[3], 'NX', now, ticket)
-redis.call('ZADD', KEYS[4], now + ttl, ticket)
-redis.call('ZADD', KEYS[5], want, ticket)
-local gate = tonumber(redis.call('GET', KEYS[6]) or '0')
-if gate > now then return {0, math.max(1, math.ceil(math.min(gate - now, window)))} end
-local leases, starts = redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2])
-if leases >= max then
-  local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  return {0, math.max(1, math.ceil(math.min(tonumber(first[2]) - now, tonumber(ARGV[7]))))}
-end
-if starts >= max then
-  -- a pending start (scored in the future) leaves a window after it is sent: not before now
-  local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-  return {0, math.max(1, math.ceil(math.min(tonumber(oldest[2]), now) + window - now))}
-end
-local free = math.min(max - leases, max - starts)
-local spare = free
--- older tickets' demand is theirs to take first
-local rank = redis.call('ZRANK', KEYS[3], ticket)
-for _, older in ipairs(rank > 0 and redis.call('ZRANGE', KEYS[3], 0, rank - 1) or {}) do
-  spare = spare - (tonumber(redis.call('ZSCORE', KEYS[5], older)) or 1)
-end
-local n = math.min(want, spare)
-if n <= 0 then return {0, tonumber(ARGV[8])} end
-for i = 1, n do
-  redis.call('ZADD', KEYS[1], now + lease_ms, ticket .. ':' .. i)
-  redis.call('ZADD', KEYS[2], now + lease_ms, ticket .. ':' .. i)  -- pending until sent
-end
-for i = 3, 5 do redis.call('ZREM', KEYS[i], ticket) end
-redis.call('PEXPIRE', KEYS[1], 2 * lease_ms)
-redis.call('PEXPIRE', KEYS[2], lease_ms + 2 * window)
-if free > n and redis.call('ZCARD', KEYS[3]) > 0 then redis.call('PUBLISH', ARGV[9], 'spare') end
-return {n, 0}
-"""
-# KEYS leases starts; ARGV lease ms, window ms, leases... Extends those still held, and their
-# starts still pending; returns those gone.
-_RENEW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local lease_ms = tonumber(ARGV[1])
-local lost = {}
-for i = 3, #ARGV do
-  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
-    redis.call('ZADD', KEYS[1], now + lease_ms, ARGV[i])
-  else
-    lost[#lost + 1] = ARGV[i]
-  end
-  if tonumber(redis.call('ZSCORE', KEYS[2], ARGV[i]) or '0') > now then
-    redis.call('ZADD', KEYS[2], now + lease_ms, ARGV[i])
-  end
-end
-redis.call('PEXPIRE', KEYS[1], 2 * lease_ms)
-redis.call('PEXPIRE', KEYS[2], lease_ms + 2 * tonumber(ARGV[2]))
-return lost
-"""
-# KEYS leases starts gate; ARGV lease ms, window ms, hold ms, n, n leases, then (name, age ms)
-# pairs, a negative age for a start not sent yet. Registers permits granted without Redis;
-# returns ms until the (first) gate opens.
-_ADOPT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local lease_ms, window = tonumber(ARGV[1]), tonumber(ARGV[2])
-local hold, n = math.max(1, tonumber(ARGV[3])), tonumber(ARGV[4])
-redis.call('SET', KEYS[3], now + hold, 'NX', 'PX', hold)
-for i = 5, 4 + n do redis.call('ZADD', KEYS[1], now + lease_ms, ARGV[i]) end
-for i = 5 + n, #ARGV, 2 do
-  local age = tonumber(ARGV[i + 1])
-  redis.call('ZADD', KEYS[2], age < 0 and now + lease_ms or now - age, ARGV[i])
-end
-redis.call('PEXPIRE', KEYS[1], 2 * lease_ms)
-redis.call('PEXPIRE', KEYS[2], lease_ms + 2 * window)
-return (tonumber(redis.call('GET', KEYS[3])) or now) - now
-"""
-# KEYS starts; ARGV member. Its start went out now (XX: a lapsed start is not brought back).
-_SENT = """
-local t = redis.call('TIME')
-redis.call('ZADD', KEYS[1], 'XX', tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000, ARGV[1])
-"""
-# KEYS leases starts; ARGV channel, lease, 1 to record its start now (it was never sent).
-_RELEASE = """
-if ARGV[3] == '1' then
-  local t = redis.call('TIME')
-  redis.call('ZADD', KEYS[2], 'XX', tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000, ARGV[2])
-end
-if redis.call('ZREM', KEYS[1], ARGV[2]) > 0 then redis.call('PUBLISH', ARGV[1], 'freed') end
-"""
-# KEYS sorted sets; ARGV channel, member. A lease released or a ticket withdrawn: tell waiters.
-_FORGET = """
-local gone = 0
-for _, key in ipairs(KEYS) do gone = gone + redis.call('ZREM', key, ARGV[2]) end
-if gone > 0 then redis.call('PUBLISH', ARGV[1], 'freed') end
-return gone
-"""
-
-
-@dataclass(frozen=True, slots=True)
-class LimiterKeys:
-    leases: str
-    starts: str
-    queue: str
-    alive: str
-    wants: str
-    released: str  # the pub/sub channel
-    gate: str
-
-    @classmethod
-    def for_namespace(cls, namespace: str) -> LimiterKeys:
-        tag = f"{{{namespace}:limit}}"
-        names = ("leases", "starts", "queue", "alive", "wants", "released", "gate")
-        return cls(*(f"{tag}:{name}" for name in names))
 
 
 class RedisLimiter:
@@ -238,12 +121,12 @@ class RedisLimiter:
         longest_hint = max(window_s * 1000, _BLOCKED_HINT_MS) + _JITTER_MS
         self._ticket_ttl_ms = round(2 * longest_hint + 500)
         sources = {
-            "acquire": _ACQUIRE,
-            "renew": _RENEW,
-            "forget": _FORGET,
-            "adopt": _ADOPT,
-            "sent": _SENT,
-            "release": _RELEASE,
+            "acquire": ACQUIRE,
+            "renew": RENEW,
+            "forget": FORGET,
+            "adopt": ADOPT,
+            "sent": SENT,
+            "release": RELEASE,
         }
         self._scripts = {name: client.register_script(src) for name, src in sources.items()}
         self._replica = uuid.uuid4().hex
