@@ -55,6 +55,11 @@ class GatewayError(Exception):
         return {}
 
 
+def retry_after_header(seconds: float) -> dict[str, str]:
+    """``Retry-After`` in whole seconds, never less than 1 (0 would invite a hot loop)."""
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
 class ConfigError(GatewayError):
     """A setting is missing or invalid; ``key`` names it (``section.key``)."""
 
@@ -135,7 +140,7 @@ class Overloaded(GatewayError):
         super().__init__(message)
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+        return retry_after_header(self.retry_after)
 
 
 class QueueFull(Overloaded):
@@ -179,7 +184,7 @@ class UpstreamCircuitOpen(UpstreamError):
         super().__init__(message)
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+        return retry_after_header(self.retry_after)
 
 
 class UpstreamTimeout(UpstreamError):
@@ -199,4 +204,4 @@ class BackendUnavailable(GatewayError):
     default_message = "A shared backend is unavailable; retry later."
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": "1"}
+        return retry_after_header(1)
