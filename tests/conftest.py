@@ -16,9 +16,16 @@ from gateway.app import create_app
 from gateway.settings import Settings, load_settings
 from gateway.simulator import SIM_STATE, SimulatorConfig, create_simulator_app
 from gateway.simulator.state import SimulatorState
-from tests.support.processes import RedisServer
+from tests.support.processes import Process, RedisServer
 
 SIM = SimulatorConfig()  # the defaults: AK/SK the gateway builders use
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_behind() -> Iterator[None]:
+    """Stop every gateway or simulator process a test started and did not stop."""
+    yield
+    Process.stop_all()
 
 
 @pytest.fixture(scope="session")

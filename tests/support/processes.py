@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import redis
 
@@ -98,7 +99,13 @@ class RedisServer:
 
 
 class Process:
-    """A command of ours (``python -m gateway ...``) in its own process, killable."""
+    """A command of ours (``python -m gateway ...``) in its own process, killable.
+
+    Every process started is tracked until stopped: ``stop_all`` (run after each test by
+    conftest) ends any a test left behind, e.g. when it failed between two starts.
+    """
+
+    running: ClassVar[set[Process]] = set()
 
     def __init__(
         self, args: Sequence[str], port: int, env: Mapping[str, str] | None = None
@@ -113,10 +120,14 @@ class Process:
             stderr=subprocess.STDOUT,
             env=full_env,
         )
+        self.stopped = False
+        Process.running.add(self)
         try:
             wait_for_port(port, timeout=20, proc=self.proc)
         except (RuntimeError, TimeoutError) as exc:
-            raise RuntimeError(f"{' '.join(args)} did not start: {self.output()[-2000:]}") from exc
+            output = self.output()[-2000:]
+            self.stop()
+            raise RuntimeError(f"{' '.join(args)} did not start: {output}") from exc
 
     @property
     def url(self) -> str:
@@ -131,6 +142,9 @@ class Process:
             self.proc.send_signal(sig)
 
     def stop(self) -> int:
+        """SIGTERM, then SIGKILL after 20 s; the exit code. Safe to call twice."""
+        if self.stopped:
+            return self.proc.wait()
         self.signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout=20)
@@ -138,5 +152,12 @@ class Process:
             self.proc.kill()
             return self.proc.wait()
         finally:
+            self.stopped = True
+            Process.running.discard(self)
             self.log.close()
             os.unlink(self.log.name)
+
+    @classmethod
+    def stop_all(cls) -> None:
+        for process in list(cls.running):
+            process.stop()
