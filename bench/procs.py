@@ -14,12 +14,11 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from gateway.simulator import SimulatorConfig
+from tests.support.fleet import SIM, replica_environ
 from tests.support.processes import RedisServer, free_port, wait_for_port
 
 __all__ = ["Proc", "RedisServer", "bare", "gateway", "proc_memory", "simulator"]
 
-SIM = SimulatorConfig()  # the AK/SK the simulator accepts and the gateway is given
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -93,17 +92,7 @@ def gateway(
 ) -> Proc:
     """A replica in Redis mode, caller auth off (no callers file), default logging (INFO)."""
     port = free_port()
-    env = {
-        "GATEWAY_SERVER__HOST": "127.0.0.1",
-        "GATEWAY_SERVER__PORT": str(port),
-        "GATEWAY_UPSTREAM__URL": upstream.url,
-        "GATEWAY_UPSTREAM__AK": SIM.ak,
-        "GATEWAY_UPSTREAM__SK": SIM.sk,
-        "GATEWAY_UPSTREAM__ALLOW_HTTP": "true",
-        "GATEWAY_REDIS__URL": redis_url,
-        "GATEWAY_AUTH__ENABLED": "false",
-    }
-    env.update({f"GATEWAY_{k.upper()}": v for k, v in settings.items()})
+    env = replica_environ(port, upstream.url, redis_url, **settings)
     return Proc(module, ["serve"], port, env=env, cpus=cpus)
 
 

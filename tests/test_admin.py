@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from gateway.auth import bearer, key_digest
 from tests.conftest import StartGateway, Upstream, gateway_settings
+from tests.support.fleet import path
 
 ADMIN_KEY = "s3cret-admin-key"
-
-
-def route(campaign: int, vdn: int = 11) -> str:
-    return f"/rest/isales/v1/openapi/campaigns/{vdn}/callresult/{campaign}"
 
 
 def test_only_a_bearer_token_is_taken_from_the_authorization_header() -> None:
@@ -25,20 +22,20 @@ async def test_purge_removes_one_campaigns_entries_and_nothing_else(
 ) -> None:
     settings = gateway_settings(upstream.url, admin__key_sha256=key_digest(ADMIN_KEY))
     gateway = await start_gateway(settings)
-    kept = [route(30), route(3, vdn=1), route(13)]
-    for path in [route(3), *kept]:
-        await gateway.post(path, json={"pageSize": 5})
-        await gateway.post(path, json={"pageSize": 6})
+    kept = [path(30), path(3, vdn=1), path(13)]
+    for p in [path(3), *kept]:
+        await gateway.post(p, json={"pageSize": 5})
+        await gateway.post(p, json={"pageSize": 6})
 
     purge = await gateway.delete(
         "/admin/cache/campaigns/11/3", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
     )
     assert purge.status == 200
     assert (await purge.json())["purged"] == 2
-    after = await gateway.post(route(3), json={"pageSize": 5})
+    after = await gateway.post(path(3), json={"pageSize": 5})
     assert after.headers["X-Cache"] == "MISS"
-    for path in kept:
-        assert (await gateway.post(path, json={"pageSize": 5})).headers["X-Cache"] == "HIT", path
+    for p in kept:
+        assert (await gateway.post(p, json={"pageSize": 5})).headers["X-Cache"] == "HIT", p
 
 
 async def test_purge_without_the_admin_key_is_refused(

@@ -10,13 +10,9 @@ import pytest
 from aiohttp import ClientSession
 
 from tests.conftest import StartGateway, gateway_settings
-from tests.test_replicas import sim_stats, start_simulator_process
+from tests.support.fleet import path, sim_stats, start_simulator_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
-
-
-def path(campaign: int) -> str:
-    return f"/rest/isales/v1/openapi/campaigns/11/callresult/{campaign}"
 
 
 async def behave(url: str, **behaviour: float) -> None:

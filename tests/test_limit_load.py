@@ -8,7 +8,7 @@ import pytest
 
 from gateway.validation import parse_request
 from tests.conftest import StartGateway, StartSimulator, gateway_settings, signed_post
-from tests.test_replicas import sim_stats, start_simulator_process
+from tests.support.fleet import sim_stats, start_simulator_process
 
 JSON = {"Content-Type": "application/json; charset=UTF-8"}
 

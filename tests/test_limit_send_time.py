@@ -29,8 +29,8 @@ from gateway.retry import RetryPolicy, UpstreamCaller
 from gateway.upstream import UpstreamClient, send_trace
 from gateway.validation import parse_request
 from tests.conftest import StartGateway, gateway_settings
+from tests.support.fleet import sim_stats, start_simulator_process
 from tests.support.processes import Process, free_port
-from tests.test_replicas import sim_stats, start_simulator_process
 
 SIM_WINDOW_S, MARGIN_S, STALL_S = 0.3, 0.1, 0.3
 JSON = {"Content-Type": "application/json; charset=UTF-8"}

@@ -7,12 +7,9 @@ import asyncio
 from aiohttp import ClientSession, ClientTimeout
 
 from tests.conftest import StartGateway, StartSimulator, gateway_settings
+from tests.support.fleet import path
 
 JSON = {"Content-Type": "application/json; charset=UTF-8"}
-
-
-def path(campaign: int) -> str:
-    return f"/rest/isales/v1/openapi/campaigns/11/callresult/{campaign}"
 
 
 def gauge(metrics_text: str, name: str) -> float:

@@ -10,8 +10,8 @@ import time
 import pytest
 from aiohttp import ClientSession, ClientTimeout, TCPConnector
 
+from tests.support.fleet import JSON, path, sim_stats, start_replica, start_simulator_process
 from tests.support.processes import Process, RedisServer
-from tests.test_replicas import JSON, path, sim_stats, start_replica, start_simulator_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 

@@ -16,49 +16,17 @@ import pytest
 from aiohttp import ClientSession, ClientTimeout, TCPConnector
 
 from gateway.validation import parse_request
-from tests.conftest import SIM, StartSimulator, signed_post
-from tests.support.processes import Process, RedisServer, free_port
+from tests.conftest import StartSimulator, signed_post
+from tests.support.fleet import JSON, path, sim_stats, start_replica, start_simulator_process
+from tests.support.processes import Process, RedisServer
 
-JSON = {"Content-Type": "application/json; charset=UTF-8"}
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
-
-
-def start_simulator_process(*flags: str) -> Process:
-    port = free_port()
-    return Process(["simulate", "--port", str(port), "--ak", SIM.ak, "--sk", SIM.sk, *flags], port)
-
-
-def start_replica(upstream: Process, redis_url: str, **env: str) -> Process:
-    port = free_port()
-    settings = {
-        "GATEWAY_SERVER__HOST": "127.0.0.1",
-        "GATEWAY_SERVER__PORT": str(port),
-        "GATEWAY_UPSTREAM__URL": upstream.url,
-        "GATEWAY_UPSTREAM__AK": SIM.ak,
-        "GATEWAY_UPSTREAM__SK": SIM.sk,
-        "GATEWAY_UPSTREAM__ALLOW_HTTP": "true",
-        "GATEWAY_REDIS__URL": redis_url,
-        "GATEWAY_LOG__LEVEL": "WARNING",
-        "GATEWAY_AUTH__ENABLED": "false",
-    }
-    settings.update({f"GATEWAY_{k.upper()}": v for k, v in env.items()})
-    return Process(["serve"], port, env=settings)
 
 
 @pytest.fixture
 def fleet_redis(redis_server: RedisServer) -> RedisServer:
     redis_server.flush()
     return redis_server
-
-
-async def sim_stats(upstream: Process) -> dict[str, object]:
-    async with ClientSession() as session, session.get(upstream.url + "/__sim/stats") as r:
-        stats: dict[str, object] = await r.json()
-        return stats
-
-
-def path(campaign: int) -> str:
-    return f"/rest/isales/v1/openapi/campaigns/11/callresult/{campaign}"
 
 
 async def test_three_replicas_keep_the_limit_and_ask_each_distinct_question_once(

@@ -9,8 +9,8 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import ClientSession, TCPConnector
 
+from tests.support.fleet import JSON, path, sim_stats, start_replica, start_simulator_process
 from tests.support.processes import RedisServer
-from tests.test_replicas import JSON, path, sim_stats, start_replica, start_simulator_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 

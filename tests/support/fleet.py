@@ -1,0 +1,56 @@
+"""A fleet on localhost for tests and the benchmark: simulator and gateway replica processes."""
+
+from __future__ import annotations
+
+from aiohttp import ClientSession
+
+from gateway.simulator import SimulatorConfig
+from tests.support.processes import Process, free_port
+
+SIM = SimulatorConfig()  # the simulator's default AK/SK, which the replicas sign with
+JSON = {"Content-Type": "application/json; charset=UTF-8"}
+
+
+def path(campaign: int, vdn: int = 11) -> str:
+    """The callresult route of one campaign."""
+    return f"/rest/isales/v1/openapi/campaigns/{vdn}/callresult/{campaign}"
+
+
+def start_simulator_process(*flags: str) -> Process:
+    """The simulator in a process of its own, so its limit observer has its own clock."""
+    port = free_port()
+    return Process(["simulate", "--port", str(port), "--ak", SIM.ak, "--sk", SIM.sk, *flags], port)
+
+
+def replica_environ(
+    port: int, upstream_url: str, redis_url: str, **settings: str
+) -> dict[str, str]:
+    """A replica in Redis mode in front of the simulator, caller auth off (no callers file).
+
+    ``settings`` are extra settings as ``section__key=value``.
+    """
+    env = {
+        "GATEWAY_SERVER__HOST": "127.0.0.1",
+        "GATEWAY_SERVER__PORT": str(port),
+        "GATEWAY_UPSTREAM__URL": upstream_url,
+        "GATEWAY_UPSTREAM__AK": SIM.ak,
+        "GATEWAY_UPSTREAM__SK": SIM.sk,
+        "GATEWAY_UPSTREAM__ALLOW_HTTP": "true",
+        "GATEWAY_REDIS__URL": redis_url,
+        "GATEWAY_AUTH__ENABLED": "false",
+    }
+    env.update({f"GATEWAY_{k.upper()}": v for k, v in settings.items()})
+    return env
+
+
+def start_replica(upstream: Process, redis_url: str, **settings: str) -> Process:
+    """A replica process; logs warnings only unless ``log__level`` says otherwise."""
+    port = free_port()
+    settings = {"log__level": "WARNING", **settings}
+    return Process(["serve"], port, env=replica_environ(port, upstream.url, redis_url, **settings))
+
+
+async def sim_stats(upstream: Process) -> dict[str, object]:
+    async with ClientSession() as session, session.get(upstream.url + "/__sim/stats") as r:
+        stats: dict[str, object] = await r.json()
+        return stats
