@@ -29,7 +29,7 @@ def main() -> None:
         app,
         host=config.host,
         port=config.port,
-        handler_cancellation=True,
+        handler_cancellation=config.abort_on_hangup,
         access_log=None,
         print=None,
     )

@@ -9,6 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.web_runner import BaseRunner
 from prometheus_client import CollectorRegistry
 
 from gateway import signing
@@ -87,14 +88,28 @@ async def signed_post(upstream: Upstream, path: str, body: bytes) -> bytes:
 StartSimulator = Callable[..., Awaitable[Upstream]]
 
 
+class SimulatorServer(TestServer):
+    """A test server that, as at the vendor, lets a request whose client hung up run on
+    (aiohttp's test servers cancel it), unless the simulator is told to abort on hang-up.
+    """
+
+    def __init__(self, app: web.Application, abort_on_hangup: bool) -> None:
+        super().__init__(app, host="127.0.0.1")
+        self._abort = abort_on_hangup
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return await super()._make_runner(**{**kwargs, "handler_cancellation": self._abort})
+
+
 @pytest.fixture
 async def start_simulator() -> AsyncIterator[StartSimulator]:
     """Start simulators on real sockets: ``await start_simulator(latency_ms=200)``."""
     servers: list[TestServer] = []
 
     async def start(**overrides: Any) -> Upstream:
-        server = TestServer(create_simulator_app(SimulatorConfig(**overrides)), host="127.0.0.1")
-        await server.start_server()  # aiohttp test servers cancel handlers on disconnect
+        config = SimulatorConfig(**overrides)
+        server = SimulatorServer(create_simulator_app(config), config.abort_on_hangup)
+        await server.start_server()
         servers.append(server)
         return Upstream(server)
 

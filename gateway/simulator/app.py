@@ -178,8 +178,8 @@ def create_simulator_app(
 ) -> web.Application:
     """A simulator app; ``clock`` defaults to the system clock, ``rng`` to ``Random(seed)``.
 
-    Run it with handler cancellation on (``run_simulator`` and aiohttp's ``TestServer`` do),
-    so a request whose client went away stops counting as in flight.
+    Run it with ``handler_cancellation=config.abort_on_hangup`` (``run_simulator`` does): by
+    default a request whose client went away runs on and counts as in flight, as at the vendor.
     """
     app = web.Application()
     if rng is None:
@@ -203,6 +203,6 @@ def run_simulator(config: SimulatorConfig) -> None:
         create_simulator_app(config),
         host=config.host,
         port=config.port,
-        handler_cancellation=True,
+        handler_cancellation=config.abort_on_hangup,
         print=lambda _default: print(line, flush=True),
     )

@@ -27,6 +27,9 @@ class SimulatorConfig:
     timeout_rate: float = 0.0
     hang_s: float = 60.0
     enforce_limits: bool = False
+    # A servlet container keeps working on a request whose client hung up, and the vendor
+    # counts it in flight until it ends; True stops the handler on hang-up instead.
+    abort_on_hangup: bool = False
     max_concurrent: int = 10
     window_ms: float = 1000.0
     max_skew_s: float = 900.0
@@ -72,6 +75,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         default=d.enforce_limits,
         help="answer HTTP 429 to requests beyond the vendor's limit (default: only count them)",
+    )
+    add(
+        "--abort-on-hangup",
+        action="store_true",
+        default=d.abort_on_hangup,
+        help="stop work on a request whose client hung up (default: it runs on and counts "
+        "in flight, as a servlet container does)",
     )
     add("--max-concurrent", type=int, default=d.max_concurrent, help="vendor concurrency limit")
     add("--window-ms", type=float, default=d.window_ms, help="window for request starts")
