@@ -29,7 +29,7 @@ from gateway.limiter_failover import FailoverLimiter
 from gateway.metrics import BREAKER_STATES, GatewayMetrics
 from gateway.middleware import error_middleware, observe_middleware
 from gateway.openapi import add_openapi_route
-from gateway.redis_client import connect
+from gateway.redis_client import check_eviction_policy, connect
 from gateway.retry import RetryPolicy, UpstreamCaller
 from gateway.service import CallResultService
 from gateway.settings import Settings
@@ -60,6 +60,19 @@ def _call_budget_s(settings: Settings) -> float:
     return (settings.limit.max_wait_ms + settings.upstream.timeout_ms) / 1000 + 1
 
 
+# A granted permit is sent within this long of its grant, or taken afresh (``Permit.check``).
+PERMIT_FENCE_S = 1.0
+
+
+def limiter_lease_s(settings: Settings) -> float:
+    """How long one permit may keep the vendor busy after its grant: the send allowance, the
+    connection, the call, and the hold of a call the gateway gave up on. A lease in Redis
+    lapses only after that, so a frozen or dead holder's request is surely over by then.
+    """
+    up = settings.upstream
+    return PERMIT_FENCE_S + (up.connect_timeout_ms + up.timeout_ms + up.abandoned_hold_ms) / 1000
+
+
 def build_limiter(
     settings: Settings, clock: Clock, redis: Redis | None, metrics: GatewayMetrics
 ) -> Limiter:
@@ -75,18 +88,18 @@ def build_limiter(
         )
     degraded = metrics.degraded.labels("redis")
     # The global limiter, falling back to floor(max_concurrent / replicas) per replica when
-    # Redis fails (never failing open). A lease outlives the upstream timeout, so a permit
-    # cannot lapse under a live call even if renewals stall; a crashed holder's permits
-    # return within this time.
+    # Redis fails (never failing open).
     return FailoverLimiter(
         redis,
         max_concurrent=lim.max_concurrent,
         window_s=window_s,
         max_queue=lim.max_queue,
         max_wait_s=lim.max_wait_ms / 1000,
-        lease_s=settings.upstream.timeout_ms / 1000 + 1,
+        lease_s=limiter_lease_s(settings),
         clock=clock,
         replicas=lim.replicas,
+        fence_s=PERMIT_FENCE_S,
+        skew_s=lim.clock_skew_ms / 1000,
         on_error=metrics.redis_errors.labels("limiter").inc,
         on_degraded=lambda down: degraded.set(int(down)),
     )
@@ -165,6 +178,7 @@ def create_app(
                 ),
                 metrics=metrics,
                 clock=clock,
+                abandoned_hold_s=up.abandoned_hold_ms / 1000,
             )
             service = CallResultService(
                 cache=cache,
@@ -179,6 +193,9 @@ def create_app(
             await service.close()
 
     async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+        if redis is not None:
+            await check_eviction_policy(redis)  # raises ConfigError for allkeys-*
+        limiter.start()
         yield
         await limiter.close()
         await coalescer.close()

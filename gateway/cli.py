@@ -93,16 +93,20 @@ def serve(path: str | None) -> None:
     settings = _load(path)
     setup_logging(settings.log.level, settings.log.format)
     _startup_line(settings)
-    web.run_app(
-        create_app(settings),
-        host=settings.server.host,
-        port=settings.server.port,
-        shutdown_timeout=settings.server.shutdown_timeout_s,
-        access_log=None,
-        print=None,
-        # A caller that hangs up leaves the queue instead of spending an upstream slot.
-        handler_cancellation=True,
-    )
+    try:
+        web.run_app(
+            create_app(settings),
+            host=settings.server.host,
+            port=settings.server.port,
+            shutdown_timeout=settings.server.shutdown_timeout_s,
+            access_log=None,
+            print=None,
+            # A caller that hangs up leaves the queue instead of spending an upstream slot.
+            handler_cancellation=True,
+        )
+    except ConfigError as exc:  # found at start-up, e.g. Redis's eviction policy
+        log.error("configuration error: %s", exc.message)
+        raise SystemExit(2) from exc
 
 
 def check_config(path: str | None) -> int:
@@ -129,7 +133,11 @@ def demo_environ(port: int, sim: SimulatorConfig) -> dict[str, str]:
 
 async def _run_demo(settings: Settings, sim: SimulatorConfig) -> None:
     runners = [
-        (web.AppRunner(create_simulator_app(sim), handler_cancellation=True), sim.host, sim.port),
+        (
+            web.AppRunner(create_simulator_app(sim), handler_cancellation=sim.abort_on_hangup),
+            sim.host,
+            sim.port,
+        ),
         (
             web.AppRunner(create_app(settings), access_log=None, handler_cancellation=True),
             settings.server.host,

@@ -25,7 +25,9 @@ with the vendor's numeric codes (``0200000``, ``0200001``, ``02000006``...).
         ├── UpstreamCircuitOpen       503 GW50302  recent attempts failed; not calling for now
         └── UpstreamTimeout           504 GW50400
     BackendUnavailable                503 GW50310  Redis failed or timed out (internal: the cache
-                                                   fails open, the limiter falls back)
+    │                                              fails open, the limiter falls back)
+    └── PermitLost                    503 GW50311  a permit may no longer be used to send
+                                                   (internal: the attempt takes a fresh one)
 """
 
 from __future__ import annotations
@@ -205,3 +207,12 @@ class BackendUnavailable(GatewayError):
 
     def headers(self) -> dict[str, str]:
         return retry_after_header(1)
+
+
+class PermitLost(BackendUnavailable):
+    """A granted permit the limiter can no longer vouch for (its epoch was lost, or it was not
+    used in time): sending on it could exceed the limit. The attempt takes a fresh permit.
+    """
+
+    code = "GW50311"
+    default_message = "An upstream permit lapsed before use; retry."

@@ -34,6 +34,12 @@ class LimiterSnapshot:
 
 
 class Permit(Protocol):
+    def check(self) -> None:
+        """Raise ``PermitLost`` unless a request may be sent on this permit now (call it just
+        before sending). A permit of a lost shared state, or one not used in time, is not.
+        """
+        ...
+
     async def sent(self) -> None:
         """The request is being sent now: its start counts from this moment.
 
@@ -56,6 +62,12 @@ class Limiter(Protocol):
         ...
 
     def snapshot(self) -> LimiterSnapshot: ...
+
+    def start(self) -> None:
+        """Start background work (a shared limiter claims its membership); ``permit()`` does
+        it too. Call it at start-up so a backend down from the start shows at once.
+        """
+        ...
 
     async def close(self) -> None:
         """Stop background work and give back what is held (at shutdown)."""
@@ -123,6 +135,9 @@ class BudgetPermit:
     def __init__(self, record: Callable[[], None]) -> None:
         self._record: Callable[[], None] | None = record
 
+    def check(self) -> None:
+        """A local permit stays good while held."""
+
     async def sent(self) -> None:
         self.close()
 
@@ -157,6 +172,9 @@ class InMemoryLimiter:
 
     def snapshot(self) -> LimiterSnapshot:
         return LimiterSnapshot(self._budget.in_flight, len(self._waiters))
+
+    def start(self) -> None:
+        """Nothing runs in the background."""
 
     async def close(self) -> None:
         """Nothing to give back: the budget dies with the process."""

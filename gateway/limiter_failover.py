@@ -1,30 +1,22 @@
 """The fleet limiter that never fails open: global over Redis, a local share when Redis fails.
 
-GLOBAL: permits come from ``RedisLimiter``. Any Redis failure (acquire, renewal, release,
-subscription) switches to FALLBACK: one warning, ``on_degraded(True)``, no caller touches
-Redis any more, one probe task pings it every ``probe_s``. This replica then grants at most
-``max(1, max_concurrent // replicas)`` in flight and starts per window: the shares add up.
+GLOBAL: permits come from ``RedisLimiter``, which claims this replica's membership by
+heartbeat. Any Redis failure (acquire, heartbeat, release, subscription, a write refused)
+switches to FALLBACK: one warning, ``on_degraded(True)``, no caller touches Redis any more, no
+heartbeat is sent (a heartbeat claims membership), and one probe task tries a write every
+``probe_s``. This replica then grants at most ``share = max_concurrent // replicas`` in flight
+and starts per window; the fleet sets that share aside for every replica it does not hear
+from, so the shares add up, whether all replicas are cut off or one alone.
 
-Way down: permits granted before the failure, to any replica, are invisible now but end within
-the upstream timeout, which ``lease_s`` outlives; so local grants begin ``settle_s`` (default
-``max(lease_s, window_s)``) after the failure was noticed, callers queue meanwhile (same
-bounds), and this replica's global permits still held count against its share.
-Way up: once a ping succeeds local grants stop (RECOVERING); held local permits (as leases) and
-local starts within the window are registered (``RedisLimiter.adopt``), which sets the fleet's
-gate at the first adopter's Redis time + ``probe_s + window_s``. Redis grants nothing before
-it, so replicas still on their share notice and adopt first, and one that never noticed the
-outage waits too. Then GLOBAL: queued callers move to Redis, ``on_degraded(False)``, one info
-line. A local permit is released locally and its adopted lease in Redis (else it would hold a
-global slot for ``lease_s``). A caller keeps its deadline across a switch.
-
-Starts count from when they are sent (``Permit.sent()``), as in every limiter. Local permits
-keep theirs on the local budget. A global permit still unsent counts as a pending start of the
-local window too (it may go out during an outage, unseen by Redis); one sent or released
-outside GLOBAL is recorded locally. Adoption carries each start's age, or "not sent yet" for a
-pending one, which the permit's ``sent()`` (or release) then records in Redis.
-
-Limitation: a replica cut off from Redis while the others reach it keeps its local share while
-they use the whole budget; the limit holds only if such a partition lasts under ``settle_s``.
+Way down: local grants begin ``settle_s`` after the latest membership claim was sent, when the
+fleet surely counts this replica as gone and every permit it granted out of the full budget
+meanwhile has ended and left the window (``settle_time``). A failed probe is no claim and
+never postpones it. Permits granted before the fall keep counting: global ones still held
+count against the share, and a global permit still unsent counts as a pending local start.
+Way up: once a probe's write succeeds (RECOVERING) local grants stop; once the local permits
+have ended and their starts left the window, a heartbeat claims membership again and queued
+callers move to Redis (GLOBAL, ``on_degraded(False)``, one info line). If that claim fails,
+FALLBACK again, settling from that claim. A caller keeps its deadline across a switch.
 """
 
 from __future__ import annotations
@@ -50,11 +42,26 @@ from gateway.limiter_redis import RedisLimiter, RedisPermit
 
 log = logging.getLogger("gateway.limiter")
 
+_MEMBER_BEATS = 3  # as ``limiter_redis``: a member counts three heartbeat periods
+
+
+def settle_time(
+    *, claim_s: float, skew_s: float, beat_s: float, lease_s: float, window_s: float
+) -> float:
+    """Seconds from sending the latest membership claim until a cut-off replica may grant.
+
+    The claim may still be applied ``claim_s`` (plus ``skew_s`` between the clocks) after it was
+    sent; the fleet counts the replica a member ``3 * beat_s`` past that and may grant out of
+    the full budget until then; each such permit ends within ``lease_s`` and its start leaves
+    the window ``window_s`` later.
+    """
+    return claim_s + skew_s + _MEMBER_BEATS * beat_s + lease_s + window_s
+
 
 class Mode(enum.Enum):
     GLOBAL = "global"
     FALLBACK = "fallback"
-    RECOVERING = "recovering"  # Redis answers again; registering local permits
+    RECOVERING = "recovering"  # Redis takes writes again; local permits draining
 
 
 @dataclass(eq=False)
@@ -66,10 +73,14 @@ class FailoverPermit:
     shared: RedisPermit | None  # None: a local permit
     pending: bool = field(default=True, init=False)
 
+    def check(self) -> None:
+        if self.shared is not None:
+            self.shared.check()
+
     async def sent(self) -> None:
         self.owner._record(self)
         if self.shared is not None and self.owner.mode is Mode.GLOBAL:
-            await self.shared.sent()  # outside GLOBAL, adoption carries the local record
+            await self.shared.sent()  # outside GLOBAL it stays pending in Redis: the safe side
 
 
 class FailoverLimiter:
@@ -92,11 +103,15 @@ class FailoverLimiter:
         clock: Clock,
         replicas: int = 1,
         probe_s: float = 0.5,
-        settle_s: float | None = None,
+        beat_s: float = 0.5,
+        fence_s: float = 1.0,
+        claim_s: float = 1.0,
+        skew_s: float = 0.5,
         namespace: str = "isales:v1",
         on_error: Callable[[], None] = lambda: None,
         on_degraded: Callable[[bool], None] = lambda degraded: None,
     ) -> None:
+        share = max_concurrent // replicas
         self.shared = RedisLimiter(
             client,
             max_concurrent=max_concurrent,
@@ -105,28 +120,31 @@ class FailoverLimiter:
             max_wait_s=max_wait_s,
             lease_s=lease_s,
             clock=clock,
+            replicas=replicas,
+            share=share,
+            beat_s=beat_s,
+            fence_s=fence_s,
+            claim_s=claim_s,
             namespace=namespace,
             on_failure=self._failed,
         )
-        self._budget = WindowBudget(max(1, max_concurrent // replicas), window_s)
+        self._budget = WindowBudget(share, window_s)
         self._window = window_s
         self._max_queue = max_queue
         self._max_wait = max_wait_s
         self._probe_s = probe_s
-        # Until every unseen global permit has ended and left the window.
-        self._settle_s = max(lease_s, window_s) if settle_s is None else settle_s
+        self.settle_s = settle_time(
+            claim_s=claim_s, skew_s=skew_s, beat_s=beat_s, lease_s=lease_s, window_s=window_s
+        )
         self._clock = clock
         self._on_error = on_error
         self._on_degraded = on_degraded
         self._mode = Mode.GLOBAL
-        self._epoch = 0  # bumped on every fall: a recovery begun before it is void
-        self._settled_at = 0.0
+        self._local_from = math.inf  # FALLBACK: local grants from this monotonic time
         self._waiters: deque[asyncio.Future[str | None]] = deque()  # None: go global
         self._names = (f"{uuid.uuid4().hex}:local:{n}" for n in itertools.count())
-        self._held: set[str] = set()
-        self._recent: deque[tuple[float, str]] = deque()  # starts recorded here, by time sent
+        self._last_local_start = -math.inf
         self._unsent: dict[str, FailoverPermit] = {}  # granted, start pending (both kinds)
-        self._adopted: set[str] = set()
         self._timer = Rearm(clock, self._serve)
         self._probe: asyncio.Task[None] | None = None
         self._closed = False
@@ -135,13 +153,17 @@ class FailoverLimiter:
     def mode(self) -> Mode:
         return self._mode
 
+    def start(self) -> None:
+        """Claim membership now, so a Redis down at start-up shows at once."""
+        self.shared.start()
+
     def snapshot(self) -> LimiterSnapshot:
         shared = self.shared.snapshot()
         queued = sum(not w.done() for w in self._waiters)
         return LimiterSnapshot(shared.in_flight + self._budget.in_flight, shared.queued + queued)
 
     async def close(self) -> None:
-        """Stop probing, fail local waiters, close the Redis limiter (releasing its leases)."""
+        """Stop probing, fail local waiters, close the Redis limiter."""
         self._closed = True
         if self._probe is not None:
             self._probe.cancel()
@@ -155,6 +177,7 @@ class FailoverLimiter:
 
     @asynccontextmanager
     async def permit(self) -> AsyncIterator[Permit]:
+        self.start()
         async with AsyncExitStack() as stack:
             stack.callback(self._serve)  # runs last: a release in either mode may let one in
             permit = await self._enter(stack)
@@ -171,7 +194,7 @@ class FailoverLimiter:
                     shared = await self._enter_global(stack, deadline if moved else None)
                     return FailoverPermit(self, shared.lease, shared)
             elif (name := await self._acquire_local(deadline, moved)) is not None:
-                stack.callback(self._release_local, name)
+                stack.callback(self._release_local)
                 return FailoverPermit(self, name, None)
             moved = True
         raise BackendUnavailable("The limiter is closed.")
@@ -199,11 +222,7 @@ class FailoverLimiter:
             self._budget.sent(now)
         else:
             self._budget.record(now)
-        self._recent.append((now, permit.name))
-        while self._recent[0][0] <= now - self._window:
-            self._recent.popleft()
-        if local and permit.name in self._adopted:
-            self.shared.record_sent_later(permit.name)
+        self._last_local_start = now
         self._serve()  # a pending start now leaves the window at a known time
 
     async def _acquire_local(self, deadline: float, admitted: bool) -> str | None:
@@ -222,7 +241,7 @@ class FailoverLimiter:
                 name = waiter.result()
                 if name is not None:  # granted in the tick the caller went away
                     self._record(FailoverPermit(self, name, None))
-                    self._release_local(name)
+                    self._release_local()
             with contextlib.suppress(ValueError):
                 self._waiters.remove(waiter)
             self._serve()
@@ -238,16 +257,13 @@ class FailoverLimiter:
             waiter.set_exception(QueueTimeout(self._retry_after(ahead)))
 
     def _retry_after(self, ahead: int) -> float:
-        settling = max(0.0, self._settled_at - self._clock.monotonic())
+        settling = max(0.0, self._local_from - self._clock.monotonic())
+        if settling == math.inf:
+            settling = self._window  # recovering: Redis takes over within about a window
         return settling + self._budget.retry_after(ahead)
 
-    def _release_local(self, name: str) -> None:
+    def _release_local(self) -> None:
         self._budget.finish()
-        self._held.discard(name)
-        if name in self._adopted and not self._closed:
-            self._adopted.discard(name)
-            # Its start again at release: ``record_sent_later`` may have run before ``adopt``.
-            self.shared.forget(name, record_start=True)
 
     def _serve(self) -> None:
         """Grant local permits to the head of the queue, or move it to Redis in GLOBAL."""
@@ -263,51 +279,62 @@ class FailoverLimiter:
             now = self._clock.monotonic()
             busy = self._budget.in_flight + self.shared.snapshot().in_flight
             unsent_global = sum(p.shared is not None for p in self._unsent.values())
-            delay = max(self._settled_at - now, self._budget.delay(now, unsent_global))
+            delay = max(self._local_from - now, self._budget.delay(now, unsent_global))
             if busy >= self._budget.max_concurrent or delay > 0:
                 if delay > 0 and delay != math.inf:
                     self._timer.arm(now + delay)
                 return
             name = next(self._names)
             self._budget.grant()
-            self._held.add(name)
             self._waiters.popleft().set_result(name)
 
     def _failed(self, exc: BackendUnavailable) -> None:
         """Every Redis failure, from any call of the Redis limiter, lands here."""
         self._on_error()
-        if self._closed or self._mode is Mode.FALLBACK:
+        if self._closed:
             return
         if self._mode is Mode.GLOBAL:
             share, cause = self._budget.max_concurrent, exc.__cause__ or exc
-            log.warning("limiter: Redis unavailable (%s); local limit %d", cause, share)
+            log.warning(
+                "limiter: Redis unavailable (%s); local limit %d from %.1f s after the last "
+                "heartbeat",
+                cause,
+                share,
+                self.settle_s,
+            )
             self._on_degraded(True)
         self._mode = Mode.FALLBACK
-        self._epoch += 1
-        self._settled_at = self._clock.monotonic() + self._settle_s
+        self.shared.beating = False  # a heartbeat claims membership: none while on the share
+        # From the latest claim, not from now: a failed probe claims nothing and moves nothing.
+        self._local_from = self.shared.claimed_at + self.settle_s
         if self._probe is None or self._probe.done():
             self._probe = asyncio.get_running_loop().create_task(self._recover())
         self._serve()
 
+    def _drained(self) -> bool:
+        """No local permit in flight and no local start within the window."""
+        now = self._clock.monotonic()
+        return self._budget.in_flight == 0 and now - self._last_local_start >= self._window
+
     async def _recover(self) -> None:
-        """The one probe: ping every ``probe_s``; once Redis answers, hand over to it."""
+        """The one probe: a write every ``probe_s``; once Redis takes it, rejoin the fleet."""
         while not self._closed and self._mode is not Mode.GLOBAL:
             await self._clock.sleep(self._probe_s)
-            epoch = self._epoch
-            try:
-                await self.shared.ping()
+            if self._mode is Mode.FALLBACK:
+                try:
+                    await self.shared.probe()
+                except BackendUnavailable:
+                    continue  # the hook counted it
                 self._mode = Mode.RECOVERING  # no local grant from now on
-                now = self._clock.monotonic()
-                held = sorted(self._held)
-                starts: list[tuple[str, float | None]]
-                starts = [(n, now - t) for t, n in self._recent if t > now - self._window]
-                starts += [(name, None) for name in self._unsent]
-                self._adopted.update(held)
-                await self.shared.adopt(held, starts, hold_s=self._probe_s + self._window)
+            if not self._drained():
+                continue  # local permits still count only here: rejoin once they are over
+            try:
+                await self.shared.beat()
             except BackendUnavailable:
-                continue  # the hook counted it (and fell back again if it was recovering)
-            if epoch == self._epoch:
-                self._mode = Mode.GLOBAL
-                log.info("limiter: Redis is back; global limit again")
-                self._on_degraded(False)
-                self._serve()
+                continue  # the hook fell back, settling from this claim
+            self._mode = Mode.GLOBAL
+            self._local_from = math.inf
+            self.shared.beating = True
+            log.info("limiter: Redis is back; global limit again")
+            self._on_degraded(False)
+            self._serve()

@@ -1,17 +1,38 @@
 """The fleet-wide limiter: every replica sharing one Redis shares one upstream budget.
 
 State, under one hash tag so each script runs on Redis Cluster; times are Redis ``TIME`` in
-ms, so replicas with skewed clocks agree:
+ms, so replicas with skewed clocks agree. No key has a TTL (eviction cannot pick them):
 
+    {ns:limit}:meta      HASH epoch, gate           the state's generation; no grants before gate
     {ns:limit}:leases    ZSET lease -> expiry       in flight; a crashed holder's lease lapses
     {ns:limit}:starts    ZSET lease -> start        sliding window (+ margin), by time sent; a
                                                     pending (unsent) start is scored now + lease
                                                     (renewed with it) so it counts until sent
+    {ns:limit}:members   ZSET replica -> expiry     replicas heard from (heartbeats)
     {ns:limit}:queue     ZSET ticket -> first try   one ticket per replica that has waiters
     {ns:limit}:alive     ZSET ticket -> expiry      heartbeat: a dead replica's ticket lapses
     {ns:limit}:wants     ZSET ticket -> waiters     that replica's demand (at most max)
     {ns:limit}:released  channel                    a message per release (or spare grant)
-    {ns:limit}:gate      string: ms                 no grants before it (after an outage)
+
+Safety never rests on Redis keeping its data (README "The vendor's limit"):
+
+- Epoch. Every grant and heartbeat names the epoch the replica knows. A missing epoch means
+  Redis lost the state (restarted empty, flushed, evicted); the script that finds it so starts
+  a new one whose gate opens ``lease_s + window_s`` later, when every permit of the old epoch
+  has ended at the vendor and left the window. A replica told of a new epoch stops trusting
+  the permits it has not used yet (``check`` raises ``PermitLost``); the ones already sent end
+  before the gate opens.
+- Leases cover the vendor. ``lease_s`` is the longest a request can keep the vendor busy after
+  its grant (send allowance + upstream timeout + abandoned hold), so a lease lapses only after
+  its request is surely over, even if its holder froze or died.
+- Fencing. A permit is sent within ``fence_s`` of the acquire call that granted it, or not at
+  all (``check``): a holder frozen between grant and send never sends on a lapsed lease.
+- Membership. Each replica claims membership by heartbeat every ``beat_s`` (member for
+  ``3 * beat_s``). The fleet grants out of ``max - share * (replicas - members)``: a replica not
+  heard from may be on its fallback share (``limiter_failover``), so its share is set aside. A
+  heartbeat carries a "not after" time (``claim_s`` past its sending, on the wall clock): one
+  that waited in a paused or cut-off Redis is ignored, so a stale claim never counts a replica
+  as a member while it is on its fallback share.
 
 Fairness. Within a replica waiters queue FIFO on local futures and one dispatcher task talks
 to Redis for them. Across replicas the tickets queue oldest first: a ticket gets
@@ -22,26 +43,14 @@ capacity still flows to younger tickets. A dead replica's reservation holds only
 ticket's heartbeat lapses (``_ticket_ttl_ms``: 2.4 windows + 0.5 s).
 
 Waiting never polls: the dispatcher retries on a release message, or when the script's hint
-has passed (oldest start leaving the window, nearest lease expiry, or a short pause behind
-older tickets), plus 0-5 ms of jitter so replicas do not stampede. The jitter is absolute, not
-a share of the hint: a share of a window-long hint made every batch start ~9 % late and cost
-the fleet that much of the vendor's budget (README "Performance").
+has passed (oldest start leaving the window, nearest lease expiry, the gate, or a short pause
+behind older tickets), plus 0-5 ms of jitter so replicas do not stampede.
 
 A start is granted pending and recorded at Redis's ``TIME`` when the permit's ``sent()`` runs,
-or at release if it never did (Redis's time then is never earlier than the real send). A crashed
-holder's unsent starts count until its lease lapses and a window more: it may have sent them as
-it died.
-
-Held leases are renewed every ``lease_s / 3`` (one task for all) and released on every exit
-path, shielded from cancellation. Redis errors become ``BackendUnavailable`` in ``_redis``
-only; a failed release is logged, not raised: the lease lapses by itself, as does a grant
-whose reply was lost. ``QueueFull``/``QueueTimeout`` bound this replica's queue; their
-``retry_after`` is this replica's own estimate. Needs Redis >= 5 (scripts that call TIME).
-
-After an outage (see ``limiter_failover``) ``adopt`` registers permits granted locally meanwhile
-and sets the gate (``SET NX``, it expires when it opens): the acquire script grants nothing
-before it, so every replica, even one that never noticed the outage, starts at one moment.
-With an ``on_failure`` hook, every Redis failure is reported to it and logged at debug only.
+or at release if it never did. Redis errors become ``BackendUnavailable`` in ``_redis`` only
+and are reported to ``on_failure``; a failed release is logged, not raised: the lease lapses
+by itself. ``close`` gives back the permits that never went out and leaves the sent ones to
+lapse (the vendor may still be working on them). Needs Redis >= 5 (scripts that call TIME).
 """
 
 from __future__ import annotations
@@ -50,26 +59,26 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import math
 import random
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.clock import Clock
-from gateway.errors import BackendUnavailable, QueueFull, QueueTimeout
+from gateway.errors import BackendUnavailable, PermitLost, QueueFull, QueueTimeout
 from gateway.limiter import LimiterSnapshot
 from gateway.limiter_scripts import (
     ACQUIRE,
-    ADOPT,
     FORGET,
+    HEARTBEAT,
+    PROBE,
     RELEASE,
-    RENEW,
     SENT,
     LimiterKeys,
 )
@@ -82,6 +91,16 @@ _BLOCKED_HINT_MS = 250  # every permit is held: a release message normally comes
 _BEHIND_HINT_MS = 100  # older tickets go first; a spare-capacity message normally comes sooner
 _JITTER_MS = 5.0
 _RESUBSCRIBE_S = 0.5
+_MEMBER_BEATS = 3  # a member is counted this many heartbeat periods after its last beat
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """A lease granted by one acquire call sent at ``asked_at`` (monotonic), in ``generation``."""
+
+    lease: str
+    asked_at: float
+    generation: int
 
 
 class RedisLimiter:
@@ -89,7 +108,10 @@ class RedisLimiter:
     across every replica on the same keys. ``permit()`` raises ``QueueFull`` and
     ``QueueTimeout`` (this replica's queue bounds) and ``BackendUnavailable`` (Redis failed;
     nothing is left behind locally). ``on_failure`` hears of every Redis failure, background
-    ones (renewal, release, subscription) included.
+    ones (heartbeat, release, subscription) included.
+
+    ``replicas`` and ``share`` (what each replica may use on its own when cut off) must be the
+    same on every replica; ``lease_s`` must outlive any request's time at the vendor.
     """
 
     def __init__(
@@ -102,6 +124,11 @@ class RedisLimiter:
         max_wait_s: float,
         lease_s: float,
         clock: Clock,
+        replicas: int = 1,
+        share: int = 0,
+        beat_s: float = 0.5,
+        fence_s: float = 1.0,
+        claim_s: float = 1.0,
         namespace: str = "isales:v1",
         on_failure: Callable[[BackendUnavailable], None] | None = None,
     ) -> None:
@@ -113,6 +140,11 @@ class RedisLimiter:
         self._max_wait = max_wait_s
         self._lease_s = lease_s
         self._clock = clock
+        self._replicas = replicas
+        self._share = share
+        self.beat_s = beat_s
+        self._fence_s = fence_s
+        self._claim_s = claim_s
         self._on_failure = on_failure
         # The hook's owner reports outages once; a warning per failed call would flood the log.
         self._level = logging.WARNING if on_failure is None else logging.DEBUG
@@ -122,81 +154,120 @@ class RedisLimiter:
         self._ticket_ttl_ms = round(2 * longest_hint + 500)
         sources = {
             "acquire": ACQUIRE,
-            "renew": RENEW,
+            "heartbeat": HEARTBEAT,
             "forget": FORGET,
-            "adopt": ADOPT,
+            "probe": PROBE,
             "sent": SENT,
             "release": RELEASE,
         }
         self._scripts = {name: client.register_script(src) for name, src in sources.items()}
-        self._replica = uuid.uuid4().hex
+        self.replica = uuid.uuid4().hex
         self._tickets = itertools.count()
-        self._waiters: deque[asyncio.Future[str]] = deque()
-        self._trying: asyncio.Future[str] | None = None
-        self._held: set[str] = set()
+        self._waiters: deque[asyncio.Future[Grant]] = deque()
+        self._trying: asyncio.Future[Grant] | None = None
+        self._held: dict[str, RedisPermit] = {}
+        self._epoch = ""  # learnt from the first reply
+        self._generation = 0  # bumped on each new epoch: older grants are not trusted
+        self.beating = True  # heartbeats claim membership; the failover stops them
+        self.claimed_at = -float("inf")  # when the latest heartbeat was sent (monotonic)
+        self.members = 0  # replicas counted at the latest heartbeat
         self._wake: asyncio.Future[None] | None = None
         self._dispatcher: asyncio.Task[None] | None = None
-        self._renewer: asyncio.Task[None] | None = None
+        self._beater: asyncio.Task[None] | None = None
         self._subscriber: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._closed = False
 
+    @property
+    def hold_s(self) -> float:
+        """How long a new epoch grants nothing: every older lease lapses and leaves the window."""
+        return self._lease_s + self._window_s
+
     def snapshot(self) -> LimiterSnapshot:
         return LimiterSnapshot(len(self._held), self._queued())
 
+    def start(self) -> None:
+        """Start claiming membership (heartbeats); ``permit()`` starts it too."""
+        if self._beater is None and not self._closed:
+            self._beater = asyncio.create_task(self._beat_forever())
+
     @asynccontextmanager
     async def permit(self) -> AsyncIterator[RedisPermit]:
-        lease = await self._acquire()
-        permit = RedisPermit(self, lease)
+        self.start()
+        grant = await self._acquire()
+        permit = RedisPermit(self, grant)
+        self._held[grant.lease] = permit
         try:
             yield permit
         finally:
-            self._held.discard(lease)
-            # Shielded: a cancellation arriving now must not abandon the release half-way.
-            release = self._release(lease, record_start=not permit.recorded)
-            await asyncio.shield(self._spawn(release))
+            self._held.pop(grant.lease, None)
+            # Closed mid-call (shutdown): the vendor may still be working on it; it lapses.
+            if not (self._closed and permit.went_out):
+                # Shielded: a cancellation arriving now must not abandon the release half-way.
+                release = self._release(grant.lease, record_start=not permit.recorded)
+                await asyncio.shield(self._spawn(release))
 
     async def close(self) -> None:
-        """Stop background tasks, fail local waiters, release held leases (best effort)."""
+        """Stop background tasks, fail local waiters, give back the permits never sent.
+
+        A permit already sent stays held until its lease lapses: the vendor may still be
+        working on it (an abandoned call), and releasing it now would let another start.
+        """
         self._closed = True
-        tasks = [t for t in (self._dispatcher, self._renewer, self._subscriber) if t is not None]
+        tasks = [t for t in (self._dispatcher, self._beater, self._subscriber) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._fail_waiters(BackendUnavailable("The limiter is closed."))
-        for lease in list(self._held):
-            self._spawn(self._release(lease, record_start=True))  # sent or not: the later time
+        for lease, permit in list(self._held.items()):
+            if not permit.went_out:
+                self._spawn(self._release(lease, record_start=True))
         if self._background:
             await asyncio.wait(self._background, timeout=_OP_BOUND_S)
 
-    async def ping(self) -> None:
-        """Raise ``BackendUnavailable`` unless Redis answers within the client's budget."""
-        await self._redis("ping", self._client.ping())
-
-    async def adopt(
-        self, leases: Sequence[str], starts: Sequence[tuple[str, float | None]], hold_s: float
-    ) -> float:
-        """Register permits taken without Redis: ``leases`` still held (for ``lease_s``) and
-        ``starts`` as (name, seconds ago), None for a start not sent yet (pending: ``record_sent``
-        records it). Sets the fleet's gate ``hold_s`` from now unless one is set already; returns
-        the seconds until it opens. Raises ``BackendUnavailable``.
+    async def probe(self) -> None:
+        """Raise ``BackendUnavailable`` unless Redis takes a write within the client's budget
+        (a Redis that answers PING but refuses writes is down for the limiter).
         """
+        await self._redis("probe", self._scripts["probe"]([self.keys.probe], [self.replica]))
+
+    async def beat(self) -> int:
+        """Claim membership and renew held leases; the number of members. Raises
+        ``BackendUnavailable`` (reported to ``on_failure``), also for a claim that arrived late.
+        """
+        self.claimed_at = self._clock.monotonic()
+        not_after = round((self._clock.time() + self._claim_s) * 1000)
+        ttl_ms = round(_MEMBER_BEATS * self.beat_s * 1000)
+        args: list[str | int] = [self._epoch, self.replica, ttl_ms, not_after]
+        args += [round(self._lease_s * 1000), round(self.hold_s * 1000)]
+        args += [lease for lease, p in self._held.items() if p.grant.generation == self._generation]
         k = self.keys
-        ms = [round(self._lease_s * 1000), round(self._window_s * 1000), math.ceil(hold_s * 1000)]
-        args: list[str | int] = [*ms]
-        args += [len(leases), *leases]
-        for name, age_s in starts:
-            args += [name, -1 if age_s is None else max(0, round(age_s * 1000))]
-        wait_ms = await self._redis(
-            "adopt", self._scripts["adopt"]([k.leases, k.starts, k.gate], args)
-        )
-        return int(wait_ms) / 1000
+        heartbeat = self._scripts["heartbeat"]([k.meta, k.leases, k.starts, k.members], args)
+        reply = await self._redis("heartbeat", heartbeat)
+        if int(reply[0]) < 0:
+            raise self._failure("heartbeat", TimeoutError("the heartbeat reached Redis too late"))
+        members, epoch = int(reply[0]), _text(reply[1])
+        if epoch != self._epoch:
+            self._new_epoch(epoch)
+        for lease in map(_text, reply[2:]):
+            if lease in self._held:
+                log.error("limiter lease %s lapsed while held; the limit may be exceeded", lease)
+        if members > self._replicas and self.members <= self._replicas:
+            log.error(
+                "limiter: %d replicas share this Redis but limit.replicas is %d: set it to the "
+                "fleet size, or a replica cut off from Redis may exceed the vendor's limit",
+                members,
+                self._replicas,
+            )
+        self.members = members
+        return members
 
-    def forget(self, lease: str, record_start: bool) -> None:
-        """Release an adopted lease in the background (it lapses by itself if this fails),
-        recording its start now if ``record_start`` (it was never sent).
-        """
-        self._spawn(self._release(lease, record_start))
+    def check(self, grant: Grant) -> None:
+        """Raise ``PermitLost`` unless ``grant`` may still be sent now."""
+        if grant.generation != self._generation:
+            raise PermitLost("The shared limiter's state was lost since this permit's grant.")
+        if self._clock.monotonic() > grant.asked_at + self._fence_s:
+            raise PermitLost("This permit was not used in time; its lease may have lapsed.")
 
     async def record_sent(self, lease: str) -> bool:
         """Record ``lease``'s start at Redis's time now; False (logged) if Redis failed."""
@@ -208,13 +279,23 @@ class RedisLimiter:
             return False
         return True
 
-    def record_sent_later(self, lease: str) -> None:
-        """``record_sent`` in the background (for an adopted start the caller holds locally)."""
+    def _new_epoch(self, epoch: str) -> None:
+        if self._epoch:
+            log.warning(
+                "limiter: Redis lost the shared limiter's state; nothing is granted for %.1f s "
+                "while permits nobody can see any more lapse",
+                self.hold_s,
+            )
+        self._epoch = epoch
+        self._generation += 1  # held leases of the lost epoch: nothing to renew any more
 
-        async def record() -> None:
-            await self.record_sent(lease)
-
-        self._spawn(record())
+    async def _beat_forever(self) -> None:
+        period = min(self.beat_s, self._lease_s / 3)  # held leases are renewed in time too
+        while not self._closed:
+            if self.beating:
+                with contextlib.suppress(BackendUnavailable):  # reported to on_failure
+                    await self.beat()
+            await self._clock.sleep(period)
 
     def _queued(self) -> int:
         # A caller that found the queue empty is trying its luck, not queued, until refused
@@ -224,13 +305,13 @@ class RedisLimiter:
     def _retry_after(self, ahead: int) -> float:
         return (ahead // self._max + 1) * self._window_s
 
-    async def _acquire(self) -> str:
+    async def _acquire(self) -> Grant:
         if self._closed:
             raise BackendUnavailable("The limiter is closed.")
         ahead = self._queued()
         if ahead >= self._max_queue:
             raise QueueFull(self._retry_after(ahead))
-        waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
         if not self._waiters:
             self._trying = waiter
         self._waiters.append(waiter)
@@ -242,20 +323,19 @@ class RedisLimiter:
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 # Granted in the tick the caller went away: hand the permit back.
-                self._held.discard(waiter.result())
-                self._spawn(self._release(waiter.result(), record_start=True))
+                self._spawn(self._release(waiter.result().lease, record_start=True))
             self._leave(waiter)
             raise
         finally:
             deadline.cancel()
 
-    def _expire(self, waiter: asyncio.Future[str]) -> None:
+    def _expire(self, waiter: asyncio.Future[Grant]) -> None:
         if not waiter.done():
             ahead = self._waiters.index(waiter) if waiter in self._waiters else 0
             self._leave(waiter)
             waiter.set_exception(QueueTimeout(self._retry_after(ahead)))
 
-    def _leave(self, waiter: asyncio.Future[str]) -> None:
+    def _leave(self, waiter: asyncio.Future[Grant]) -> None:
         with contextlib.suppress(ValueError):  # already served
             self._waiters.remove(waiter)
         if not self._waiters:
@@ -272,16 +352,21 @@ class RedisLimiter:
                     leaving, ticket = ticket, None
                     await self._leave_queue(leaving)
                     continue
-                ticket = ticket or f"{self._replica}:{next(self._tickets)}"
+                ticket = ticket or f"{self.replica}:{next(self._tickets)}"
                 self._wake = asyncio.get_running_loop().create_future()
+                asked_at = self._clock.monotonic()
                 try:
-                    granted, hint_ms = await self._try(ticket)
+                    granted, hint_ms, epoch = await self._try(ticket)
                 except BackendUnavailable as exc:
                     self._fail_waiters(exc)
                     continue
+                if epoch != self._epoch:
+                    self._new_epoch(epoch)
+                    continue  # nothing was done under the old epoch: ask again in this one
                 self._trying = None
                 if granted:
-                    self._grant([f"{ticket}:{i}" for i in range(1, granted + 1)])
+                    leases = [f"{ticket}:{i}" for i in range(1, granted + 1)]
+                    self._grant([Grant(lease, asked_at, self._generation) for lease in leases])
                     ticket = None  # the script removed it: the next batch queues afresh
                     continue
                 if self._subscriber is None or self._subscriber.done():
@@ -296,26 +381,24 @@ class RedisLimiter:
             if ticket is not None:  # cancelled by close()
                 self._spawn(self._leave_queue(ticket))
 
-    async def _try(self, ticket: str) -> tuple[int, int]:
+    async def _try(self, ticket: str) -> tuple[int, int, str]:
         k = self.keys
-        args: list[str | float] = [self._max, self._window_s * 1000, self._lease_s * 1000]
-        args += [ticket, min(len(self._waiters), self._max), self._ticket_ttl_ms]
-        args += [_BLOCKED_HINT_MS, _BEHIND_HINT_MS, k.released]
-        keys = [k.leases, k.starts, k.queue, k.alive, k.wants, k.gate]
-        granted, hint_ms = await self._redis("acquire", self._scripts["acquire"](keys, args))
-        return int(granted), int(hint_ms)
+        args: list[str | float] = [self._epoch, self._max, self._window_s * 1000]
+        args += [self._lease_s * 1000, ticket, min(len(self._waiters), self._max)]
+        args += [self._ticket_ttl_ms, _BLOCKED_HINT_MS, _BEHIND_HINT_MS, k.released]
+        args += [self.hold_s * 1000, self._share, self._replicas]
+        keys = [k.meta, k.leases, k.starts, k.queue, k.alive, k.wants, k.members]
+        reply = await self._redis("acquire", self._scripts["acquire"](keys, args))
+        return max(0, int(reply[0])), int(reply[1]), _text(reply[2])
 
-    def _grant(self, leases: list[str]) -> None:
-        for lease in leases:
+    def _grant(self, grants: list[Grant]) -> None:
+        for grant in grants:
             while self._waiters and self._waiters[0].done():
                 self._waiters.popleft()  # cancelled; its task has not cleaned up yet
             if self._waiters:
-                self._held.add(lease)
-                self._waiters.popleft().set_result(lease)
+                self._waiters.popleft().set_result(grant)
             else:  # the waiter left while the script ran
-                self._spawn(self._release(lease, record_start=True))
-        if self._held and (self._renewer is None or self._renewer.done()):
-            self._renewer = asyncio.create_task(self._renew())
+                self._spawn(self._release(grant.lease, record_start=True))
 
     def _fail_waiters(self, exc: BackendUnavailable) -> None:
         while self._waiters:
@@ -328,27 +411,6 @@ class RedisLimiter:
     def _wake_up(self) -> None:
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(None)
-
-    async def _renew(self) -> None:
-        """Extend every held lease each ``lease_s / 3`` so long calls keep their permit."""
-        while self._held:
-            await self._clock.sleep(self._lease_s / 3)
-            held = list(self._held)
-            if not held:
-                return
-            keys = [self.keys.leases, self.keys.starts]
-            renew = self._scripts["renew"](
-                keys, [self._lease_s * 1000, self._window_s * 1000, *held]
-            )
-            try:
-                lost = await self._redis("renew", renew)
-            except BackendUnavailable as exc:
-                log.log(self._level, "limiter lease renewal failed: %s", exc.__cause__)
-                continue
-            for lease in lost:
-                name = lease.decode() if isinstance(lease, bytes) else str(lease)
-                if name in self._held:
-                    log.error("limiter lease %s lapsed while held; the limit may be exceeded", name)
 
     async def _release(self, lease: str, record_start: bool) -> None:
         """``record_start``: never sent, or not recorded; it may have gone out until now."""
@@ -391,27 +453,41 @@ class RedisLimiter:
         task.add_done_callback(self._background.discard)
         return task
 
+    def _failure(self, action: str, cause: BaseException) -> BackendUnavailable:
+        """A ``BackendUnavailable`` for ``action``, reported to ``on_failure``."""
+        failure = BackendUnavailable(f"Shared limiter unavailable ({action}).")
+        failure.__cause__ = cause
+        if self._on_failure is not None:
+            self._on_failure(failure)
+        return failure
+
     async def _redis(self, action: str, call: Awaitable[T]) -> T:
         """The one place Redis errors become ``BackendUnavailable``."""
         try:
             async with asyncio.timeout(_OP_BOUND_S):
                 return await call
         except (RedisError, OSError) as exc:  # OSError: builtin Connection/TimeoutError too
-            failure = BackendUnavailable(f"Shared limiter unavailable ({action}).")
-            failure.__cause__ = exc
-            if self._on_failure is not None:
-                self._on_failure(failure)
-            raise failure from exc
+            raise self._failure(action, exc) from exc
+
+
+def _text(value: bytes | str | int) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class RedisPermit:
     """A permit of ``RedisLimiter``: ``sent()`` records its start at Redis's time (once)."""
 
-    def __init__(self, limiter: RedisLimiter, lease: str) -> None:
-        self.lease = lease
+    def __init__(self, limiter: RedisLimiter, grant: Grant) -> None:
+        self.lease = grant.lease
+        self.grant = grant
         self.recorded = False
+        self.went_out = False
         self._limiter = limiter
 
+    def check(self) -> None:
+        self._limiter.check(self.grant)
+
     async def sent(self) -> None:
+        self.went_out = True
         if not self.recorded:
             self.recorded = await self._limiter.record_sent(self.lease)

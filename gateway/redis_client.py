@@ -12,6 +12,7 @@ but the pub/sub and the client type have not been made to work on a cluster.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
@@ -19,9 +20,12 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 
 from gateway.errors import ConfigError
 from gateway.settings import RedisSettings
+
+log = logging.getLogger("gateway")
 
 
 def _common(settings: RedisSettings) -> dict[str, Any]:
@@ -65,3 +69,24 @@ def _sentinel(url: str, common: dict[str, Any]) -> aioredis.Redis:
         sentinels, sentinel_kwargs=dict(common), password=password, db=db, **common
     )
     return cast(aioredis.Redis, sentinel.master_for(path[0]))
+
+
+async def check_eviction_policy(client: aioredis.Redis) -> None:
+    """Refuse a Redis whose ``maxmemory-policy`` may evict any key (``allkeys-*``): it would
+    evict the limiter's keys, which have no TTL so that ``volatile-*`` policies never pick them.
+    Warns (and goes on) when the policy cannot be read: Redis down, or CONFIG not allowed.
+    """
+    try:
+        reply = await client.config_get("maxmemory-policy")
+    except (RedisError, OSError) as exc:
+        log.warning("cannot read Redis maxmemory-policy (%s); it must not be allkeys-*", exc)
+        return
+    policy = reply.get("maxmemory-policy", "")
+    policy = policy.decode() if isinstance(policy, bytes) else str(policy)
+    if policy.startswith("allkeys-"):
+        raise ConfigError(
+            "redis.url",
+            f"Redis maxmemory-policy is {policy}: it may evict the upstream limiter's keys "
+            "and break the vendor's limit; use volatile-lru, volatile-lfu, volatile-ttl, "
+            "volatile-random or noeviction (cache entries carry TTLs, the limiter's keys none)",
+        )

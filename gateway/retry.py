@@ -1,7 +1,11 @@
 """One upstream call as the caller sees it: attempts under permits, retries, the breaker.
 
-Each attempt takes its own permit (a retry is a new start for the vendor) and tells it when
-the request goes out (``on_sent``), which is when the vendor counts the start. Connect errors,
+Each attempt takes its own permit (a retry is a new start for the vendor), checks it just
+before sending (a permit the limiter can no longer vouch for is given back and a fresh one
+taken) and tells it when the request goes out (``on_sent``), which is when the vendor counts
+the start. An attempt given up on after it went out (timeout, dropped connection) keeps its
+permit ``abandoned_hold_s`` longer in the background: the vendor may still be working on it,
+while the caller gets its answer at once and a retry takes a fresh permit. Connect errors,
 timeouts and 5xx are retried after an exponential backoff with full jitter, within the
 request's deadline; a refused AK/SK is not (retrying cannot fix it). The circuit breaker
 fails calls fast while the upstream keeps failing, and lets one probe through later.
@@ -21,6 +25,7 @@ from gateway.cache_policy import SUCCESS, business_code
 from gateway.clock import Clock
 from gateway.errors import (
     Overloaded,
+    PermitLost,
     QueueFull,
     UpstreamAuthRejected,
     UpstreamCircuitOpen,
@@ -79,6 +84,7 @@ class UpstreamCaller:
         policy: RetryPolicy,
         metrics: GatewayMetrics,
         clock: Clock,
+        abandoned_hold_s: float = 0.0,
         rng: random.Random | None = None,
     ) -> None:
         self._upstream = upstream
@@ -88,6 +94,21 @@ class UpstreamCaller:
         self._metrics = metrics
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
+        self._hold_s = abandoned_hold_s
+        self._holding: set[asyncio.Task[None]] = set()
+        # Holds cut short by shutdown: kept, never released here (a shared lease lapses).
+        self._kept: list[contextlib.AsyncExitStack] = []
+
+    @property
+    def holding(self) -> int:
+        """Permits held for calls the gateway gave up on."""
+        return len(self._holding)
+
+    async def close(self) -> None:
+        """Stop the holds of abandoned calls without giving their permits back (shutdown)."""
+        for task in list(self._holding):
+            task.cancel()
+        await asyncio.gather(*self._holding, return_exceptions=True)
 
     async def call(
         self, query: CallResultQuery, locale: str | None
@@ -122,16 +143,47 @@ class UpstreamCaller:
     async def _attempt(
         self, query: CallResultQuery, locale: str | None
     ) -> tuple[UpstreamResponse, str | None]:
-        async with self._permit() as permit:
-            call = asyncio.ensure_future(self._fetch(query, locale, permit))
+        while True:
+            async with contextlib.AsyncExitStack() as stack:
+                permit = await stack.enter_async_context(self._permit())
+                try:
+                    permit.check()
+                except PermitLost:
+                    continue  # given back unsent as the stack closes; queue for a fresh one
+                went_out = asyncio.Event()
+
+                async def on_sent(
+                    permit: Permit = permit, went_out: asyncio.Event = went_out
+                ) -> None:
+                    went_out.set()
+                    await permit.sent()
+
+                call = asyncio.ensure_future(self._fetch(query, locale, on_sent))
+                try:
+                    return await asyncio.shield(call)
+                except asyncio.CancelledError:
+                    # Every caller left, but the request is already at the upstream: it still
+                    # holds its permit until the answer is in, so the limit stays exact.
+                    with contextlib.suppress(Exception):
+                        await call
+                    raise
+                except (UpstreamTimeout, UpstreamUnavailable):
+                    if went_out.is_set() and self._hold_s > 0:
+                        self._hold(stack.pop_all())  # the vendor may still be working on it
+                    raise
+
+    def _hold(self, permit: contextlib.AsyncExitStack) -> None:
+        async def hold() -> None:
             try:
-                return await asyncio.shield(call)
+                await self._clock.sleep(self._hold_s)
             except asyncio.CancelledError:
-                # Every caller left, but the request is already at the upstream: it still
-                # holds its permit until the answer is in, so the limit stays exact.
-                with contextlib.suppress(Exception):
-                    await call
+                self._kept.append(permit)
                 raise
+            await permit.aclose()
+
+        task = asyncio.ensure_future(hold())
+        self._holding.add(task)
+        task.add_done_callback(self._holding.discard)
 
     @contextlib.asynccontextmanager
     async def _permit(self) -> AsyncIterator[Permit]:
@@ -151,11 +203,11 @@ class UpstreamCaller:
             raise
 
     async def _fetch(
-        self, query: CallResultQuery, locale: str | None, permit: Permit
+        self, query: CallResultQuery, locale: str | None, on_sent: Callable[[], Awaitable[None]]
     ) -> tuple[UpstreamResponse, str | None]:
         started = self._clock.monotonic()
         try:
-            response = await self._upstream.fetch(query, locale, on_sent=permit.sent)
+            response = await self._upstream.fetch(query, locale, on_sent=on_sent)
         except UpstreamError as exc:
             self._metrics.upstream_requests.labels(upstream_outcome(exc), "none").inc()
             raise

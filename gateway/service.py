@@ -143,6 +143,7 @@ class CallResultService:
         for task in list(self._refreshing):
             task.cancel()
         await asyncio.gather(*self._refreshing, return_exceptions=True)
+        await self._caller.close()
 
     async def _fetch_and_store(
         self, query: CallResultQuery, key: str, locale: str | None, since: float

@@ -45,6 +45,7 @@ _BOUNDS: Final[dict[str, tuple[float, float]]] = {
     "server.shutdown_timeout_s": (_ABOVE_ZERO, math.inf),
     "upstream.connect_timeout_ms": (1, math.inf),
     "upstream.timeout_ms": (1, math.inf),
+    "upstream.abandoned_hold_ms": (0, math.inf),
     "redis.timeout_ms": (1, 60000),
     "redis.pool_size": (1, 10000),
     "upstream.retries": (0, 10),
@@ -60,6 +61,7 @@ _BOUNDS: Final[dict[str, tuple[float, float]]] = {
     "limit.max_queue": (0, math.inf),
     "limit.max_wait_ms": (0, math.inf),
     "limit.replicas": (1, math.inf),
+    "limit.clock_skew_ms": (0, 60000),
     "cache.ttl_closed_s": (0, math.inf),
     "cache.ttl_open_s": (0, math.inf),
     "cache.stale_s": (0, math.inf),
@@ -85,7 +87,10 @@ class UpstreamSettings:
     ak_file: str = ""
     sk_file: str = ""
     connect_timeout_ms: int = 3000
-    timeout_ms: int = 30000
+    timeout_ms: int = 10000
+    # A call the gateway gave up on (timeout, dropped connection) after sending it keeps its
+    # permit this much longer: the vendor may still be working on it.
+    abandoned_hold_ms: int = 10000
     verify_tls: bool = True
     ca_file: str = ""
     allow_http: bool = False
@@ -127,6 +132,8 @@ class LimitSettings:
     max_queue: int = 250
     max_wait_ms: int = 30000
     replicas: int = 1
+    # The most the wall clocks of the replicas and of Redis may differ (an assumption).
+    clock_skew_ms: int = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,6 +349,12 @@ def _validate(s: Settings, *, require_upstream: bool) -> None:
     if not up.signed_headers or not set(up.signed_headers) <= SIGNABLE_HEADERS:
         allowed = ", ".join(sorted(SIGNABLE_HEADERS))
         raise ConfigError("upstream.signed_headers", f"must be a non-empty subset of {allowed}")
+    if s.limit.replicas > s.limit.max_concurrent:
+        raise ConfigError(
+            "limit.replicas",
+            "must be <= limit.max_concurrent: each replica needs a share of at least one "
+            "permit for when it cannot reach Redis",
+        )
     if s.log.level not in LOG_LEVELS:
         raise ConfigError("log.level", f"must be one of {', '.join(LOG_LEVELS)}")
     if s.log.format not in LOG_FORMATS:

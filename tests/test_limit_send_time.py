@@ -116,6 +116,9 @@ class NotingPermit:
     flags: list[bool]
     index: int
 
+    def check(self) -> None:
+        self.inner.check()
+
     async def sent(self) -> None:
         self.flags[self.index] = True
         await self.inner.sent()
@@ -136,6 +139,9 @@ class SendWatchingLimiter:
 
     def snapshot(self) -> LimiterSnapshot:
         return self.inner.snapshot()
+
+    def start(self) -> None:
+        self.inner.start()
 
     async def close(self) -> None:
         await self.inner.close()

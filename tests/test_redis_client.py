@@ -6,9 +6,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.errors import ConfigError
-from gateway.redis_client import connect
+from gateway.redis_client import check_eviction_policy, connect
 from gateway.settings import RedisSettings
-from tests.support.processes import RedisServer
+from tests.support.processes import RedisServer, free_port
 
 
 async def test_a_plain_url_gets_a_blocking_pool_with_the_configured_budget(
@@ -43,3 +43,39 @@ def test_a_malformed_sentinel_url_is_a_config_error_naming_redis_url(url: str) -
     with pytest.raises(ConfigError) as info:
         connect(RedisSettings(url=url))
     assert info.value.key == "redis.url"
+
+
+@pytest.mark.parametrize("policy", ["allkeys-lru", "allkeys-lfu", "allkeys-random"])
+async def test_a_policy_that_may_evict_the_limiters_keys_is_refused(
+    redis_client: aioredis.Redis, policy: str
+) -> None:
+    await redis_client.config_set("maxmemory-policy", policy)
+    try:
+        with pytest.raises(ConfigError) as error:
+            await check_eviction_policy(redis_client)
+        assert error.value.key == "redis.url"
+        assert f"maxmemory-policy is {policy}" in error.value.message
+    finally:
+        await redis_client.config_set("maxmemory-policy", "volatile-lru")
+
+
+@pytest.mark.parametrize("policy", ["volatile-lru", "volatile-ttl", "noeviction"])
+async def test_policies_that_spare_keys_without_a_ttl_are_accepted(
+    redis_client: aioredis.Redis, policy: str
+) -> None:
+    await redis_client.config_set("maxmemory-policy", policy)
+    try:
+        await check_eviction_policy(redis_client)
+    finally:
+        await redis_client.config_set("maxmemory-policy", "volatile-lru")
+
+
+async def test_an_unreadable_policy_is_a_warning_not_a_refusal(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client = aioredis.Redis(port=free_port(), socket_connect_timeout=0.2)
+    try:
+        await check_eviction_policy(client)
+    finally:
+        await client.aclose()
+    assert "cannot read Redis maxmemory-policy" in caplog.text

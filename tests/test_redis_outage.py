@@ -11,7 +11,7 @@ import pytest
 from aiohttp import ClientSession, ClientTimeout, TCPConnector
 
 from tests.support.fleet import JSON, path, sim_stats, start_replica, start_simulator_process
-from tests.support.processes import Process, RedisServer
+from tests.support.processes import Process, RedisServer, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -24,18 +24,23 @@ async def degraded(session: ClientSession, replica: Process) -> bool:
 
 async def test_redis_killed_under_load_costs_no_5xx_and_no_violation_and_heals_itself() -> None:
     redis = RedisServer().start()
+    redis.flush()
     upstream = start_simulator_process("--latency-ms", "200", "--enforce-limits")
     env = {
         "limit__replicas": "2",
-        "upstream__timeout_ms": "2000",  # lease 3 s: a failover settles within that
+        # lease 1 + 0.5 + 2 + 0.5 = 4 s: a failover settles within 1 + 0 + 1.5 + 4 + 1.1 s,
+        # and the restarted (empty) Redis holds grants lease + window = 5.1 s
+        "upstream__timeout_ms": "2000",
         "upstream__connect_timeout_ms": "500",
+        "upstream__abandoned_hold_ms": "500",
+        "limit__clock_skew_ms": "0",
         "limit__max_wait_ms": "60000",
     }
     replicas = [start_replica(upstream, redis.url, **env) for _ in range(2)]
     statuses: list[int] = []
     try:
         rng = random.Random(3)
-        stop_at = time.monotonic() + 14
+        stop_at = time.monotonic() + 18
         async with ClientSession(
             connector=TCPConnector(limit=0), timeout=ClientTimeout(total=90)
         ) as session:
@@ -77,3 +82,28 @@ async def test_redis_killed_under_load_costs_no_5xx_and_no_violation_and_heals_i
         for process in [*replicas, upstream]:
             process.stop()
         redis.close()
+
+
+async def test_redis_down_at_start_up_shows_as_degraded_from_the_first_second() -> None:
+    upstream = start_simulator_process()
+    replica = start_replica(upstream, f"redis://127.0.0.1:{free_port()}/0")  # nobody there
+    try:
+        async with ClientSession() as session:
+
+            async def gauge() -> str:
+                async with session.get(replica.url + "/metrics") as response:
+                    text = await response.text()
+                    return next(
+                        line.split()[-1]
+                        for line in text.splitlines()
+                        if line.startswith('isales_gateway_degraded{component="redis"}')
+                    )
+
+            deadline = time.monotonic() + 5
+            while await gauge() != "1.0":  # no request has been made: the limiter said so
+                assert time.monotonic() < deadline, "degraded gauge still 0 without traffic"
+                await asyncio.sleep(0.05)
+            assert await degraded(session, replica)
+    finally:
+        replica.stop()
+        upstream.stop()

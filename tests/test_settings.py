@@ -214,7 +214,7 @@ def test_the_edges_of_each_range_are_accepted() -> None:
             **UPSTREAM,
             "GATEWAY_SERVER__PORT": "65535",
             "GATEWAY_SERVER__MAX_BODY_BYTES": "1048576",
-            "GATEWAY_UPSTREAM__CONNECT_TIMEOUT_MS": "30000",
+            "GATEWAY_UPSTREAM__CONNECT_TIMEOUT_MS": "10000",
             "GATEWAY_LIMIT__MARGIN_MS": "0",
             "GATEWAY_LIMIT__MAX_QUEUE": "0",
             "GATEWAY_CACHE__TTL_OPEN_S": "0",

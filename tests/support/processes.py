@@ -16,6 +16,10 @@ from typing import ClassVar
 
 import redis
 
+from gateway.limiter_scripts import LimiterKeys
+
+LIMITER_KEYS = LimiterKeys.for_namespace("isales:v1")
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -89,8 +93,12 @@ class RedisServer:
         self.proc = None
 
     def flush(self) -> None:
+        """Empty it as a planned reset with no gateway running: the limiter's state is known
+        to be empty, so its epoch starts open (after a real loss it waits out old leases).
+        """
         client = redis.Redis(port=self.port)
         client.flushall()
+        client.hset(LIMITER_KEYS.meta, mapping={"epoch": "planned-reset", "gate": 0})
         client.close()
 
     def close(self) -> None:
