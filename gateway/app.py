@@ -24,7 +24,7 @@ from gateway.clock import Clock, SystemClock
 from gateway.coalesce import Coalescer, InProcessCoalescer
 from gateway.coalesce_redis import RedisCoalescer
 from gateway.handlers import add_routes
-from gateway.limiter import InMemoryLimiter, Limiter
+from gateway.limiter import CallerBlindLimiter, InMemoryLimiter, Limiter
 from gateway.limiter_failover import FailoverLimiter
 from gateway.metrics import BREAKER_STATES, GatewayMetrics
 from gateway.middleware import error_middleware, observe_middleware
@@ -77,18 +77,20 @@ def build_limiter(
     # The global limiter, falling back to floor(max_concurrent / replicas) per replica when
     # Redis fails (never failing open). A lease outlives the upstream timeout, so a permit
     # cannot lapse under a live call even if renewals stall; a crashed holder's permits
-    # return within this time.
-    return FailoverLimiter(
-        redis,
-        max_concurrent=lim.max_concurrent,
-        window_s=window_s,
-        max_queue=lim.max_queue,
-        max_wait_s=lim.max_wait_ms / 1000,
-        lease_s=settings.upstream.timeout_ms / 1000 + 1,
-        clock=clock,
-        replicas=lim.replicas,
-        on_error=metrics.redis_errors.labels("limiter").inc,
-        on_degraded=lambda down: degraded.set(int(down)),
+    # return within this time. Caller-blind until the Redis backends schedule per caller.
+    return CallerBlindLimiter(
+        FailoverLimiter(
+            redis,
+            max_concurrent=lim.max_concurrent,
+            window_s=window_s,
+            max_queue=lim.max_queue,
+            max_wait_s=lim.max_wait_ms / 1000,
+            lease_s=settings.upstream.timeout_ms / 1000 + 1,
+            clock=clock,
+            replicas=lim.replicas,
+            on_error=metrics.redis_errors.labels("limiter").inc,
+            on_degraded=lambda down: degraded.set(int(down)),
+        )
     )
 
 
