@@ -29,6 +29,8 @@ from gateway.scheduler import CallerPolicy, FairScheduler
 
 # The caller of a request nobody named (auth off, no caller header): one share for all of them.
 ANONYMOUS: Final = "anonymous"
+# The caller of background work (refresh-ahead): it owns no share, it takes idle permits.
+BACKGROUND: Final = "background"
 
 
 @dataclass(frozen=True, slots=True)
