@@ -25,11 +25,12 @@ PATH = "/rest/isales/v1/openapi/campaigns/11/callresult/{campaign}"
 NO_CACHE = {"Cache-Control": "no-cache"}
 
 
-def callers_file(tmp_path: Path, **weights: float) -> str:
-    """A callers file naming ``weights``' callers (their keys unused while auth is off)."""
+def callers_file(tmp_path: Path, queue: int = 3, **weights: float) -> str:
+    """A callers file naming ``weights``' callers, each with a queue of ``queue`` (their keys
+    are unused while auth is off)."""
     tables = [
         f'[[callers]]\nname = "{name}"\nkey_sha256 = "{key_digest(name)}"\n'
-        f'vdn_ids = ["*"]\nweight = {weight}\nmax_queue = 3\n'
+        f'vdn_ids = ["*"]\nweight = {weight}\nmax_queue = {queue}\n'
         for name, weight in weights.items()
     ]
     path = tmp_path / "callers.toml"
@@ -233,3 +234,45 @@ async def test_a_share_too_small_for_one_permit_switches_refresh_ahead_off(
     assert (await gateway.post(path, json={})).headers["X-Cache"] == "MISS"
     assert upstream.requests == 2
     assert sample(registry, "isales_gateway_refresh_ahead_total", result="ok") == 0
+
+
+# --- weights under sustained contention -----------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_weights_three_to_one_share_the_upstream_within_ten_percent_over_30_seconds(
+    start_simulator: StartSimulator, start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    upstream = await start_simulator(latency_ms=200)
+    registry = CollectorRegistry()
+    settings = gateway_settings(
+        upstream.url,
+        auth__callers_file=callers_file(tmp_path, queue=50, heavy=3, light=1),
+        limit__caller_header="X-Caller",
+    )
+    gateway = await start_gateway(settings, registry=registry)
+    pages = iter(range(1, 1_000_000))
+    stop = asyncio.Event()
+
+    async def keep_asking(caller: str) -> None:
+        """One of 15 loops per caller, each always with a distinct miss outstanding."""
+        while not stop.is_set():
+            body = {"pageNum": next(pages), "pageSize": 1}
+            response = await gateway.post(
+                PATH.format(campaign=3), json=body, headers={"X-Caller": caller}
+            )
+            assert response.status == 200
+
+    def calls(caller: str) -> float:
+        return sample(registry, "isales_gateway_caller_upstream_calls_total", caller=caller)
+
+    loops = [asyncio.create_task(keep_asking(c)) for c in ("heavy", "light") for _ in range(15)]
+    await asyncio.sleep(3.0)  # both queues are full by now: contention from here on
+    before = {c: calls(c) for c in ("heavy", "light")}
+    await asyncio.sleep(30.0)
+    heavy, light = (calls(c) - before[c] for c in ("heavy", "light"))
+    stop.set()
+    await asyncio.gather(*loops)
+    assert heavy + light >= 200, "the budget (about 9 a second) was in use all along"
+    assert heavy / light == pytest.approx(3.0, rel=0.1)
