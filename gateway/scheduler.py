@@ -20,7 +20,12 @@ The rule is start-time fair queuing (Goyal et al., SFQ) over per-caller queues:
   grants per ``window_s``.
 
 The scheduler decides order and caps only: whether the upstream budget has room (the window
-and the concurrency) is the limiter's question, asked before ``next``.
+and the concurrency) is the limiter's question, asked before ``next``. A backend uses it so:
+``ready`` + ``started`` to grant at once when nobody waits, else ``join`` (``QueueFull``),
+then on every release, join and window tick ``next`` while the budget has room, ``finished``
+on release and ``leave`` on timeout or cancellation. A fleet-wide backend keeps its replica's
+waiters here and, per caller in ``order()``, lets the shared store decide whether that caller
+may start now, then grants its head with ``next_for(caller)``.
 """
 
 from __future__ import annotations
@@ -161,20 +166,38 @@ class FairScheduler(Generic[T]):
             if best is None or key[:2] < best[:2]:
                 best = key
         if best is not None:
-            start, _, caller = best
-            flow = self._flows[caller]
-            _, item = flow.queue.popleft()
-            del self._where[item]
-            self._waiting -= 1
-            flow.in_flight += 1
-            flow.finish = start + 1.0 / self._weight(caller)
-            self._v = start
-            return Turn(caller, item)
+            return self.next_for(best[2])
         if self._waiting == 0 and self._background and self._background_room(now):
             caller, item = self._background.popleft()
             self.started(caller, now, background=True)
             return Turn(caller, item, background=True)
         return None
+
+    def order(self) -> list[str]:
+        """Callers with a grantable waiter (not at their cap), in the order ``next`` would
+        serve them if nobody joined meanwhile: for a backend that asks a shared store
+        (Redis) which of its callers may start, fleet-wide, before granting locally."""
+        ranked = sorted(
+            (max(self._v, flow.finish), flow.queue[0][0], caller)
+            for caller, flow in self._flows.items()
+            if flow.queue and self._under_cap(caller)
+        )
+        return [caller for _, _, caller in ranked]
+
+    def next_for(self, caller: str) -> Turn[T] | None:
+        """``caller``'s head waiter, taken out and counted as started as ``next`` would (None
+        if it has none): when the turn was decided elsewhere (fleet-wide, per caller)."""
+        flow = self._flows.get(caller)
+        if flow is None or not flow.queue:
+            return None
+        start = max(self._v, flow.finish)
+        _, item = flow.queue.popleft()
+        del self._where[item]
+        self._waiting -= 1
+        flow.in_flight += 1
+        flow.finish = start + 1.0 / self._weight(caller)
+        self._v = max(self._v, start)
+        return Turn(caller, item)
 
     def started(self, caller: str, now: float, *, background: bool = False) -> None:
         """A permit was granted to ``caller`` without queuing (see ``ready``)."""

@@ -232,3 +232,17 @@ def test_a_flooding_caller_is_still_served_while_others_take_turns() -> None:
         scheduler.join("b", f"b{i}")
         served += callers(grants(scheduler, 2))
     assert Counter(served) == {"a": 20, "b": 20}
+
+
+def test_order_lists_the_callers_next_would_serve_and_next_for_serves_one_of_them() -> None:
+    scheduler = make({"capped": CallerPolicy(max_in_flight=1)})
+    scheduler.started("capped", 0.0)
+    scheduler.join("capped", "c0")
+    flood(scheduler, "a", 3)
+    grants(scheduler, 1)  # a's first: a's next turn comes after b's
+    scheduler.join("b", "b0")
+    assert scheduler.order() == ["b", "a"], "capped is at its cap"
+    assert scheduler.next_for("a") == Turn("a", "a1")
+    assert scheduler.next_for("nobody") is None
+    assert scheduler.order() == ["b", "a"]
+    assert scheduler.next(0.0) == Turn("b", "b0")
