@@ -7,14 +7,15 @@ their own clock, registry or backends. No globals: two apps in one process share
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import math
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
-from gateway.auth import load_callers
+from gateway.auth import Callers, load_callers
 from gateway.breaker import CircuitBreaker
 from gateway.cache import CacheStore, InMemoryCacheStore
 from gateway.cache_local import TieredCacheStore
@@ -24,13 +25,15 @@ from gateway.clock import Clock, SystemClock
 from gateway.coalesce import Coalescer, InProcessCoalescer
 from gateway.coalesce_redis import RedisCoalescer
 from gateway.handlers import add_routes
-from gateway.limiter import InMemoryLimiter, Limiter
+from gateway.limiter import CallerBlindLimiter, InMemoryLimiter, Limiter
 from gateway.limiter_failover import FailoverLimiter
 from gateway.metrics import BREAKER_STATES, GatewayMetrics
 from gateway.middleware import error_middleware, observe_middleware
 from gateway.openapi import add_openapi_route
+from gateway.popularity import Popularity, RefreshRule
 from gateway.redis_client import check_eviction_policy, connect
 from gateway.retry import RetryPolicy, UpstreamCaller
+from gateway.scheduler import DEFAULT_POLICY, CallerPolicy
 from gateway.service import CallResultService
 from gateway.settings import Settings
 from gateway.state import PARTS, SERVICE, Parts
@@ -73,8 +76,28 @@ def limiter_lease_s(settings: Settings) -> float:
     return PERMIT_FENCE_S + (up.connect_timeout_ms + up.timeout_ms + up.abandoned_hold_ms) / 1000
 
 
+def caller_policy(callers: Callers | None) -> Callable[[str], CallerPolicy]:
+    """Each caller's share from the callers file; everyone else (anonymous, other) weight 1."""
+    table = {
+        c.name: CallerPolicy(c.weight, c.max_in_flight, c.max_queue)
+        for c in (callers.callers if callers is not None else ())
+    }
+    return lambda name: table.get(name, DEFAULT_POLICY)
+
+
+def background_permits(settings: Settings) -> int:
+    """Permits refresh-ahead may hold (and take per window): its share of the budget, 0 = off."""
+    if settings.cache.refresh_ahead_s <= 0 or not settings.cache.enabled:
+        return 0
+    return math.floor(settings.cache.refresh_max_share * settings.limit.max_concurrent)
+
+
 def build_limiter(
-    settings: Settings, clock: Clock, redis: Redis | None, metrics: GatewayMetrics
+    settings: Settings,
+    clock: Clock,
+    redis: Redis | None,
+    metrics: GatewayMetrics,
+    policy: Callable[[str], CallerPolicy] | None = None,
 ) -> Limiter:
     lim = settings.limit
     window_s = (lim.window_ms + lim.margin_ms) / 1000
@@ -85,24 +108,39 @@ def build_limiter(
             max_queue=lim.max_queue,
             max_wait_s=lim.max_wait_ms / 1000,
             clock=clock,
+            policy=policy,
+            background_max=background_permits(settings),
         )
     degraded = metrics.degraded.labels("redis")
     # The global limiter, falling back to floor(max_concurrent / replicas) per replica when
-    # Redis fails (never failing open).
-    return FailoverLimiter(
-        redis,
-        max_concurrent=lim.max_concurrent,
-        window_s=window_s,
-        max_queue=lim.max_queue,
-        max_wait_s=lim.max_wait_ms / 1000,
-        lease_s=limiter_lease_s(settings),
-        clock=clock,
-        replicas=lim.replicas,
-        fence_s=PERMIT_FENCE_S,
-        skew_s=lim.clock_skew_ms / 1000,
-        on_error=metrics.redis_errors.labels("limiter").inc,
-        on_degraded=lambda down: degraded.set(int(down)),
+    # Redis fails (never failing open). Caller-blind until the Redis backends schedule per
+    # caller.
+    return CallerBlindLimiter(
+        FailoverLimiter(
+            redis,
+            max_concurrent=lim.max_concurrent,
+            window_s=window_s,
+            max_queue=lim.max_queue,
+            max_wait_s=lim.max_wait_ms / 1000,
+            lease_s=limiter_lease_s(settings),
+            clock=clock,
+            replicas=lim.replicas,
+            fence_s=PERMIT_FENCE_S,
+            skew_s=lim.clock_skew_ms / 1000,
+            on_error=metrics.redis_errors.labels("limiter").inc,
+            on_degraded=lambda down: degraded.set(int(down)),
+        )
     )
+
+
+def popularity(settings: Settings, limiter: Limiter) -> Popularity | None:
+    """Hit counts for refresh-ahead, when it is on and the limiter grants background permits
+    (the caller-blind Redis adapter refuses them, so it would only count skips)."""
+    if background_permits(settings) == 0 or isinstance(limiter, CallerBlindLimiter):
+        return None
+    c = settings.cache
+    rule = RefreshRule(min_hits=c.refresh_min_hits, lead_s=c.refresh_ahead_s, max_ttl=c.ttl_open_s)
+    return Popularity(rule, max_keys=c.max_entries)
 
 
 def create_app(
@@ -118,8 +156,12 @@ def create_app(
     clock = clock or SystemClock()
     metrics = GatewayMetrics(registry or CollectorRegistry())
     redis = None if settings.embedded else connect(settings.redis)
+    # The callers file names the callers and their shares; with auth off it is still read
+    # for that (its keys are then not checked).
+    roster = load_callers(settings.auth.callers_file) if settings.auth.callers_file else None
+    metrics.observe_callers(c.name for c in (roster.callers if roster is not None else ()))
     if limiter is None:
-        limiter = build_limiter(settings, clock, redis, metrics)
+        limiter = build_limiter(settings, clock, redis, metrics, caller_policy(roster))
     if cache is None and settings.cache.enabled:
         cache = (
             InMemoryCacheStore(max_entries=settings.cache.max_entries, clock=clock)
@@ -153,7 +195,8 @@ def create_app(
         limiter=limiter,
         mode="embedded" if redis is None else "redis",
         redis=redis,
-        callers=load_callers(settings.auth.callers_file) if settings.auth.enabled else None,
+        callers=roster if settings.auth.enabled else None,
+        caller_names=frozenset(c.name for c in (roster.callers if roster is not None else ())),
     )
 
     async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -187,6 +230,8 @@ def create_app(
                 caller=caller,
                 metrics=metrics,
                 clock=clock,
+                no_cache_min_age=settings.cache.no_cache_min_age_s,
+                popularity=popularity(settings, limiter),
             )
             app[SERVICE] = service
             yield

@@ -56,6 +56,11 @@ class Caller:
     name: str
     key_sha256: str
     vdn_ids: frozenset[int] | None  # None: every vdnId
+    # Its share of the upstream budget (gateway/scheduler.py): relative weight, and optional
+    # caps on permits held at once and on requests waiting (None: the limit.max_queue bound).
+    weight: float = 1.0
+    max_in_flight: int | None = None
+    max_queue: int | None = None
 
     def may_read(self, vdn_id: int) -> bool:
         return self.vdn_ids is None or vdn_id in self.vdn_ids
@@ -83,22 +88,34 @@ class Callers:
             raise Forbidden(f"Caller {caller.name} may not query vdnId {vdn_id}.")
 
 
+_REQUIRED = frozenset({"name", "key_sha256", "vdn_ids"})
+_SHARE = frozenset({"weight", "max_in_flight", "max_queue"})
+
+
 def parse_callers(data: dict[str, object], source: str = "auth.callers_file") -> Callers:
-    """Callers from ``[[callers]]`` tables: ``name``, ``key_sha256``, ``vdn_ids``."""
+    """Callers from ``[[callers]]`` tables: ``name``, ``key_sha256``, ``vdn_ids``, and
+    optionally ``weight`` (default 1), ``max_in_flight`` and ``max_queue``."""
     entries = data.get("callers")
     if not isinstance(entries, list) or not entries:
         raise ConfigError(source, "needs at least one [[callers]] table")
     callers = []
     for n, entry in enumerate(entries):
         where = f"{source}: callers[{n}]"
-        if not isinstance(entry, dict) or set(entry) != {"name", "key_sha256", "vdn_ids"}:
-            raise ConfigError(where, "needs exactly name, key_sha256 and vdn_ids")
+        if not isinstance(entry, dict) or not _REQUIRED <= set(entry) <= _REQUIRED | _SHARE:
+            raise ConfigError(
+                where,
+                "needs name, key_sha256 and vdn_ids, and may have weight, max_in_flight "
+                "and max_queue",
+            )
         name, digest, vdn_ids = entry["name"], entry["key_sha256"], entry["vdn_ids"]
         if not isinstance(name, str) or not _NAME.match(name):
             raise ConfigError(where, "name must be 1-64 of A-Z a-z 0-9 . _ -")
         if not isinstance(digest, str) or not _DIGEST.match(digest):
             raise ConfigError(where, "key_sha256 must be 64 lowercase hex digits")
-        callers.append(Caller(name, digest, _vdn_ids(vdn_ids, where)))
+        weight, max_in_flight, max_queue = _share(entry, where)
+        callers.append(
+            Caller(name, digest, _vdn_ids(vdn_ids, where), weight, max_in_flight, max_queue)
+        )
     digests = [c.key_sha256 for c in callers]
     if len(set(digests)) != len(digests):
         raise ConfigError(source, "two callers share one key")
@@ -115,6 +132,22 @@ def _vdn_ids(value: object, where: str) -> frozenset[int] | None:
     ):
         raise ConfigError(where, 'vdn_ids must be ["*"] or a list of integers 1-9999')
     return frozenset(value)
+
+
+def _share(entry: dict[str, object], where: str) -> tuple[float, int | None, int | None]:
+    """The optional share fields of one caller, checked: weight, max_in_flight, max_queue."""
+    weight = entry.get("weight", 1)
+    if not isinstance(weight, int | float) or isinstance(weight, bool):
+        raise ConfigError(where, "weight must be a number from 0.01 to 1000")
+    if not 0.01 <= weight <= 1000:
+        raise ConfigError(where, "weight must be a number from 0.01 to 1000")
+    caps: list[int | None] = []
+    for name, low in (("max_in_flight", 1), ("max_queue", 0)):
+        value = entry.get(name)
+        if value is not None and (type(value) is not int or not low <= value <= 100000):
+            raise ConfigError(where, f"{name} must be an integer from {low} to 100000")
+        caps.append(value if isinstance(value, int) else None)
+    return float(weight), caps[0], caps[1]
 
 
 def load_callers(path: str) -> Callers:

@@ -15,13 +15,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gateway.auth import Callers, presented_key, require_admin
+from gateway.auth import Caller, Callers, presented_key, require_admin
 from gateway.cache_policy import LOCALES
 from gateway.errors import BodyTooLarge, CallerError, UnsupportedMediaType
-from gateway.state import CALLER, PARTS, SERVICE
+from gateway.limiter import ANONYMOUS
+from gateway.state import CALLER, PARTS, SERVICE, Parts
 from gateway.trace import current as current_trace
 from gateway.validation import MAX_INT, CallResultQuery, parse_path_id, parse_request
 
+# The caller of a caller_header value that names no configured caller.
+OTHER = "other"
 CALLRESULT_PATH = "/rest/isales/v1/openapi/campaigns/{vdnId}/callresult/{campaignId}"
 
 
@@ -57,11 +60,26 @@ def _key(request: web.Request) -> str | None:
     return presented_key(request.headers.get("X-API-Key"), request.headers.get("Authorization"))
 
 
+def share_name(request: web.Request, parts: Parts, caller: Caller | None) -> str:
+    """Whose share of the upstream budget this request takes: the API-key caller; with auth
+    off, the ``limit.caller_header`` value if it names a configured caller, "other" for any
+    other value, and "anonymous" without the header (or without that setting)."""
+    if caller is not None:
+        return caller.name
+    header = parts.settings.limit.caller_header
+    named = request.headers.get(header) if header else None
+    if named is None:
+        return ANONYMOUS
+    return named if named in parts.caller_names else OTHER
+
+
 async def callresult(request: web.Request) -> web.Response:
     parts = request.app[PARTS]
     caller = None if parts.callers is None else parts.callers.authenticate(_key(request))
     if caller is not None:
         request[CALLER] = caller.name
+    share = share_name(request, parts, caller)
+    parts.metrics.caller_requests.labels(share).inc()
     if request.content_type != "application/json":
         raise UnsupportedMediaType()
     raw = await read_body(request, parts.settings.server.max_body_bytes)
@@ -74,7 +92,7 @@ async def callresult(request: web.Request) -> web.Response:
     locale = request.headers.get("locale")
     refresh = "no-cache" in request.headers.get("Cache-Control", "").lower()
     answer = await request.app[SERVICE].answer(
-        query, locale=locale if locale in LOCALES else None, refresh=refresh
+        query, locale=locale if locale in LOCALES else None, refresh=refresh, caller=share
     )
     headers = {"Content-Type": answer.content_type, "X-Cache": answer.cache, "Age": str(answer.age)}
     if answer.warning:

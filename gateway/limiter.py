@@ -7,30 +7,38 @@ stalled event loop or a slow TLS handshake cannot bunch starts up); a permit rel
 ``sent()`` counts its start at release (the request may have reached the vendor).
 
 ``WindowBudget`` is the pure decision (times are inputs). ``InMemoryLimiter`` is the
-single-instance backend: callers wait in FIFO order in a bounded queue with a bounded wait,
-and every permit is given back on success, error, timeout and cancellation.
+single-instance backend: waiters queue per caller and ``FairScheduler`` (gateway/scheduler.py)
+decides whose turn is next; each caller's queue and wait are bounded, and every permit is
+given back on success, error, timeout and cancellation.
 The Redis backend (fleet-wide) implements the same ``Limiter`` protocol.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Final, Protocol
 
 from gateway.clock import Clock, Rearm
 from gateway.errors import QueueFull, QueueTimeout
+from gateway.scheduler import CallerPolicy, FairScheduler
+
+# The caller of a request nobody named (auth off, no caller header): one share for all of them.
+ANONYMOUS: Final = "anonymous"
+# The caller of background work (refresh-ahead): it owns no share, it takes idle permits.
+BACKGROUND: Final = "background"
 
 
 @dataclass(frozen=True, slots=True)
 class LimiterSnapshot:
     in_flight: int
     queued: int
+    # By caller, for metrics; left out of equality so a snapshot compares as (held, queued).
+    queued_by_caller: Mapping[str, int] = field(default_factory=dict, compare=False)
 
 
 class Permit(Protocol):
@@ -50,14 +58,18 @@ class Permit(Protocol):
 
 
 class Limiter(Protocol):
-    def permit(self) -> AbstractAsyncContextManager[Permit]:
+    def permit(
+        self, caller: str = ANONYMOUS, *, background: bool = False
+    ) -> AbstractAsyncContextManager[Permit]:
         """An async context manager holding one upstream permit for its body.
 
+        Permits are shared fairly between callers (``caller``: a name from a bounded set);
+        ``background`` work (refresh-ahead) only gets a permit nobody else waits for.
         Call ``sent()`` on the permit it yields when the request goes out; a permit released
         without that counts its start at release.
 
-        Raises ``QueueFull`` at once when the queue is at its bound and ``QueueTimeout``
-        when no permit came within the wait bound.
+        Raises ``QueueFull`` at once when the caller's queue is at its bound and
+        ``QueueTimeout`` when no permit came within the wait bound.
         """
         ...
 
@@ -148,10 +160,13 @@ class BudgetPermit:
 
 
 class InMemoryLimiter:
-    """The single-process limiter: one ``WindowBudget`` and a FIFO queue of waiters.
+    """The single-process limiter: one ``WindowBudget`` and a ``FairScheduler`` of waiters.
 
-    No dispatcher task: the queue is served whenever a permit is released, a waiter joins,
+    No dispatcher task: the queues are served whenever a permit is released, a waiter joins,
     or the window timer fires, so an idle limiter costs nothing.
+    ``max_queue`` bounds each caller's queue (unless its policy sets its own ``max_queue``);
+    ``policy`` gives each caller its weight and caps; ``background_max`` is how many permits
+    (held, and granted per window) background work may take, 0 for none.
     """
 
     def __init__(
@@ -162,16 +177,25 @@ class InMemoryLimiter:
         max_queue: int,
         max_wait_s: float,
         clock: Clock,
+        policy: Callable[[str], CallerPolicy] | None = None,
+        background_max: int = 0,
     ) -> None:
         self._budget = WindowBudget(max_concurrent, window_s)
-        self._max_queue = max_queue
+        self._scheduler: FairScheduler[asyncio.Future[None]] = FairScheduler(
+            budget=max_concurrent,
+            window_s=window_s,
+            max_queue=max_queue,
+            policy=policy,
+            background_max=background_max,
+        )
         self._max_wait = max_wait_s
         self._clock = clock
-        self._waiters: deque[asyncio.Future[None]] = deque()
         self._timer = Rearm(clock, self._serve)
 
     def snapshot(self) -> LimiterSnapshot:
-        return LimiterSnapshot(self._budget.in_flight, len(self._waiters))
+        return LimiterSnapshot(
+            self._budget.in_flight, self._scheduler.queued(), self._scheduler.queued_by_caller()
+        )
 
     def start(self) -> None:
         """Nothing runs in the background."""
@@ -180,31 +204,37 @@ class InMemoryLimiter:
         """Nothing to give back: the budget dies with the process."""
 
     @asynccontextmanager
-    async def permit(self) -> AsyncIterator[Permit]:
-        await self._acquire()
+    async def permit(
+        self, caller: str = ANONYMOUS, *, background: bool = False
+    ) -> AsyncIterator[Permit]:
+        await self._acquire(caller, background)
         permit = BudgetPermit(self._sent)
         try:
             yield permit
         finally:
             permit.close()  # never sent: it may have reached the vendor, count it from now
-            self._budget.finish()
-            self._serve()
+            self._release(caller, background)
 
     def _sent(self) -> None:
         # No re-serve: the oldest sent start, which the timer waits for, is unchanged.
         self._budget.sent(self._clock.monotonic())
 
-    async def _acquire(self) -> None:
+    def _release(self, caller: str, background: bool) -> None:
+        self._budget.finish()
+        self._scheduler.finished(caller, background=background)
+        self._serve()
+
+    async def _acquire(self, caller: str, background: bool) -> None:
         now = self._clock.monotonic()
-        if not self._waiters and self._budget.delay(now) == 0:
+        if self._scheduler.ready(caller, now, background=background) and (
+            self._budget.delay(now) == 0
+        ):
+            self._scheduler.started(caller, now, background=background)
             self._budget.grant()
             return
-        ahead = len(self._waiters)
-        if ahead >= self._max_queue:
-            raise QueueFull(self._budget.retry_after(ahead))
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        deadline = self._clock.call_later(self._max_wait, lambda: self._expire(waiter))
+        self._scheduler.join(caller, waiter, background=background)  # may raise QueueFull
+        deadline = self._clock.call_later(self._max_wait, lambda: self._expire(waiter, caller))
         self._serve()
         try:
             await waiter
@@ -212,35 +242,73 @@ class InMemoryLimiter:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 # Granted in the same tick the caller went away: hand the permit back.
                 self._sent()
-                self._budget.finish()
-            self._remove(waiter)
-            self._serve()
+                self._release(caller, background)
+            elif self._scheduler.leave(waiter):
+                self._serve()
             raise
         finally:
             deadline.cancel()
 
-    def _expire(self, waiter: asyncio.Future[None]) -> None:
-        if waiter.done():
+    def _expire(self, waiter: asyncio.Future[None], caller: str) -> None:
+        if waiter.done() or not self._scheduler.leave(waiter):
             return
-        ahead = self._waiters.index(waiter) if waiter in self._waiters else 0
-        self._remove(waiter)
-        waiter.set_exception(QueueTimeout(self._budget.retry_after(ahead)))
-
-    def _remove(self, waiter: asyncio.Future[None]) -> None:
-        with contextlib.suppress(ValueError):  # already served or expired
-            self._waiters.remove(waiter)
+        waiter.set_exception(QueueTimeout(self._scheduler.retry_after(caller)))
 
     def _serve(self) -> None:
-        """Grant permits to the head of the queue while the budget allows."""
-        while self._waiters:
+        """Grant permits in the scheduler's order while the budget allows."""
+        while self._scheduler.queued():
             now = self._clock.monotonic()
             delay = self._budget.delay(now)
             if delay > 0:
                 if delay != math.inf:
                     self._timer.arm(now + delay)
                 return
-            waiter = self._waiters.popleft()
-            if waiter.done():
+            turn = self._scheduler.next(now)
+            if turn is None:  # every waiter is capped, or background work is out of share
+                wake = self._scheduler.background_wake(now)
+                if wake != math.inf:
+                    self._timer.arm(wake)
+                return
+            if turn.item.done():  # cancelled, not yet out of the queue: not a grant
+                self._scheduler.finished(turn.caller, background=turn.background)
                 continue
             self._budget.grant()
-            waiter.set_result(None)
+            turn.item.set_result(None)
+
+
+class CallerBlindLimiter:
+    """Adapts a limiter whose ``permit()`` takes no caller yet (the Redis backends, until they
+    schedule through ``FairScheduler``): every caller shares its one FIFO queue, and background
+    work is refused (``QueueFull``) so it can never take a turn ahead of a caller.
+    """
+
+    def __init__(self, inner: _CallerlessLimiter) -> None:
+        self.inner = inner
+
+    @asynccontextmanager
+    async def permit(
+        self, caller: str = ANONYMOUS, *, background: bool = False
+    ) -> AsyncIterator[Permit]:
+        if background:
+            raise QueueFull(1.0, "No idle permit for background work.")
+        async with self.inner.permit() as permit:
+            yield permit
+
+    def snapshot(self) -> LimiterSnapshot:
+        return self.inner.snapshot()
+
+    def start(self) -> None:
+        self.inner.start()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+class _CallerlessLimiter(Protocol):
+    def permit(self) -> AbstractAsyncContextManager[Permit]: ...
+
+    def snapshot(self) -> LimiterSnapshot: ...
+
+    def start(self) -> None: ...
+
+    async def close(self) -> None: ...

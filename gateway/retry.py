@@ -33,7 +33,7 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.limiter import Limiter, Permit
+from gateway.limiter import ANONYMOUS, Limiter, Permit
 from gateway.metrics import GatewayMetrics, result_code_label
 from gateway.trace import current as current_trace
 from gateway.upstream import UpstreamResponse
@@ -111,9 +111,16 @@ class UpstreamCaller:
         await asyncio.gather(*self._holding, return_exceptions=True)
 
     async def call(
-        self, query: CallResultQuery, locale: str | None
+        self,
+        query: CallResultQuery,
+        locale: str | None,
+        *,
+        caller: str = ANONYMOUS,
+        background: bool = False,
     ) -> tuple[UpstreamResponse, str | None]:
-        """The upstream's answer and its business code (None if not a vendor answer)."""
+        """The upstream's answer and its business code (None if not a vendor answer).
+
+        Every attempt's permit comes from ``caller``'s share (``background``: idle permits)."""
         deadline = self._clock.monotonic() + self._policy.deadline_s
         retry = 0
         while True:
@@ -121,7 +128,7 @@ class UpstreamCaller:
                 self._metrics.rejections.labels("breaker_open").inc()
                 raise UpstreamCircuitOpen(self._breaker.retry_after())
             try:
-                answer = await self._attempt(query, locale)
+                answer = await self._attempt(query, locale, caller, background)
             except UpstreamAuthRejected:
                 self._breaker.success()  # it answered: alive, only our credentials are wrong
                 raise
@@ -141,11 +148,11 @@ class UpstreamCaller:
             await self._clock.sleep(delay)
 
     async def _attempt(
-        self, query: CallResultQuery, locale: str | None
+        self, query: CallResultQuery, locale: str | None, caller: str, background: bool
     ) -> tuple[UpstreamResponse, str | None]:
         while True:
             async with contextlib.AsyncExitStack() as stack:
-                permit = await stack.enter_async_context(self._permit())
+                permit = await stack.enter_async_context(self._permit(caller, background))
                 try:
                     permit.check()
                 except PermitLost:
@@ -186,20 +193,24 @@ class UpstreamCaller:
         task.add_done_callback(self._holding.discard)
 
     @contextlib.asynccontextmanager
-    async def _permit(self) -> AsyncIterator[Permit]:
-        """The limiter's permit, with the queue wait and rejections measured."""
+    async def _permit(self, caller: str, background: bool) -> AsyncIterator[Permit]:
+        """The limiter's permit, with the queue wait and rejections measured (by caller)."""
         queued_at = self._clock.monotonic()
         try:
-            async with self._limiter.permit() as permit:
+            async with self._limiter.permit(caller, background=background) as permit:
                 waited = self._clock.monotonic() - queued_at
-                self._metrics.queue_wait.observe(waited)
+                if not background:  # idle-permit work would blur what callers wait
+                    self._metrics.queue_wait.observe(waited)
+                self._metrics.observe_caller_permit(caller, waited)
                 trace = current_trace.get()
                 if trace is not None:
                     trace.queue_wait_ms = round((trace.queue_wait_ms or 0) + waited * 1000, 3)
                 yield permit
         except Overloaded as exc:
             reason = "queue_full" if isinstance(exc, QueueFull) else "queue_timeout"
-            self._metrics.rejections.labels(reason).inc()
+            if not background:  # a skipped refresh-ahead turns no caller away
+                self._metrics.rejections.labels(reason).inc()
+            self._metrics.caller_rejections.labels(caller, reason).inc()
             raise
 
     async def _fetch(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
@@ -29,7 +31,9 @@ from gateway.errors import (
     Overloaded,
     UpstreamError,
 )
+from gateway.limiter import ANONYMOUS, BACKGROUND
 from gateway.metrics import GatewayMetrics
+from gateway.popularity import Popularity
 from gateway.retry import UpstreamCaller
 from gateway.upstream import UpstreamResponse
 from gateway.validation import CallResultQuery
@@ -57,8 +61,12 @@ class CallResultService:
         caller: UpstreamCaller,
         metrics: GatewayMetrics,
         clock: Clock,
+        no_cache_min_age: float = 0.0,
+        popularity: Popularity | None = None,
     ) -> None:
         self._cache = cache
+        self._no_cache_min_age = no_cache_min_age
+        self._popularity = popularity
         self._policy = policy
         self._coalescer = coalescer
         self._caller = caller
@@ -66,12 +74,22 @@ class CallResultService:
         self._clock = clock
         self._refreshing: set[asyncio.Task[object]] = set()
 
-    async def answer(self, query: CallResultQuery, *, locale: str | None, refresh: bool) -> Answer:
+    async def answer(
+        self,
+        query: CallResultQuery,
+        *,
+        locale: str | None,
+        refresh: bool,
+        caller: str = ANONYMOUS,
+    ) -> Answer:
         """Answer from cache when fresh, else from one (shared) upstream call.
 
-        ``refresh`` (the caller's ``Cache-Control: no-cache``) skips the lookup, not the limit.
-        A stale copy is served at once while it is being revalidated (within ``swr``), and
-        instead of an error when no permit can be had or the upstream fails.
+        ``refresh`` (the caller's ``Cache-Control: no-cache``) skips the lookup, not the limit,
+        and takes an answer that landed within ``no_cache_min_age`` instead of a new call.
+        ``caller`` is whose share of the upstream budget a call is taken from (the leader's,
+        when identical misses coalesce). A stale copy is served at once while it is being
+        revalidated (within ``swr``), and instead of an error when no permit can be had or the
+        upstream fails. Popular open-ended hits near their TTL end are refreshed ahead.
         """
         key = cache_key(query, locale)
         stale: CacheEntry | None = None
@@ -87,19 +105,22 @@ class CallResultService:
                 state = freshness(entry, now) if entry is not None else Freshness.EXPIRED
                 if entry is not None and state is Freshness.FRESH:
                     self._metrics.cache_lookups_by["hit"].inc()
+                    if self._popularity is not None and self._popularity.hit(key, entry, now):
+                        self._refresh_ahead(query, key, locale, entry)
                     age = age_seconds(entry, now)
                     return Answer(200, entry.body, entry.content_type, "HIT", age)
                 if entry is not None and state is Freshness.STALE:
                     stale = entry
                 self._metrics.cache_lookups_by["stale" if stale else "miss"].inc()
                 if stale is not None and now < stale.stored_at + stale.ttl + self._policy.swr:
-                    self._revalidate(query, key, locale)
+                    self._revalidate(query, key, locale, caller)
                     return self._stale(stale, "revalidate", "revalidating")
         asked = self._clock.monotonic()
-        since = self._clock.time() if refresh else 0.0
+        # no-cache: an answer that landed within no_cache_min_age is as good as a new call.
+        since = self._clock.time() - self._no_cache_min_age if refresh else 0.0
         try:
             response, led = await self._coalescer.run(
-                key, lambda: self._fetch_and_store(query, key, locale, since)
+                key, lambda: self._fetch_and_store(query, key, locale, since, caller)
             )
         except (Overloaded, UpstreamError) as exc:
             if stale is None:
@@ -124,17 +145,48 @@ class CallResultService:
         warning = f'110 isales-gateway "Response is stale: {why}"'
         return Answer(200, entry.body, entry.content_type, "STALE", age, warning)
 
-    def _revalidate(self, query: CallResultQuery, key: str, locale: str | None) -> None:
-        """Refresh one key in the background; coalescing makes concurrent refreshes one."""
+    def _revalidate(
+        self, query: CallResultQuery, key: str, locale: str | None, caller: str
+    ) -> None:
+        """Refresh one key in the background (on the asking caller's share); coalescing makes
+        concurrent refreshes one."""
 
         async def refresh() -> object:
             with contextlib.suppress(GatewayError):
                 await self._coalescer.run(
-                    key, lambda: self._fetch_and_store(query, key, locale, 0.0)
+                    key, lambda: self._fetch_and_store(query, key, locale, 0.0, caller)
                 )
             return None
 
-        task = asyncio.ensure_future(refresh())
+        self._spawn(refresh())
+
+    def _refresh_ahead(
+        self, query: CallResultQuery, key: str, locale: str | None, entry: CacheEntry
+    ) -> None:
+        """Refresh a popular entry before its TTL ends, on an idle permit only.
+
+        Not coalesced: a caller's miss must never wait behind a background wait. Skipped if
+        another call stored a newer answer meanwhile (``since``), or no idle permit came.
+        """
+
+        async def refresh() -> object:
+            result = "ok"
+            try:
+                since = math.nextafter(entry.stored_at, math.inf)
+                await self._fetch_and_store(query, key, locale, since, BACKGROUND, background=True)
+            except Overloaded:
+                result = "skipped"
+                if self._popularity is not None:
+                    self._popularity.failed(key, entry)
+            except GatewayError:
+                result = "error"
+            self._metrics.refresh_ahead.labels(result).inc()
+            return None
+
+        self._spawn(refresh())
+
+    def _spawn(self, work: Coroutine[object, object, object]) -> None:
+        task = asyncio.ensure_future(work)
         self._refreshing.add(task)
         task.add_done_callback(self._refreshing.discard)
 
@@ -146,7 +198,14 @@ class CallResultService:
         await self._caller.close()
 
     async def _fetch_and_store(
-        self, query: CallResultQuery, key: str, locale: str | None, since: float
+        self,
+        query: CallResultQuery,
+        key: str,
+        locale: str | None,
+        since: float,
+        caller: str,
+        *,
+        background: bool = False,
     ) -> UpstreamResponse:
         """Call the upstream and store the answer, unless an answer stored at or after
         ``since`` is already fresh in the cache: another replica's call may have finished
@@ -155,7 +214,9 @@ class CallResultService:
         fresh = await self._recheck(key, since)
         if fresh is not None:
             return fresh
-        response, code = await self._caller.call(query, locale)
+        response, code = await self._caller.call(
+            query, locale, caller=caller, background=background
+        )
         now = self._clock.time()
         ttl = fresh_ttl(query, code, _utc_date(now), self._policy)
         if self._cache is not None and ttl > 0:

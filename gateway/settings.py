@@ -67,6 +67,10 @@ _BOUNDS: Final[dict[str, tuple[float, float]]] = {
     "cache.stale_s": (0, math.inf),
     "cache.negative_ttl_s": (0, math.inf),
     "cache.max_entries": (1, math.inf),
+    "cache.no_cache_min_age_s": (0, math.inf),
+    "cache.refresh_min_hits": (1, math.inf),
+    "cache.refresh_ahead_s": (0, math.inf),
+    "cache.refresh_max_share": (0, 1),
 }
 
 
@@ -134,6 +138,7 @@ class LimitSettings:
     replicas: int = 1
     # The most the wall clocks of the replicas and of Redis may differ (an assumption).
     clock_skew_ms: int = 500
+    caller_header: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +150,10 @@ class CacheSettings:
     negative_ttl_s: float = 0.0
     swr_s: float = 10.0
     max_entries: int = 10000
+    no_cache_min_age_s: float = 1.0
+    refresh_min_hits: int = 3
+    refresh_ahead_s: float = 5.0
+    refresh_max_share: float = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,6 +384,12 @@ def _validate(s: Settings, *, require_upstream: bool) -> None:
             "auth.callers_file",
             "required while auth.enabled is true (the callers' key digests); "
             "set auth.enabled = false to run without caller authentication",
+        )
+    if s.limit.caller_header and not re.fullmatch(r"[A-Za-z0-9-]{1,64}", s.limit.caller_header):
+        raise ConfigError("limit.caller_header", "must be a header name (A-Z a-z 0-9 -)")
+    if s.limit.caller_header and not s.auth.callers_file:
+        raise ConfigError(
+            "limit.caller_header", "needs auth.callers_file: the caller names it may carry"
         )
     if s.admin.key_sha256 and not re.fullmatch(r"[0-9a-f]{64}", s.admin.key_sha256):
         raise ConfigError("admin.key_sha256", "must be 64 lowercase hex digits (a SHA-256)")

@@ -28,6 +28,9 @@ class Parts:
     mode: str
     redis: Redis | None = None
     callers: Callers | None = None  # None: caller authentication switched off
+    # The configured caller names (from the callers file, auth on or off): the bounded set a
+    # limit.caller_header value may name.
+    caller_names: frozenset[str] = frozenset()
 
 
 PARTS = web.AppKey("parts", Parts)

@@ -55,6 +55,17 @@ def test_a_key_is_known_by_its_digest_and_limited_to_its_vdn_ids() -> None:
             callers.authenticate(bad)
 
 
+def test_a_callers_share_is_weight_one_without_caps_unless_the_file_says_otherwise() -> None:
+    plain = {"name": "a", "key_sha256": key_digest("ka"), "vdn_ids": [11]}
+    shared = {"name": "b", "key_sha256": key_digest("kb"), "vdn_ids": [11], "weight": 3}
+    capped = {**shared, "name": "c", "key_sha256": key_digest("kc"), "weight": 0.5}
+    capped.update(max_in_flight=2, max_queue=20)
+    a, b, c = parse_callers({"callers": [plain, shared, capped]}).callers
+    assert (a.weight, a.max_in_flight, a.max_queue) == (1.0, None, None)
+    assert (b.weight, b.max_in_flight, b.max_queue) == (3.0, None, None)
+    assert (c.weight, c.max_in_flight, c.max_queue) == (0.5, 2, 20)
+
+
 @pytest.mark.parametrize(
     "entry",
     [
@@ -66,6 +77,12 @@ def test_a_key_is_known_by_its_digest_and_limited_to_its_vdn_ids() -> None:
         {"name": "a", "key_sha256": "0" * 64, "vdn_ids": [True]},
         {"name": "a", "key_sha256": "0" * 64},
         {"name": "a", "key": "plain-text-key", "key_sha256": "0" * 64, "vdn_ids": [1]},
+        {"name": "a", "key_sha256": "0" * 64, "vdn_ids": [1], "weight": 0},
+        {"name": "a", "key_sha256": "0" * 64, "vdn_ids": [1], "weight": "3"},
+        {"name": "a", "key_sha256": "0" * 64, "vdn_ids": [1], "weight": True},
+        {"name": "a", "key_sha256": "0" * 64, "vdn_ids": [1], "max_in_flight": 0},
+        {"name": "a", "key_sha256": "0" * 64, "vdn_ids": [1], "max_queue": -1},
+        {"name": "a", "key_sha256": "0" * 64, "vdn_ids": [1], "max_queue": 1.5},
     ],
 )
 def test_a_malformed_caller_entry_is_a_config_error(entry: dict[str, Any]) -> None:

@@ -113,7 +113,8 @@ async def test_a_5xx_from_the_upstream_is_a_502_and_is_not_cached(
 async def test_no_cache_from_the_caller_forces_a_refresh(
     upstream: Upstream, start_gateway: StartGateway
 ) -> None:
-    gateway = await start_gateway(gateway_settings(upstream.url))
+    # With no minimum age, every no-cache request calls (tests/test_sharing.py: with one).
+    gateway = await start_gateway(gateway_settings(upstream.url, cache__no_cache_min_age_s=0))
     await gateway.post(PATH, json={"pageSize": 5})
     refreshed = await gateway.post(
         PATH, json={"pageSize": 5}, headers={"Cache-Control": "no-cache"}

@@ -22,7 +22,14 @@ from prometheus_client import CollectorRegistry
 from gateway.breaker import CircuitBreaker
 from gateway.clock import SystemClock
 from gateway.errors import UpstreamUnavailable
-from gateway.limiter import InMemoryLimiter, Limiter, LimiterSnapshot, Permit
+from gateway.limiter import (
+    ANONYMOUS,
+    CallerBlindLimiter,
+    InMemoryLimiter,
+    Limiter,
+    LimiterSnapshot,
+    Permit,
+)
 from gateway.limiter_failover import FailoverLimiter
 from gateway.metrics import GatewayMetrics
 from gateway.retry import RetryPolicy, UpstreamCaller
@@ -58,7 +65,7 @@ async def limiter(
     if request.param == "memory":
         yield InMemoryLimiter(**options)
         return
-    failover = FailoverLimiter(redis_client, lease_s=5.0, **options)
+    failover = CallerBlindLimiter(FailoverLimiter(redis_client, lease_s=5.0, **options))
     yield failover
     await failover.close()
 
@@ -132,8 +139,10 @@ class SendWatchingLimiter:
         self.sent: list[bool] = []
 
     @asynccontextmanager
-    async def permit(self) -> AsyncIterator[Permit]:
-        async with self.inner.permit() as permit:
+    async def permit(
+        self, caller: str = ANONYMOUS, *, background: bool = False
+    ) -> AsyncIterator[Permit]:
+        async with self.inner.permit(caller, background=background) as permit:
             self.sent.append(False)
             yield NotingPermit(permit, self.sent, len(self.sent) - 1)
 

@@ -13,7 +13,8 @@ import pytest
 
 from gateway.clock import ManualClock
 from gateway.errors import QueueFull, QueueTimeout
-from gateway.limiter import InMemoryLimiter, Permit, WindowBudget
+from gateway.limiter import ANONYMOUS, InMemoryLimiter, Permit, WindowBudget
+from gateway.scheduler import CallerPolicy
 
 
 def make_limiter(
@@ -23,13 +24,18 @@ def make_limiter(
     window_s: float = 1.1,
     max_queue: int = 100,
     max_wait_s: float = 30.0,
+    policies: dict[str, CallerPolicy] | None = None,
+    background_max: int = 0,
 ) -> InMemoryLimiter:
+    table = policies or {}
     return InMemoryLimiter(
         max_concurrent=max_concurrent,
         window_s=window_s,
         max_queue=max_queue,
         max_wait_s=max_wait_s,
         clock=clock,
+        policy=lambda caller: table.get(caller, CallerPolicy()),
+        background_max=background_max,
     )
 
 
@@ -43,8 +49,17 @@ class Holder:
     it until told to let go (``done``).
     """
 
-    def __init__(self, limiter: InMemoryLimiter, *, send_at_once: bool = True) -> None:
+    def __init__(
+        self,
+        limiter: InMemoryLimiter,
+        *,
+        send_at_once: bool = True,
+        caller: str = ANONYMOUS,
+        background: bool = False,
+    ) -> None:
         self.limiter = limiter
+        self.caller = caller
+        self.background = background
         self.started = asyncio.Event()
         self.send = asyncio.Event()
         self.done = asyncio.Event()
@@ -53,7 +68,7 @@ class Holder:
         self.task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
-        async with self.limiter.permit() as permit:
+        async with self.limiter.permit(self.caller, background=self.background) as permit:
             self.started.set()
             sending = asyncio.create_task(self._send_when_told(permit))
             await self.done.wait()
@@ -349,3 +364,85 @@ async def test_a_permit_sent_twice_counts_one_start_from_the_first_time() -> Non
     for h in (waiter, second):
         h.done.set()
     await asyncio.gather(waiter.task, second.task)
+
+
+async def test_a_late_caller_waits_for_one_window_not_behind_the_flooders_backlog() -> None:
+    clock = ManualClock()
+    limiter = make_limiter(clock, max_concurrent=2, window_s=1.0, max_queue=300)
+    flood = [Holder(limiter, caller="flood") for _ in range(200)]
+    await settle()
+    for h in flood:
+        h.done.set()
+    clock.advance(0.5)
+    late = Holder(limiter, caller="late")
+    await settle()
+    assert limiter.snapshot().queued_by_caller == {"flood": 198, "late": 1}
+    clock.advance(0.5)
+    await settle()
+    assert late.started.is_set(), "one of the two permits of the next window is its turn"
+    late.done.set()
+    for h in flood:
+        h.task.cancel()
+    await asyncio.gather(late.task, *(h.task for h in flood), return_exceptions=True)
+    assert limiter.snapshot().in_flight == 0
+
+
+async def test_a_callers_full_queue_rejects_it_alone_with_its_own_retry_after() -> None:
+    clock = ManualClock()
+    limiter = make_limiter(clock, max_concurrent=1, window_s=1.0, max_queue=3)
+    flood = [Holder(limiter, caller="flood") for _ in range(4)]
+    await settle()
+    with pytest.raises(QueueFull) as caught:
+        async with limiter.permit("flood"):
+            pass
+    assert caught.value.retry_after == pytest.approx(4.0), "its 3 waiters, then its turn"
+    other = Holder(limiter, caller="other")
+    await settle()
+    assert limiter.snapshot().queued == 4
+    for h in [*flood, other]:
+        h.done.set()
+    for _ in range(6):
+        clock.advance(1.0)
+        await settle()
+    await asyncio.gather(*(h.task for h in [*flood, other]))
+
+
+async def test_a_background_permit_goes_only_to_an_idle_budget_and_never_ahead_of_a_caller() -> (
+    None
+):
+    clock = ManualClock()
+    limiter = make_limiter(clock, max_concurrent=1, window_s=1.0, background_max=1)
+    holder = Holder(limiter, caller="a")
+    await settle()
+    refresh = Holder(limiter, background=True)
+    await settle()
+    caller = Holder(limiter, caller="b")
+    await settle()
+    holder.done.set()
+    clock.advance(1.0)
+    await settle()
+    assert caller.started.is_set()
+    assert not refresh.started.is_set(), "the caller that came later goes first"
+    caller.done.set()
+    clock.advance(1.0)
+    await settle()
+    assert refresh.started.is_set()
+    refresh.done.set()
+    await asyncio.gather(holder.task, refresh.task, caller.task)
+    assert limiter.snapshot().in_flight == 0
+
+
+async def test_a_capped_caller_waits_at_its_cap_while_the_budget_serves_others() -> None:
+    clock = ManualClock()
+    limiter = make_limiter(clock, max_concurrent=3, policies={"c": CallerPolicy(max_in_flight=1)})
+    capped = [Holder(limiter, caller="c") for _ in range(2)]
+    others = [Holder(limiter, caller="o") for _ in range(2)]
+    await settle()
+    assert [h.started.is_set() for h in capped + others] == [True, False, True, True]
+    capped[0].done.set()
+    clock.advance(1.1)  # the window has room again: only the cap held it back
+    await settle()
+    assert capped[1].started.is_set()
+    for h in capped + others:
+        h.done.set()
+    await asyncio.gather(*(h.task for h in capped + others))
