@@ -79,7 +79,7 @@ async def callresult(request: web.Request) -> web.Response:
     if caller is not None:
         request[CALLER] = caller.name
     share = share_name(request, parts, caller)
-    parts.metrics.caller_requests.labels(share).inc()
+    parts.metrics.count_caller_request(share)
     if request.content_type != "application/json":
         raise UnsupportedMediaType()
     raw = await read_body(request, parts.settings.server.max_body_bytes)

@@ -186,6 +186,7 @@ class GatewayMetrics:
         )
         for result in REFRESH_RESULTS:
             self.refresh_ahead.labels(result)
+        self.caller_requests_by: dict[str, Counter] = {}
         self.observe_callers(())
         # Children bound once: ``labels()`` on every request would double what counting and
         # timing a request costs (about 2.7 µs instead of 1.2 µs).
@@ -226,11 +227,15 @@ class GatewayMetrics:
     def observe_callers(self, names: Iterable[str]) -> None:
         """Create every per-caller series for ``names`` (and the built-in callers) at zero."""
         for caller in (*BUILTIN_CALLERS, *names):
-            self.caller_requests.labels(caller)
+            self.caller_requests_by[caller] = self.caller_requests.labels(caller)
             self.caller_upstream_calls.labels(caller)
             self.caller_queue_wait.labels(caller)
             for reason in REJECTION_REASONS[:2]:
                 self.caller_rejections.labels(caller, reason)
+
+    def count_caller_request(self, caller: str) -> None:
+        counter = self.caller_requests_by.get(caller)  # bound once: this is the hit path
+        (counter or self.caller_requests.labels(caller)).inc()
 
     def observe_caller_permit(self, caller: str, waited: float) -> None:
         self.caller_upstream_calls.labels(caller).inc()

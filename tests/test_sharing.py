@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from gateway.auth import key_digest
 from gateway.cache_policy import CacheEntry
 from gateway.clock import ManualClock
-from gateway.errors import QueueFull
+from gateway.errors import ConfigError, QueueFull
 from gateway.popularity import Popularity, RefreshRule
 from tests.conftest import StartGateway, StartSimulator, Upstream, gateway_settings
 
@@ -80,6 +80,21 @@ async def test_a_no_cache_request_never_takes_an_answer_that_landed_before_the_m
     response = await gateway.post(PATH.format(campaign=3), json={}, headers=NO_CACHE)
     assert response.headers["X-Cache"] == "BYPASS"
     assert upstream.requests == 2
+
+
+# --- who is who ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("header", "with_file"), [("X-Caller", False), ("X Caller", True), ("X-Caller:", True)]
+)
+def test_a_caller_header_must_be_a_header_name_and_needs_a_callers_file(
+    tmp_path: Path, header: str, with_file: bool
+) -> None:
+    names = {"auth__callers_file": callers_file(tmp_path, a=1)} if with_file else {}
+    with pytest.raises(ConfigError) as caught:
+        gateway_settings("http://127.0.0.1:1", limit__caller_header=header, **names)
+    assert caught.value.key == "limit.caller_header"
 
 
 # --- who pays -------------------------------------------------------------------------------
