@@ -25,7 +25,7 @@ from gateway.clock import Clock, SystemClock
 from gateway.coalesce import Coalescer, InProcessCoalescer
 from gateway.coalesce_redis import RedisCoalescer
 from gateway.handlers import add_routes
-from gateway.limiter import CallerBlindLimiter, InMemoryLimiter, Limiter
+from gateway.limiter import InMemoryLimiter, Limiter
 from gateway.limiter_failover import FailoverLimiter
 from gateway.metrics import BREAKER_STATES, GatewayMetrics
 from gateway.middleware import error_middleware, observe_middleware
@@ -113,30 +113,28 @@ def build_limiter(
         )
     degraded = metrics.degraded.labels("redis")
     # The global limiter, falling back to floor(max_concurrent / replicas) per replica when
-    # Redis fails (never failing open). Caller-blind until the Redis backends schedule per
-    # caller.
-    return CallerBlindLimiter(
-        FailoverLimiter(
-            redis,
-            max_concurrent=lim.max_concurrent,
-            window_s=window_s,
-            max_queue=lim.max_queue,
-            max_wait_s=lim.max_wait_ms / 1000,
-            lease_s=limiter_lease_s(settings),
-            clock=clock,
-            replicas=lim.replicas,
-            fence_s=PERMIT_FENCE_S,
-            skew_s=lim.clock_skew_ms / 1000,
-            on_error=metrics.redis_errors.labels("limiter").inc,
-            on_degraded=lambda down: degraded.set(int(down)),
-        )
+    # Redis fails (never failing open).
+    return FailoverLimiter(
+        redis,
+        max_concurrent=lim.max_concurrent,
+        window_s=window_s,
+        max_queue=lim.max_queue,
+        max_wait_s=lim.max_wait_ms / 1000,
+        lease_s=limiter_lease_s(settings),
+        clock=clock,
+        replicas=lim.replicas,
+        fence_s=PERMIT_FENCE_S,
+        skew_s=lim.clock_skew_ms / 1000,
+        policy=policy,
+        background_max=background_permits(settings),
+        on_error=metrics.redis_errors.labels("limiter").inc,
+        on_degraded=lambda down: degraded.set(int(down)),
     )
 
 
-def popularity(settings: Settings, limiter: Limiter) -> Popularity | None:
-    """Hit counts for refresh-ahead, when it is on and the limiter grants background permits
-    (the caller-blind Redis adapter refuses them, so it would only count skips)."""
-    if background_permits(settings) == 0 or isinstance(limiter, CallerBlindLimiter):
+def popularity(settings: Settings) -> Popularity | None:
+    """Hit counts for refresh-ahead, when it is on (the limiter grants background permits)."""
+    if background_permits(settings) == 0:
         return None
     c = settings.cache
     rule = RefreshRule(min_hits=c.refresh_min_hits, lead_s=c.refresh_ahead_s, max_ttl=c.ttl_open_s)
@@ -231,7 +229,7 @@ def create_app(
                 metrics=metrics,
                 clock=clock,
                 no_cache_min_age=settings.cache.no_cache_min_age_s,
-                popularity=popularity(settings, limiter),
+                popularity=popularity(settings),
             )
             app[SERVICE] = service
             yield

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 from gateway.clock import Clock, Rearm
-from gateway.errors import QueueFull, QueueTimeout
+from gateway.errors import QueueTimeout
 from gateway.scheduler import CallerPolicy, FairScheduler
 
 # The caller of a request nobody named (auth off, no caller header): one share for all of them.
@@ -274,41 +274,3 @@ class InMemoryLimiter:
                 continue
             self._budget.grant()
             turn.item.set_result(None)
-
-
-class CallerBlindLimiter:
-    """Adapts a limiter whose ``permit()`` takes no caller yet (the Redis backends, until they
-    schedule through ``FairScheduler``): every caller shares its one FIFO queue, and background
-    work is refused (``QueueFull``) so it can never take a turn ahead of a caller.
-    """
-
-    def __init__(self, inner: _CallerlessLimiter) -> None:
-        self.inner = inner
-
-    @asynccontextmanager
-    async def permit(
-        self, caller: str = ANONYMOUS, *, background: bool = False
-    ) -> AsyncIterator[Permit]:
-        if background:
-            raise QueueFull(1.0, "No idle permit for background work.")
-        async with self.inner.permit() as permit:
-            yield permit
-
-    def snapshot(self) -> LimiterSnapshot:
-        return self.inner.snapshot()
-
-    def start(self) -> None:
-        self.inner.start()
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-
-class _CallerlessLimiter(Protocol):
-    def permit(self) -> AbstractAsyncContextManager[Permit]: ...
-
-    def snapshot(self) -> LimiterSnapshot: ...
-
-    def start(self) -> None: ...
-
-    async def close(self) -> None: ...

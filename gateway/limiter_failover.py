@@ -28,7 +28,6 @@ import itertools
 import logging
 import math
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -37,8 +36,9 @@ import redis.asyncio as aioredis
 
 from gateway.clock import Clock, Rearm
 from gateway.errors import BackendUnavailable, QueueFull, QueueTimeout
-from gateway.limiter import LimiterSnapshot, Permit, WindowBudget
+from gateway.limiter import ANONYMOUS, LimiterSnapshot, Permit, WindowBudget
 from gateway.limiter_redis import RedisLimiter, RedisPermit
+from gateway.scheduler import CallerPolicy, FairScheduler
 
 log = logging.getLogger("gateway.limiter")
 
@@ -108,6 +108,8 @@ class FailoverLimiter:
         claim_s: float = 1.0,
         skew_s: float = 0.5,
         namespace: str = "isales:v1",
+        policy: Callable[[str], CallerPolicy] | None = None,
+        background_max: int = 0,
         on_error: Callable[[], None] = lambda: None,
         on_degraded: Callable[[bool], None] = lambda degraded: None,
     ) -> None:
@@ -126,9 +128,19 @@ class FailoverLimiter:
             fence_s=fence_s,
             claim_s=claim_s,
             namespace=namespace,
+            policy=policy,
+            background_max=background_max,
             on_failure=self._failed,
         )
         self._budget = WindowBudget(share, window_s)
+        # The local queue, while Redis cannot decide: the same fair rule, on this share.
+        self._queue: FairScheduler[asyncio.Future[str | None]] = FairScheduler(
+            budget=max(1, share),
+            window_s=window_s,
+            max_queue=max_queue,
+            policy=policy,
+            background_max=min(background_max, share),
+        )
         self._window = window_s
         self._max_queue = max_queue
         self._max_wait = max_wait_s
@@ -141,7 +153,8 @@ class FailoverLimiter:
         self._on_degraded = on_degraded
         self._mode = Mode.GLOBAL
         self._local_from = math.inf  # FALLBACK: local grants from this monotonic time
-        self._waiters: deque[asyncio.Future[str | None]] = deque()  # None: go global
+        # Local waiters, by (caller, background); a waiter's result None means: go global.
+        self._waiters: dict[asyncio.Future[str | None], tuple[str, bool]] = {}
         self._names = (f"{uuid.uuid4().hex}:local:{n}" for n in itertools.count())
         self._last_local_start = -math.inf
         self._unsent: dict[str, FailoverPermit] = {}  # granted, start pending (both kinds)
@@ -159,8 +172,14 @@ class FailoverLimiter:
 
     def snapshot(self) -> LimiterSnapshot:
         shared = self.shared.snapshot()
-        queued = sum(not w.done() for w in self._waiters)
-        return LimiterSnapshot(shared.in_flight + self._budget.in_flight, shared.queued + queued)
+        by_caller = dict(shared.queued_by_caller)
+        for caller, count in self._queue.queued_by_caller().items():
+            by_caller[caller] = by_caller.get(caller, 0) + count
+        return LimiterSnapshot(
+            shared.in_flight + self._budget.in_flight,
+            shared.queued + self._queue.queued(),
+            by_caller,
+        )
 
     async def close(self) -> None:
         """Stop probing, fail local waiters, close the Redis limiter."""
@@ -169,44 +188,52 @@ class FailoverLimiter:
             self._probe.cancel()
             await asyncio.gather(self._probe, return_exceptions=True)
         self._timer.cancel()
-        while self._waiters:
-            waiter = self._waiters.popleft()
+        waiters, self._waiters = self._waiters, {}
+        for waiter in waiters:
+            self._queue.leave(waiter)
             if not waiter.done():
                 waiter.set_exception(BackendUnavailable("The limiter is closed."))
         await self.shared.close()
 
     @asynccontextmanager
-    async def permit(self) -> AsyncIterator[Permit]:
+    async def permit(
+        self, caller: str = ANONYMOUS, *, background: bool = False
+    ) -> AsyncIterator[Permit]:
         self.start()
         async with AsyncExitStack() as stack:
             stack.callback(self._serve)  # runs last: a release in either mode may let one in
-            permit = await self._enter(stack)
+            permit = await self._enter(stack, caller, background)
             self._unsent[permit.name] = permit
             stack.callback(self._record, permit)  # never sent: counts from its release
             yield permit
 
-    async def _enter(self, stack: AsyncExitStack) -> FailoverPermit:
+    async def _enter(self, stack: AsyncExitStack, caller: str, background: bool) -> FailoverPermit:
         deadline = self._clock.monotonic() + self._max_wait
-        moved = False  # admitted once already: keeps its deadline, skips the length bound
+        moved = False  # admitted once already: keeps its deadline
         while not self._closed:
             if self._mode is Mode.GLOBAL:
                 with contextlib.suppress(BackendUnavailable):  # the hook has fallen back
-                    shared = await self._enter_global(stack, deadline if moved else None)
+                    shared = await self._enter_global(
+                        stack, deadline if moved else None, caller, background
+                    )
                     return FailoverPermit(self, shared.lease, shared)
-            elif (name := await self._acquire_local(deadline, moved)) is not None:
-                stack.callback(self._release_local)
+            elif (name := await self._acquire_local(deadline, caller, background)) is not None:
+                stack.callback(self._release_local, caller, background)
                 return FailoverPermit(self, name, None)
             moved = True
         raise BackendUnavailable("The limiter is closed.")
 
-    async def _enter_global(self, stack: AsyncExitStack, deadline: float | None) -> RedisPermit:
+    async def _enter_global(
+        self, stack: AsyncExitStack, deadline: float | None, caller: str, background: bool
+    ) -> RedisPermit:
+        permit = self.shared.permit(caller, background=background)
         if deadline is None:
-            return await stack.enter_async_context(self.shared.permit())
+            return await stack.enter_async_context(permit)
         try:
             async with asyncio.timeout(max(0.0, deadline - self._clock.monotonic())):
-                return await stack.enter_async_context(self.shared.permit())
+                return await stack.enter_async_context(permit)
         except TimeoutError:
-            raise QueueTimeout(self._budget.retry_after(0)) from None
+            raise QueueTimeout(self._queue.retry_after(caller)) from None
 
     def _record(self, permit: FailoverPermit) -> None:
         """``permit``'s start went out now (or it is released unsent): count it from now."""
@@ -225,12 +252,13 @@ class FailoverLimiter:
         self._last_local_start = now
         self._serve()  # a pending start now leaves the window at a known time
 
-    async def _acquire_local(self, deadline: float, admitted: bool) -> str | None:
-        ahead = len(self._waiters) + self.shared.snapshot().queued
-        if not admitted and ahead >= self._max_queue:
-            raise QueueFull(self._retry_after(ahead))
+    async def _acquire_local(self, deadline: float, caller: str, background: bool) -> str | None:
         waiter: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        try:
+            self._queue.join(caller, waiter, background=background)
+        except QueueFull as full:
+            raise QueueFull(self._settling() + full.retry_after) from None
+        self._waiters[waiter] = (caller, background)
         left = deadline - self._clock.monotonic()
         timer = self._clock.call_later(left, lambda: self._expire(waiter))
         self._serve()
@@ -241,41 +269,42 @@ class FailoverLimiter:
                 name = waiter.result()
                 if name is not None:  # granted in the tick the caller went away
                     self._record(FailoverPermit(self, name, None))
-                    self._release_local()
-            with contextlib.suppress(ValueError):
-                self._waiters.remove(waiter)
+                    self._release_local(caller, background)
+            self._leave(waiter)
             self._serve()
             raise
         finally:
             timer.cancel()
 
+    def _leave(self, waiter: asyncio.Future[str | None]) -> None:
+        self._waiters.pop(waiter, None)
+        self._queue.leave(waiter)
+
     def _expire(self, waiter: asyncio.Future[str | None]) -> None:
         if not waiter.done():
-            ahead = self._waiters.index(waiter) if waiter in self._waiters else 0
-            with contextlib.suppress(ValueError):
-                self._waiters.remove(waiter)
-            waiter.set_exception(QueueTimeout(self._retry_after(ahead)))
+            caller, _ = self._waiters.get(waiter, (ANONYMOUS, False))
+            retry_after = self._settling() + self._queue.retry_after(caller)
+            self._leave(waiter)
+            waiter.set_exception(QueueTimeout(retry_after))
 
-    def _retry_after(self, ahead: int) -> float:
+    def _settling(self) -> float:
         settling = max(0.0, self._local_from - self._clock.monotonic())
-        if settling == math.inf:
-            settling = self._window  # recovering: Redis takes over within about a window
-        return settling + self._budget.retry_after(ahead)
+        return self._window if settling == math.inf else settling  # recovering: about a window
 
-    def _release_local(self) -> None:
+    def _release_local(self, caller: str, background: bool) -> None:
         self._budget.finish()
+        self._queue.finished(caller, background=background)
 
     def _serve(self) -> None:
-        """Grant local permits to the head of the queue, or move it to Redis in GLOBAL."""
-        while self._waiters:
-            if self._waiters[0].done():
-                self._waiters.popleft()  # expired or cancelled
-                continue
-            if self._mode is Mode.GLOBAL:
-                self._waiters.popleft().set_result(None)
-                continue
-            if self._mode is Mode.RECOVERING:
-                return
+        """Grant local permits in the fair order, or move every waiter to Redis in GLOBAL."""
+        if self._mode is Mode.GLOBAL:
+            waiters, self._waiters = self._waiters, {}
+            for waiter in waiters:
+                self._queue.leave(waiter)
+                if not waiter.done():
+                    waiter.set_result(None)
+            return
+        while self._waiters and self._mode is Mode.FALLBACK:
             now = self._clock.monotonic()
             busy = self._budget.in_flight + self.shared.snapshot().in_flight
             unsent_global = sum(p.shared is not None for p in self._unsent.values())
@@ -284,9 +313,18 @@ class FailoverLimiter:
                 if delay > 0 and delay != math.inf:
                     self._timer.arm(now + delay)
                 return
-            name = next(self._names)
+            turn = self._queue.next(now)
+            if turn is None:  # every waiter is capped, or background work is out of share
+                wake = self._queue.background_wake(now)
+                if wake != math.inf:
+                    self._timer.arm(wake)
+                return
+            self._waiters.pop(turn.item, None)
+            if turn.item.done():  # expired or cancelled, not yet out of the queue
+                self._queue.finished(turn.caller, background=turn.background)
+                continue
             self._budget.grant()
-            self._waiters.popleft().set_result(name)
+            turn.item.set_result(next(self._names))
 
     def _failed(self, exc: BackendUnavailable) -> None:
         """Every Redis failure, from any call of the Redis limiter, lands here."""

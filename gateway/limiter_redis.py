@@ -9,9 +9,11 @@ ms, so replicas with skewed clocks agree. No key has a TTL (eviction cannot pick
                                                     pending (unsent) start is scored now + lease
                                                     (renewed with it) so it counts until sent
     {ns:limit}:members   ZSET replica -> expiry     replicas heard from (heartbeats)
-    {ns:limit}:queue     ZSET ticket -> first try   one ticket per replica that has waiters
-    {ns:limit}:alive     ZSET ticket -> expiry      heartbeat: a dead replica's ticket lapses
-    {ns:limit}:wants     ZSET ticket -> waiters     that replica's demand (at most max)
+    {ns:limit}:demand    ZSET replica\ncaller -> expiry   who waits where; a dead replica's lapses
+    {ns:limit}:wants     HASH replica\ncaller -> waiters  that demand (at most max)
+    {ns:limit}:finish    HASH caller -> finish tag  fair queuing between callers, fleet-wide
+    {ns:limit}:policy    HASH caller -> "weight cap"   the callers file, as replicas last said
+    {ns:limit}:since     ZSET replica\\ncaller -> time  a caller's demands, oldest served first
     {ns:limit}:released  channel                    a message per release (or spare grant)
 
 Safety never rests on Redis keeping its data (README "The vendor's limit"):
@@ -34,17 +36,19 @@ Safety never rests on Redis keeping its data (README "The vendor's limit"):
   that waited in a paused or cut-off Redis is ignored, so a stale claim never counts a replica
   as a member while it is on its fallback share.
 
-Fairness. Within a replica waiters queue FIFO on local futures and one dispatcher task talks
-to Redis for them. Across replicas the tickets queue oldest first: a ticket gets
-``free - (wants of all older tickets)`` permits at once, so an older replica's demand is
-reserved and a faster replica cannot take it. After a grant the replica's next ticket goes to
-the back, so replicas with waiters take turns (batch by batch) and none is locked out; spare
-capacity still flows to younger tickets. A dead replica's reservation holds only until its
-ticket's heartbeat lapses (``_ticket_ttl_ms``: 2.4 windows + 0.5 s).
+Fairness. The budget is shared between callers, not replicas: each replica keeps its waiters
+in a ``FairScheduler`` (per-caller queues, each bounded) and tells Redis how many of each
+caller wait there; the acquire script hands out the free permits by start-time fair queuing
+over every caller waiting anywhere in the fleet (the rule of ``gateway.scheduler``, with each
+caller's finish tag in Redis), so a caller spread over three replicas gets one share, not
+three. A permit that falls to a caller waiting on another replica is left for that replica
+(it is woken by the "spare" message); a dead replica's demand lapses after ``_demand_ttl_ms``.
+Background work (refresh-ahead) gets a permit only when no caller waits anywhere, within its
+cap; ``max_in_flight`` caps count a caller's leases fleet-wide.
 
 Waiting never polls: the dispatcher retries on a release message, or when the script's hint
 has passed (oldest start leaving the window, nearest lease expiry, the gate, or a short pause
-behind older tickets), plus 0-5 ms of jitter so replicas do not stampede.
+while permits wait for other replicas), plus 0-5 ms of jitter so replicas do not stampede.
 
 A start is granted pending and recorded at Redis's ``TIME`` when the permit's ``sent()`` runs,
 or at release if it never did. Redis errors become ``BackendUnavailable`` in ``_redis`` only
@@ -61,7 +65,6 @@ import itertools
 import logging
 import random
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -72,23 +75,24 @@ from redis.exceptions import RedisError
 
 from gateway.clock import Clock
 from gateway.errors import BackendUnavailable, PermitLost, QueueFull, QueueTimeout
-from gateway.limiter import LimiterSnapshot
+from gateway.limiter import ANONYMOUS, BACKGROUND, LimiterSnapshot
 from gateway.limiter_scripts import (
     ACQUIRE,
-    FORGET,
     HEARTBEAT,
     PROBE,
     RELEASE,
     SENT,
+    WITHDRAW,
     LimiterKeys,
 )
+from gateway.scheduler import CallerPolicy, FairScheduler
 
 log = logging.getLogger("gateway.limiter")
 T = TypeVar("T")
 
 _OP_BOUND_S = 2.0  # backstop over the client's own (shorter) timeouts: no call waits forever
 _BLOCKED_HINT_MS = 250  # every permit is held: a release message normally comes sooner
-_BEHIND_HINT_MS = 100  # older tickets go first; a spare-capacity message normally comes sooner
+_BEHIND_HINT_MS = 100  # others' turns first; a spare-capacity message normally comes sooner
 _JITTER_MS = 5.0
 _RESUBSCRIBE_S = 0.5
 _MEMBER_BEATS = 3  # a member is counted this many heartbeat periods after its last beat
@@ -101,6 +105,9 @@ class Grant:
     lease: str
     asked_at: float
     generation: int
+
+
+_Waiter = asyncio.Future[Grant]
 
 
 class RedisLimiter:
@@ -130,6 +137,8 @@ class RedisLimiter:
         fence_s: float = 1.0,
         claim_s: float = 1.0,
         namespace: str = "isales:v1",
+        policy: Callable[[str], CallerPolicy] | None = None,
+        background_max: int = 0,
         on_failure: Callable[[BackendUnavailable], None] | None = None,
     ) -> None:
         self.keys = LimiterKeys.for_namespace(namespace)
@@ -148,14 +157,16 @@ class RedisLimiter:
         self._on_failure = on_failure
         # The hook's owner reports outages once; a warning per failed call would flood the log.
         self._level = logging.WARNING if on_failure is None else logging.DEBUG
-        # Twice the longest a live dispatcher goes between attempts (a lapsed live ticket only
-        # loses its place); a dead replica's reservation holds no longer than this.
+        # Twice the longest a live dispatcher goes between attempts (a lapsed live demand is
+        # only registered again); a dead replica's demand is reserved no longer than this.
         longest_hint = max(window_s * 1000, _BLOCKED_HINT_MS) + _JITTER_MS
-        self._ticket_ttl_ms = round(2 * longest_hint + 500)
+        self._demand_ttl_ms = round(2 * longest_hint + 500)
+        self._policy = policy or (lambda _: CallerPolicy())
+        self._background_max = background_max
         sources = {
             "acquire": ACQUIRE,
             "heartbeat": HEARTBEAT,
-            "forget": FORGET,
+            "withdraw": WITHDRAW,
             "probe": PROBE,
             "sent": SENT,
             "release": RELEASE,
@@ -163,8 +174,18 @@ class RedisLimiter:
         self._scripts = {name: client.register_script(src) for name, src in sources.items()}
         self.replica = uuid.uuid4().hex
         self._tickets = itertools.count()
-        self._waiters: deque[asyncio.Future[Grant]] = deque()
-        self._trying: asyncio.Future[Grant] | None = None
+        # Every waiter queues here, even one that finds the budget free (its try takes a round
+        # trip): each caller's bound counts one more, the waiter being tried.
+        self._queue: FairScheduler[_Waiter] = FairScheduler(
+            budget=max_concurrent,
+            window_s=window_s,
+            max_queue=max_queue + 1,
+            policy=lambda caller: _one_more(self._policy(caller)),
+            background_max=background_max,
+        )
+        self._waiters: dict[_Waiter, str] = {}  # every waiter, by caller: to fail them all
+        self._registered: set[str] = set()  # callers whose demand here Redis knows of
+        self._trying: _Waiter | None = None
         self._held: dict[str, RedisPermit] = {}
         self._epoch = ""  # learnt from the first reply
         self._generation = 0  # bumped on each new epoch: older grants are not trusted
@@ -184,7 +205,7 @@ class RedisLimiter:
         return self._lease_s + self._window_s
 
     def snapshot(self) -> LimiterSnapshot:
-        return LimiterSnapshot(len(self._held), self._queued())
+        return LimiterSnapshot(len(self._held), self._queued(), self._queue.queued_by_caller())
 
     def start(self) -> None:
         """Start claiming membership (heartbeats); ``permit()`` starts it too."""
@@ -192,15 +213,19 @@ class RedisLimiter:
             self._beater = asyncio.create_task(self._beat_forever())
 
     @asynccontextmanager
-    async def permit(self) -> AsyncIterator[RedisPermit]:
+    async def permit(
+        self, caller: str = ANONYMOUS, *, background: bool = False
+    ) -> AsyncIterator[RedisPermit]:
         self.start()
-        grant = await self._acquire()
+        name = BACKGROUND if background else caller
+        grant = await self._acquire(name, background)
         permit = RedisPermit(self, grant)
         self._held[grant.lease] = permit
         try:
             yield permit
         finally:
             self._held.pop(grant.lease, None)
+            self._queue.finished(name, background=background)
             # Closed mid-call (shutdown): the vendor may still be working on it; it lapses.
             if not (self._closed and permit.went_out):
                 # Shielded: a cancellation arriving now must not abandon the release half-way.
@@ -298,76 +323,91 @@ class RedisLimiter:
             await self._clock.sleep(period)
 
     def _queued(self) -> int:
-        # A caller that found the queue empty is trying its luck, not queued, until refused
+        # A caller that found nobody waiting is trying its luck, not queued, until refused
         # (as with the in-memory limiter, whose idle fast path never queues).
-        return len(self._waiters) - (self._trying is not None and not self._trying.done())
+        return self._queue.queued() - (self._trying is not None and not self._trying.done())
 
-    def _retry_after(self, ahead: int) -> float:
-        return (ahead // self._max + 1) * self._window_s
-
-    async def _acquire(self) -> Grant:
+    async def _acquire(self, caller: str, background: bool) -> Grant:
         if self._closed:
             raise BackendUnavailable("The limiter is closed.")
-        ahead = self._queued()
-        if ahead >= self._max_queue:
-            raise QueueFull(self._retry_after(ahead))
-        waiter: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
-        if not self._waiters:
+        trying = self._trying
+        tried = trying is not None and not trying.done() and self._waiters.get(trying) == caller
+        ahead = self._queue.queued(caller) - tried
+        if not background and ahead >= self._bound(caller):
+            raise QueueFull(self._queue.retry_after(caller))
+        waiter: _Waiter = asyncio.get_running_loop().create_future()
+        idle = not self._waiters
+        self._queue.join(caller, waiter, background=background)  # background: may raise
+        self._waiters[waiter] = caller
+        if idle:
             self._trying = waiter
-        self._waiters.append(waiter)
         deadline = self._clock.call_later(self._max_wait, lambda: self._expire(waiter))
         if self._dispatcher is None or self._dispatcher.done():
             self._dispatcher = asyncio.create_task(self._dispatch())
+        else:
+            self._wake_up()  # a new caller's demand changes what Redis should hear
         try:
             return await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 # Granted in the tick the caller went away: hand the permit back.
+                self._queue.finished(caller, background=background)
                 self._spawn(self._release(waiter.result().lease, record_start=True))
             self._leave(waiter)
             raise
         finally:
             deadline.cancel()
 
-    def _expire(self, waiter: asyncio.Future[Grant]) -> None:
-        if not waiter.done():
-            ahead = self._waiters.index(waiter) if waiter in self._waiters else 0
-            self._leave(waiter)
-            waiter.set_exception(QueueTimeout(self._retry_after(ahead)))
+    def _bound(self, caller: str) -> int:
+        bound = self._policy(caller).max_queue
+        return self._max_queue if bound is None else bound
 
-    def _leave(self, waiter: asyncio.Future[Grant]) -> None:
-        with contextlib.suppress(ValueError):  # already served
-            self._waiters.remove(waiter)
+    def _expire(self, waiter: _Waiter) -> None:
+        if not waiter.done():
+            caller = self._waiters.get(waiter, ANONYMOUS)
+            retry_after = self._queue.retry_after(caller)
+            self._leave(waiter)
+            waiter.set_exception(QueueTimeout(retry_after))
+
+    def _leave(self, waiter: _Waiter) -> None:
+        self._waiters.pop(waiter, None)
+        self._queue.leave(waiter)
         if not self._waiters:
-            self._wake_up()  # so the dispatcher drops the ticket now, not after its hint
+            self._wake_up()  # so the dispatcher withdraws the demand now, not after its hint
+
+    def _demand(self) -> dict[str, int]:
+        """Waiters per caller, as Redis should hear it (at most ``max`` each)."""
+        demand: dict[str, int] = {}
+        for caller in self._waiters.values():
+            demand[caller] = min(demand.get(caller, 0) + 1, self._max)
+        return demand
 
     async def _dispatch(self) -> None:
         """Serve the local queue until it is empty; at most one runs per limiter."""
-        ticket: str | None = None
         try:
             while True:
-                if not self._waiters:
-                    if ticket is None:
+                demand = self._demand()
+                if not demand:
+                    if not self._registered:
                         return  # no await between the check and the end: no waiter is missed
-                    leaving, ticket = ticket, None
-                    await self._leave_queue(leaving)
+                    await self._withdraw(self._registered)
+                    self._registered = set()
                     continue
-                ticket = ticket or f"{self.replica}:{next(self._tickets)}"
                 self._wake = asyncio.get_running_loop().create_future()
                 asked_at = self._clock.monotonic()
+                ticket = f"{self.replica}:{next(self._tickets)}"
                 try:
-                    granted, hint_ms, epoch = await self._try(ticket)
+                    grants, hint_ms, epoch = await self._try(ticket, demand)
                 except BackendUnavailable as exc:
                     self._fail_waiters(exc)
                     continue
+                self._registered = set(demand)
                 if epoch != self._epoch:
                     self._new_epoch(epoch)
                     continue  # nothing was done under the old epoch: ask again in this one
                 self._trying = None
-                if granted:
-                    leases = [f"{ticket}:{i}" for i in range(1, granted + 1)]
-                    self._grant([Grant(lease, asked_at, self._generation) for lease in leases])
-                    ticket = None  # the script removed it: the next batch queues afresh
+                if grants:
+                    self._grant(ticket, grants, asked_at)
                     continue
                 if self._subscriber is None or self._subscriber.done():
                     self._subscriber = asyncio.create_task(self._listen())
@@ -378,31 +418,53 @@ class RedisLimiter:
                 finally:
                     timer.cancel()
         finally:
-            if ticket is not None:  # cancelled by close()
-                self._spawn(self._leave_queue(ticket))
+            if self._closed and self._registered:  # cancelled by close()
+                self._spawn(self._withdraw(self._registered))
 
-    async def _try(self, ticket: str) -> tuple[int, int, str]:
+    async def _try(
+        self, ticket: str, demand: dict[str, int]
+    ) -> tuple[list[tuple[str, int]], int, str]:
         k = self.keys
         args: list[str | float] = [self._epoch, self._max, self._window_s * 1000]
-        args += [self._lease_s * 1000, ticket, min(len(self._waiters), self._max)]
-        args += [self._ticket_ttl_ms, _BLOCKED_HINT_MS, _BEHIND_HINT_MS, k.released]
-        args += [self.hold_s * 1000, self._share, self._replicas]
-        keys = [k.meta, k.leases, k.starts, k.queue, k.alive, k.wants, k.members]
+        args += [self._lease_s * 1000, self.replica, self.hold_s * 1000, self._share]
+        args += [self._replicas, self._demand_ttl_ms, _BLOCKED_HINT_MS, _BEHIND_HINT_MS]
+        args += [k.released, BACKGROUND, ticket]
+        callers = {c: demand.get(c, 0) for c in self._registered | set(demand)}
+        args.append(len(callers))
+        for caller, want in callers.items():
+            if caller == BACKGROUND:
+                weight, cap = 1.0, self._background_max
+            else:
+                rule = self._policy(caller)
+                weight, cap = rule.weight, rule.max_in_flight or 0
+            args += [caller, want, weight, cap]
+        keys = [k.meta, k.leases, k.starts, k.members, k.demand, k.wants, k.finish, k.policy]
+        keys.append(k.since)
         reply = await self._redis("acquire", self._scripts["acquire"](keys, args))
-        return max(0, int(reply[0])), int(reply[1]), _text(reply[2])
+        pairs = reply[3:]
+        grants = [(_text(pairs[i]), int(pairs[i + 1])) for i in range(0, len(pairs), 2)]
+        return grants, int(reply[1]), _text(reply[2])
 
-    def _grant(self, grants: list[Grant]) -> None:
-        for grant in grants:
-            while self._waiters and self._waiters[0].done():
-                self._waiters.popleft()  # cancelled; its task has not cleaned up yet
-            if self._waiters:
-                self._waiters.popleft().set_result(grant)
-            else:  # the waiter left while the script ran
-                self._spawn(self._release(grant.lease, record_start=True))
+    def _grant(self, ticket: str, grants: list[tuple[str, int]], asked_at: float) -> None:
+        for caller, count in grants:
+            for i in range(1, count + 1):
+                grant = Grant(f"{caller}\n{ticket}:{i}", asked_at, self._generation)
+                if caller == BACKGROUND:
+                    turn = self._queue.next(self._clock.monotonic())
+                else:
+                    turn = self._queue.next_for(caller)
+                if turn is None or turn.item.done():  # the waiter left while the script ran
+                    if turn is not None:
+                        self._queue.finished(turn.caller, background=turn.background)
+                    self._spawn(self._release(grant.lease, record_start=True))
+                    continue
+                self._waiters.pop(turn.item, None)
+                turn.item.set_result(grant)
 
     def _fail_waiters(self, exc: BackendUnavailable) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
+        waiters, self._waiters = self._waiters, {}
+        for waiter in waiters:
+            self._queue.leave(waiter)
             if not waiter.done():
                 failure = BackendUnavailable(exc.message)
                 failure.__cause__ = exc.__cause__
@@ -424,11 +486,13 @@ class RedisLimiter:
         else:
             self._wake_up()  # the local head may retry now, before the message comes round
 
-    async def _leave_queue(self, ticket: str) -> None:
+    async def _withdraw(self, callers: set[str]) -> None:
         k = self.keys
-        leave = self._scripts["forget"]([k.queue, k.alive, k.wants], [k.released, ticket])
-        with contextlib.suppress(BackendUnavailable):  # a dead ticket lapses by itself
-            await self._redis("leave", leave)
+        withdraw = self._scripts["withdraw"](
+            [k.demand, k.wants, k.since], [k.released, self.replica, *sorted(callers)]
+        )
+        with contextlib.suppress(BackendUnavailable):  # a dead replica's demand lapses
+            await self._redis("withdraw", withdraw)
 
     async def _listen(self) -> None:
         """One subscription per limiter: any release in the fleet wakes the dispatcher."""
@@ -468,6 +532,12 @@ class RedisLimiter:
                 return await call
         except (RedisError, OSError) as exc:  # OSError: builtin Connection/TimeoutError too
             raise self._failure(action, exc) from exc
+
+
+def _one_more(rule: CallerPolicy) -> CallerPolicy:
+    if rule.max_queue is None:
+        return rule
+    return CallerPolicy(rule.weight, rule.max_in_flight, rule.max_queue + 1)
 
 
 def _text(value: bytes | str | int) -> str:

@@ -24,7 +24,6 @@ from gateway.clock import SystemClock
 from gateway.errors import UpstreamUnavailable
 from gateway.limiter import (
     ANONYMOUS,
-    CallerBlindLimiter,
     InMemoryLimiter,
     Limiter,
     LimiterSnapshot,
@@ -65,7 +64,7 @@ async def limiter(
     if request.param == "memory":
         yield InMemoryLimiter(**options)
         return
-    failover = CallerBlindLimiter(FailoverLimiter(redis_client, lease_s=5.0, **options))
+    failover = FailoverLimiter(redis_client, lease_s=5.0, **options)
     yield failover
     await failover.close()
 

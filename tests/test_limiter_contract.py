@@ -92,22 +92,10 @@ def permit_of(
     return limiter.permit(caller or ANONYMOUS, background=background)
 
 
-NOT_YET_FAIR = pytest.mark.xfail(strict=True, reason="issue 10: Redis backend not yet fair")
-
-
 @pytest.fixture
-def fair_build(build: Build, request: pytest.FixtureRequest) -> Build:
-    """``build`` for the per-caller promises, expected to fail on the Redis backends for now."""
-    if request.node.callspec.params["build"] != "memory":
-        request.applymarker(NOT_YET_FAIR)
-
-    def make(**overrides: Any) -> Any:
-        limiter = build(**overrides)
-        # A backend without callers fails here, at once, instead of in a holder's task.
-        limiter.permit(ANONYMOUS, background=False)
-        return limiter
-
-    return make
+def fair_build(build: Build) -> Build:
+    """``build`` for the per-caller promises (every backend schedules per caller)."""
+    return build
 
 
 def policies(**table: CallerPolicy) -> Callable[[str], CallerPolicy]:
@@ -612,16 +600,18 @@ async def test_every_key_the_scripts_touch_shares_one_hash_tag(
     closing.append(limiter)
     holder, waiter = Holder(limiter), Holder(limiter)
     await holder.started.wait()
-    await until(zcard_is(redis_client, limiter.keys.queue, 1))
+    await until(zcard_is(redis_client, limiter.keys.demand, 1))
     names = {k.decode() if isinstance(k, bytes) else k for k in await redis_client.keys("*")}
     assert names == {
         "{isales:v1:limit}:meta",
         "{isales:v1:limit}:members",
         "{isales:v1:limit}:leases",
         "{isales:v1:limit}:starts",
-        "{isales:v1:limit}:queue",
-        "{isales:v1:limit}:alive",
+        "{isales:v1:limit}:demand",
         "{isales:v1:limit}:wants",
+        "{isales:v1:limit}:since",
+        "{isales:v1:limit}:finish",
+        "{isales:v1:limit}:policy",
     }
     assert len({key_slot(name.encode()) for name in names}) == 1
     assert limiter.keys.released.startswith("{isales:v1:limit}:")
@@ -710,7 +700,7 @@ async def test_a_holder_cancelled_during_its_release_still_releases(
     await until(zcard_is(redis_client, limiter.keys.leases, 0))
 
 
-async def test_a_waiter_that_times_out_leaves_no_ticket_in_redis(
+async def test_a_waiter_that_times_out_leaves_no_demand_in_redis(
     redis_client: aioredis.Redis, closing: list[RedisLimiter]
 ) -> None:
     limiter = redis_limiter(redis_client, max_concurrent=1, max_wait_s=0.1)
@@ -721,8 +711,8 @@ async def test_a_waiter_that_times_out_leaves_no_ticket_in_redis(
         async with limiter.permit():
             pass
     assert limiter.snapshot() == LimiterSnapshot(in_flight=1, queued=0)
-    await until(zcard_is(redis_client, limiter.keys.queue, 0), within=0.3)
-    assert await redis_client.zcard(limiter.keys.alive) == 0
+    await until(zcard_is(redis_client, limiter.keys.demand, 0), within=0.3)
+    assert await redis_client.zcard(limiter.keys.since) == 0
     await finish(holder)
 
 
@@ -743,7 +733,7 @@ async def test_close_releases_unsent_leases_keeps_sent_ones_stops_listening_and_
     await limiter.close()
     # The sent one may still keep the vendor busy (shutdown mid-call): its lease lapses.
     assert await redis_client.zcard(limiter.keys.leases) == 1
-    assert await redis_client.zcard(limiter.keys.queue) == 0
+    assert await redis_client.zcard(limiter.keys.demand) == 0
     assert await subscribers_are(0)
     with pytest.raises(BackendUnavailable):
         await waiter.task
