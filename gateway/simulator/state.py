@@ -43,12 +43,17 @@ class SimulatorState:
         self.behaviour = Behaviour.from_config(config)
         self.observer = LimitObserver(config.max_concurrent, config.window_ms / 1000.0)
         self.dataset = DataSet(config.seed, date.fromisoformat(config.today))
+        self.started = clock.monotonic()  # simulated time: ``today`` 00:00 at this instant
         self.received: deque[ReceivedRequest] = deque(maxlen=RECEIVED_KEPT)
         self.requests_total = 0
         self.auth_failures = 0
         self.responses_by_status: Counter[int] = Counter()
         # Digests, not bodies: a long load test must not grow memory by its traffic.
         self._queries: set[bytes] = set()
+
+    def moment(self) -> str:
+        """The simulated ``callTimeStr`` now: calls up to it have completed."""
+        return self.dataset.moment(self.clock.monotonic() - self.started)
 
     def record(self, request: ReceivedRequest) -> None:
         self.received.append(request)
