@@ -13,6 +13,7 @@ nothing of the gateway but its clock (a test keeps it so).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from typing import Any, Final
@@ -125,9 +126,21 @@ async def _answer(state: SimulatorState, request: web.Request, violated: bool) -
         query.vdn_id
     ):
         return _vendor_answer(rules.NO_CAMPAIGN, locale)
-    total, rows = state.dataset.query(query, state.moment())
+    # Building a big campaign's answer takes a while: off the event loop (one worker, so the
+    # data set is never shared), so the next arrivals are seen, and stamped, when they come.
+    moment = state.moment()
+    body = await asyncio.get_running_loop().run_in_executor(
+        state.worker, _success_body, state, query, moment, locale
+    )
+    return web.Response(body=body, headers={"Content-Type": VENDOR_JSON})
+
+
+def _success_body(
+    state: SimulatorState, query: rules.Query, moment: str, locale: str | None
+) -> bytes:
+    total, rows = state.dataset.query(query, moment)
     text = rules.describe(rules.SUCCESS, locale)
-    return _json(
+    return _dumps(
         {
             "resultCode": rules.SUCCESS,
             "resultDesc": text,
@@ -207,7 +220,12 @@ def create_simulator_app(
     app = web.Application()
     if rng is None:
         rng = random.Random(config.seed)  # noqa: S311 -- reproducible simulation, not secrets
-    app[SIM_STATE] = SimulatorState(config, clock or SystemClock(), rng)
+    state = app[SIM_STATE] = SimulatorState(config, clock or SystemClock(), rng)
+
+    async def stop_worker(app: web.Application) -> None:
+        state.worker.shutdown(wait=False, cancel_futures=True)
+
+    app.on_cleanup.append(stop_worker)
     app.router.add_route("*", config.path_prefix + ROUTE, callresult)
     app.router.add_get("/__sim/stats", get_stats)
     app.router.add_post("/__sim/reset", post_reset)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date
 from typing import Any, Final
@@ -43,6 +44,7 @@ class SimulatorState:
         self.behaviour = Behaviour.from_config(config)
         self.observer = LimitObserver(config.max_concurrent, config.window_ms / 1000.0)
         self.dataset = DataSet(config.seed, date.fromisoformat(config.today))
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sim-data")
         self.started = clock.monotonic()  # simulated time: ``today`` 00:00 at this instant
         self.received: deque[ReceivedRequest] = deque(maxlen=RECEIVED_KEPT)
         self.requests_total = 0
