@@ -29,6 +29,8 @@ from gateway.limiter_failover import FailoverLimiter
 from gateway.metrics import BREAKER_STATES, GatewayMetrics
 from gateway.middleware import error_middleware, observe_middleware
 from gateway.openapi import add_openapi_route
+from gateway.pause import InMemoryPause
+from gateway.pause_redis import RedisPause
 from gateway.redis_client import connect
 from gateway.retry import RetryPolicy, UpstreamCaller
 from gateway.service import CallResultService
@@ -121,6 +123,11 @@ def create_app(
                 redis, lease_s=COALESCE_LEASE_S, max_wait_s=_call_budget_s(settings), clock=clock
             )
         )
+    pause = (  # after an upstream 429, the fleet sends nothing for a while
+        InMemoryPause(clock)
+        if redis is None
+        else RedisPause(redis, clock=clock, on_error=metrics.redis_errors.labels("limiter").inc)
+    )
     lim = settings.limit
     metrics.observe_limiter(
         lim.max_concurrent,
@@ -165,6 +172,7 @@ def create_app(
                 ),
                 metrics=metrics,
                 clock=clock,
+                pause=pause,
             )
             service = CallResultService(
                 cache=cache,
@@ -173,6 +181,8 @@ def create_app(
                 caller=caller,
                 metrics=metrics,
                 clock=clock,
+                locale=settings.upstream.locale or None,
+                undocumented=settings.validation.undocumented,
             )
             app[SERVICE] = service
             yield

@@ -3,8 +3,11 @@
 Each attempt takes its own permit (a retry is a new start for the vendor) and tells it when
 the request goes out (``on_sent``), which is when the vendor counts the start. Connect errors,
 timeouts and 5xx are retried after an exponential backoff with full jitter, within the
-request's deadline; a refused AK/SK is not (retrying cannot fix it). The circuit breaker
-fails calls fast while the upstream keeps failing, and lets one probe through later.
+request's deadline; a refused AK/SK is not (retrying cannot fix it), nor a 429: the whole
+fleet then sends nothing until the upstream's ``Retry-After`` has passed (``UpstreamPause``,
+asked before queueing for a permit and again just before sending). Other 4xx answers pass
+through as the vendor's verdict. The circuit breaker fails calls fast while the upstream keeps
+failing, and lets one probe through later.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from gateway.breaker import CircuitBreaker
-from gateway.cache_policy import SUCCESS, business_code
+from gateway.cache_policy import SUCCESS
 from gateway.clock import Clock
 from gateway.errors import (
     Overloaded,
@@ -25,11 +28,14 @@ from gateway.errors import (
     UpstreamAuthRejected,
     UpstreamCircuitOpen,
     UpstreamError,
+    UpstreamPaused,
+    UpstreamRateLimited,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
 from gateway.limiter import Limiter, Permit
 from gateway.metrics import GatewayMetrics, result_code_label
+from gateway.pause import InMemoryPause, UpstreamPause
 from gateway.trace import current as current_trace
 from gateway.upstream import UpstreamResponse
 from gateway.validation import CallResultQuery
@@ -66,7 +72,16 @@ def upstream_outcome(exc: UpstreamError) -> str:
         return "unavailable"
     if isinstance(exc, UpstreamAuthRejected):
         return "auth_rejected"
+    if isinstance(exc, UpstreamRateLimited):
+        return "rate_limited"
     return "http_error"
+
+
+def answer_outcome(response: UpstreamResponse) -> str:
+    """The outcome label of an answer that passes through."""
+    if response.status != 200:
+        return "client_error"  # a 4xx other than 401/429: the vendor's verdict on the request
+    return "ok" if response.code == SUCCESS else "business_error"
 
 
 class UpstreamCaller:
@@ -80,8 +95,10 @@ class UpstreamCaller:
         metrics: GatewayMetrics,
         clock: Clock,
         rng: random.Random | None = None,
+        pause: UpstreamPause | None = None,
     ) -> None:
         self._upstream = upstream
+        self._pause = pause or InMemoryPause(clock)
         self._limiter = limiter
         self._breaker = breaker
         self._policy = policy
@@ -92,17 +109,23 @@ class UpstreamCaller:
     async def call(
         self, query: CallResultQuery, locale: str | None
     ) -> tuple[UpstreamResponse, str | None]:
-        """The upstream's answer and its business code (None if not a vendor answer)."""
+        """The upstream's answer and its business code (None for a passed-through 4xx)."""
         deadline = self._clock.monotonic() + self._policy.deadline_s
         retry = 0
         while True:
+            await self._check_pause()
             if not self._breaker.allow():
                 self._metrics.rejections.labels("breaker_open").inc()
                 raise UpstreamCircuitOpen(self._breaker.retry_after())
             try:
                 answer = await self._attempt(query, locale)
-            except UpstreamAuthRejected:
-                self._breaker.success()  # it answered: alive, only our credentials are wrong
+            except UpstreamPaused:
+                self._breaker.abandon()  # not sent: no verdict on the upstream
+                raise
+            except (UpstreamAuthRejected, UpstreamRateLimited):
+                # It answered: alive. Retrying cannot fix our credentials, and must not
+                # answer a request to slow down.
+                self._breaker.success()
                 raise
             except UpstreamError:
                 self._breaker.failure()
@@ -119,10 +142,17 @@ class UpstreamCaller:
             self._metrics.upstream_retries.inc()
             await self._clock.sleep(delay)
 
+    async def _check_pause(self) -> None:
+        """Raise ``UpstreamPaused`` while the fleet pauses after an upstream 429."""
+        remaining = await self._pause.remaining()
+        if remaining > 0:
+            raise UpstreamPaused.after(remaining)
+
     async def _attempt(
         self, query: CallResultQuery, locale: str | None
     ) -> tuple[UpstreamResponse, str | None]:
         async with self._permit() as permit:
+            await self._check_pause()  # a 429 may have come while this one queued
             call = asyncio.ensure_future(self._fetch(query, locale, permit))
             try:
                 return await asyncio.shield(call)
@@ -158,6 +188,8 @@ class UpstreamCaller:
             response = await self._upstream.fetch(query, locale, on_sent=permit.sent)
         except UpstreamError as exc:
             self._metrics.upstream_requests.labels(upstream_outcome(exc), "none").inc()
+            if isinstance(exc, UpstreamRateLimited):
+                await self._pause.pause(exc.retry_after)
             raise
         finally:
             elapsed = self._clock.monotonic() - started
@@ -166,7 +198,8 @@ class UpstreamCaller:
             if trace is not None:
                 trace.upstream_ms = round((trace.upstream_ms or 0) + elapsed * 1000, 3)
                 trace.attempts += 1
-        code = business_code(response.status, response.body)
-        outcome = "ok" if code == SUCCESS else "business_error"
-        self._metrics.upstream_requests.labels(outcome, result_code_label(code)).inc()
+        code = response.code
+        self._metrics.upstream_requests.labels(
+            answer_outcome(response), result_code_label(code)
+        ).inc()
         return response, code

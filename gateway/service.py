@@ -32,7 +32,7 @@ from gateway.errors import (
 from gateway.metrics import GatewayMetrics
 from gateway.retry import UpstreamCaller
 from gateway.upstream import UpstreamResponse
-from gateway.validation import CallResultQuery
+from gateway.validation import CallResultQuery, refuse_undocumented
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +57,12 @@ class CallResultService:
         caller: UpstreamCaller,
         metrics: GatewayMetrics,
         clock: Clock,
+        locale: str | None = None,
+        undocumented: str = "forward",
     ) -> None:
         self._cache = cache
+        self._locale = locale  # ``upstream.locale``: sent when the caller sends none
+        self._reject_undocumented = undocumented == "reject"
         self._policy = policy
         self._coalescer = coalescer
         self._caller = caller
@@ -73,6 +77,9 @@ class CallResultService:
         A stale copy is served at once while it is being revalidated (within ``swr``), and
         instead of an error when no permit can be had or the upstream fails.
         """
+        if self._reject_undocumented:
+            refuse_undocumented(query)
+        locale = locale or self._locale  # the one locale both the key and the call use
         key = cache_key(query, locale)
         stale: CacheEntry | None = None
         if self._cache is not None and not refresh:
