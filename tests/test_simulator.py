@@ -927,3 +927,9 @@ def test_command_line_flags_build_the_config() -> None:
     assert (config.port, config.error_rate, config.enforce_limits) == (0, 0.5, True)
     with pytest.raises(ValueError, match="error_rate"):
         config_from_args(parser.parse_args(["--error-rate", "2"]))
+    placed = config_from_args(parser.parse_args(["--vdn-ids", "11,12", "--path-prefix", "/p"]))
+    assert (placed.vdn_ids, placed.path_prefix) == ((11, 12), "/p")
+    assert (placed.owner(1), placed.owner(2), placed.owner(3)) == (11, 12, 11)
+    for flags in (["--vdn-ids", "0"], ["--path-prefix", "p/"]):
+        with pytest.raises(ValueError, match=r"vdn_ids|path_prefix"):
+            config_from_args(parser.parse_args(flags))
