@@ -30,6 +30,8 @@ from gateway.limiter_failover import FailoverLimiter
 from gateway.metrics import BREAKER_STATES, GatewayMetrics
 from gateway.middleware import error_middleware, observe_middleware
 from gateway.openapi import add_openapi_route
+from gateway.pause import InMemoryPause
+from gateway.pause_redis import RedisPause
 from gateway.popularity import Popularity, RefreshRule
 from gateway.redis_client import check_eviction_policy, connect
 from gateway.retry import RetryPolicy, UpstreamCaller
@@ -174,6 +176,11 @@ def create_app(
                 redis, lease_s=COALESCE_LEASE_S, max_wait_s=_call_budget_s(settings), clock=clock
             )
         )
+    pause = (  # after an upstream 429, the fleet sends nothing for a while
+        InMemoryPause(clock)
+        if redis is None
+        else RedisPause(redis, clock=clock, on_error=metrics.redis_errors.labels("limiter").inc)
+    )
     lim = settings.limit
     metrics.observe_limiter(
         lim.max_concurrent,
@@ -220,6 +227,7 @@ def create_app(
                 metrics=metrics,
                 clock=clock,
                 abandoned_hold_s=up.abandoned_hold_ms / 1000,
+                pause=pause,
             )
             service = CallResultService(
                 cache=cache,
@@ -230,6 +238,8 @@ def create_app(
                 clock=clock,
                 no_cache_min_age=settings.cache.no_cache_min_age_s,
                 popularity=popularity(settings),
+                locale=settings.upstream.locale or None,
+                undocumented=settings.validation.undocumented,
             )
             app[SERVICE] = service
             yield

@@ -56,8 +56,17 @@ def campaign_prefix(vdn_id: int, campaign_id: int) -> str:
 
 @functools.lru_cache(maxsize=4096)  # pure, and hot keys repeat: hash each question once
 def cache_key(query: CallResultQuery, locale: str | None = None) -> str:
-    """One key per distinct question: vdnId, campaignId, the canonical body and the locale."""
-    canonical = json.dumps(query.body(), sort_keys=True, separators=(",", ":"))
+    """One key per distinct question: vdnId, campaignId, the canonical body and the locale.
+
+    ``locale`` is the one the upstream call sends (None: none, the vendor's default zh_CN).
+    A body sent verbatim (it breaks an undocumented rule) is keyed by its JSON value, key
+    order and spacing aside, apart from every canonical body.
+    """
+    if query.verbatim is not None:
+        value = json.loads(query.verbatim) if query.verbatim.strip() else {}
+        canonical = "verbatim " + json.dumps(value, sort_keys=True, separators=(",", ":"))
+    else:
+        canonical = json.dumps(query.body(), sort_keys=True, separators=(",", ":"))
     material = f"{locale or 'zh_CN'}\n{canonical}".encode()
     digest = hashlib.sha256(material).hexdigest()[:32]
     return campaign_prefix(query.vdn_id, query.campaign_id) + digest

@@ -23,6 +23,8 @@ with the vendor's numeric codes (``0200000``, ``0200001``, ``02000006``...).
         ├── UpstreamBadResponse       502 GW50201  5xx or a body that is not the vendor's
         ├── UpstreamAuthRejected      502 GW50202  the upstream refused the gateway's AK/SK
         ├── UpstreamCircuitOpen       503 GW50302  recent attempts failed; not calling for now
+        ├── UpstreamRateLimited       429 GW42900  the upstream answered 429; the fleet pauses
+        │   └── UpstreamPaused            GW42901  paused after a 429: nothing sent until then
         └── UpstreamTimeout           504 GW50400
     BackendUnavailable                503 GW50310  Redis failed or timed out (internal: the cache
     │                                              fails open, the limiter falls back)
@@ -33,7 +35,7 @@ with the vendor's numeric codes (``0200000``, ``0200001``, ``02000006``...).
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import ClassVar, Self
 
 
 class GatewayError(Exception):
@@ -187,6 +189,35 @@ class UpstreamCircuitOpen(UpstreamError):
 
     def headers(self) -> dict[str, str]:
         return retry_after_header(self.retry_after)
+
+
+class UpstreamRateLimited(UpstreamError):
+    """The upstream answered HTTP 429: never retried; the fleet sends nothing for a while.
+
+    Built with ``after(seconds)``; the plain constructor (a message only, as the Redis
+    coalescer rebuilds errors on other replicas) keeps the default ``retry_after``.
+    """
+
+    status = 429
+    code = "GW42900"
+    default_message = "Upstream asked to slow down; retry later."
+    retry_after: float = 1.0
+
+    @classmethod
+    def after(cls, seconds: float, message: str | None = None) -> Self:
+        exc = cls(message)
+        exc.retry_after = seconds
+        return exc
+
+    def headers(self) -> dict[str, str]:
+        return retry_after_header(self.retry_after)
+
+
+class UpstreamPaused(UpstreamRateLimited):
+    """Not sent: the fleet is pausing after an upstream 429 (costs the upstream nothing)."""
+
+    code = "GW42901"
+    default_message = "Upstream calls are paused after it asked to slow down; retry later."
 
 
 class UpstreamTimeout(UpstreamError):

@@ -29,6 +29,8 @@ UPSTREAM_OUTCOMES = (
     "http_error",
     "timeout",
     "unavailable",
+    "client_error",
+    "rate_limited",
 )
 REJECTION_REASONS = ("queue_full", "queue_timeout", "breaker_open")
 LOOKUP_RESULTS = ("hit", "stale", "miss", "error")

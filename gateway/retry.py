@@ -7,8 +7,11 @@ the start. An attempt given up on after it went out (timeout, dropped connection
 permit ``abandoned_hold_s`` longer in the background: the vendor may still be working on it,
 while the caller gets its answer at once and a retry takes a fresh permit. Connect errors,
 timeouts and 5xx are retried after an exponential backoff with full jitter, within the
-request's deadline; a refused AK/SK is not (retrying cannot fix it). The circuit breaker
-fails calls fast while the upstream keeps failing, and lets one probe through later.
+request's deadline; a refused AK/SK is not (retrying cannot fix it), nor a 429: the whole
+fleet then sends nothing until the upstream's ``Retry-After`` has passed (``UpstreamPause``,
+asked before queueing for a permit and again just before sending). Other 4xx answers pass
+through as the vendor's verdict. The circuit breaker fails calls fast while the upstream keeps
+failing, and lets one probe through later.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from gateway.breaker import CircuitBreaker
-from gateway.cache_policy import SUCCESS, business_code
+from gateway.cache_policy import SUCCESS
 from gateway.clock import Clock
 from gateway.errors import (
     Overloaded,
@@ -30,11 +33,14 @@ from gateway.errors import (
     UpstreamAuthRejected,
     UpstreamCircuitOpen,
     UpstreamError,
+    UpstreamPaused,
+    UpstreamRateLimited,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
 from gateway.limiter import ANONYMOUS, Limiter, Permit
 from gateway.metrics import GatewayMetrics, result_code_label
+from gateway.pause import InMemoryPause, UpstreamPause
 from gateway.trace import current as current_trace
 from gateway.upstream import UpstreamResponse
 from gateway.validation import CallResultQuery
@@ -71,7 +77,16 @@ def upstream_outcome(exc: UpstreamError) -> str:
         return "unavailable"
     if isinstance(exc, UpstreamAuthRejected):
         return "auth_rejected"
+    if isinstance(exc, UpstreamRateLimited):
+        return "rate_limited"
     return "http_error"
+
+
+def answer_outcome(response: UpstreamResponse) -> str:
+    """The outcome label of an answer that passes through."""
+    if response.status != 200:
+        return "client_error"  # a 4xx other than 401/429: the vendor's verdict on the request
+    return "ok" if response.code == SUCCESS else "business_error"
 
 
 class UpstreamCaller:
@@ -86,8 +101,10 @@ class UpstreamCaller:
         clock: Clock,
         abandoned_hold_s: float = 0.0,
         rng: random.Random | None = None,
+        pause: UpstreamPause | None = None,
     ) -> None:
         self._upstream = upstream
+        self._pause = pause or InMemoryPause(clock)
         self._limiter = limiter
         self._breaker = breaker
         self._policy = policy
@@ -118,19 +135,25 @@ class UpstreamCaller:
         caller: str = ANONYMOUS,
         background: bool = False,
     ) -> tuple[UpstreamResponse, str | None]:
-        """The upstream's answer and its business code (None if not a vendor answer).
+        """The upstream's answer and its business code (None for a passed-through 4xx).
 
         Every attempt's permit comes from ``caller``'s share (``background``: idle permits)."""
         deadline = self._clock.monotonic() + self._policy.deadline_s
         retry = 0
         while True:
+            await self._check_pause()
             if not self._breaker.allow():
                 self._metrics.rejections.labels("breaker_open").inc()
                 raise UpstreamCircuitOpen(self._breaker.retry_after())
             try:
                 answer = await self._attempt(query, locale, caller, background)
-            except UpstreamAuthRejected:
-                self._breaker.success()  # it answered: alive, only our credentials are wrong
+            except UpstreamPaused:
+                self._breaker.abandon()  # not sent: no verdict on the upstream
+                raise
+            except (UpstreamAuthRejected, UpstreamRateLimited):
+                # It answered: alive. Retrying cannot fix our credentials, and must not
+                # answer a request to slow down.
+                self._breaker.success()
                 raise
             except UpstreamError:
                 self._breaker.failure()
@@ -147,6 +170,12 @@ class UpstreamCaller:
             self._metrics.upstream_retries.inc()
             await self._clock.sleep(delay)
 
+    async def _check_pause(self) -> None:
+        """Raise ``UpstreamPaused`` while the fleet pauses after an upstream 429."""
+        remaining = await self._pause.remaining()
+        if remaining > 0:
+            raise UpstreamPaused.after(remaining)
+
     async def _attempt(
         self, query: CallResultQuery, locale: str | None, caller: str, background: bool
     ) -> tuple[UpstreamResponse, str | None]:
@@ -157,6 +186,7 @@ class UpstreamCaller:
                     permit.check()
                 except PermitLost:
                     continue  # given back unsent as the stack closes; queue for a fresh one
+                await self._check_pause()  # a 429 may have come while this one queued
                 went_out = asyncio.Event()
 
                 async def on_sent(
@@ -221,6 +251,8 @@ class UpstreamCaller:
             response = await self._upstream.fetch(query, locale, on_sent=on_sent)
         except UpstreamError as exc:
             self._metrics.upstream_requests.labels(upstream_outcome(exc), "none").inc()
+            if isinstance(exc, UpstreamRateLimited):
+                await self._pause.pause(exc.retry_after)
             raise
         finally:
             elapsed = self._clock.monotonic() - started
@@ -229,7 +261,8 @@ class UpstreamCaller:
             if trace is not None:
                 trace.upstream_ms = round((trace.upstream_ms or 0) + elapsed * 1000, 3)
                 trace.attempts += 1
-        code = business_code(response.status, response.body)
-        outcome = "ok" if code == SUCCESS else "business_error"
-        self._metrics.upstream_requests.labels(outcome, result_code_label(code)).inc()
+        code = response.code
+        self._metrics.upstream_requests.labels(
+            answer_outcome(response), result_code_label(code)
+        ).inc()
         return response, code

@@ -36,7 +36,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.popularity import Popularity
 from gateway.retry import UpstreamCaller
 from gateway.upstream import UpstreamResponse
-from gateway.validation import CallResultQuery
+from gateway.validation import CallResultQuery, refuse_undocumented
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,10 +63,14 @@ class CallResultService:
         clock: Clock,
         no_cache_min_age: float = 0.0,
         popularity: Popularity | None = None,
+        locale: str | None = None,
+        undocumented: str = "forward",
     ) -> None:
         self._cache = cache
         self._no_cache_min_age = no_cache_min_age
         self._popularity = popularity
+        self._locale = locale  # ``upstream.locale``: sent when the caller sends none
+        self._reject_undocumented = undocumented == "reject"
         self._policy = policy
         self._coalescer = coalescer
         self._caller = caller
@@ -91,6 +95,9 @@ class CallResultService:
         revalidated (within ``swr``), and instead of an error when no permit can be had or the
         upstream fails. Popular open-ended hits near their TTL end are refreshed ahead.
         """
+        if self._reject_undocumented:
+            refuse_undocumented(query)
+        locale = locale or self._locale  # the one locale both the key and the call use
         key = cache_key(query, locale)
         stale: CacheEntry | None = None
         if self._cache is not None and not refresh:

@@ -54,6 +54,8 @@ _BOUNDS: Final[dict[str, tuple[float, float]]] = {
     "upstream.deadline_ms": (1, math.inf),
     "upstream.breaker_failures": (1, 1000),
     "upstream.breaker_open_ms": (1, math.inf),
+    "upstream.pause_ms": (1000, 3600000),
+    "upstream.pause_max_ms": (1000, 3600000),
     "cache.swr_s": (0, math.inf),
     "limit.max_concurrent": (1, math.inf),
     "limit.window_ms": (1, math.inf),
@@ -101,13 +103,15 @@ class UpstreamSettings:
     signed_headers: tuple[str, ...] = ("host",)
     timestamp_format: TimestampFormat = "seconds"
     host_header: str = ""
-    locale: str = ""
+    locale: Literal["", "zh_CN", "en_US"] = ""
     retries: int = 2
     retry_base_ms: int = 200
     retry_max_ms: int = 2000
     deadline_ms: int = 60000
     breaker_failures: int = 5
     breaker_open_ms: int = 10000
+    pause_ms: int = 5000
+    pause_max_ms: int = 300000
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +167,12 @@ class LogSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ValidationSettings:
+    # Where the vendor's document is silent: forward the request unchanged, or refuse it here.
+    undocumented: Literal["forward", "reject"] = "forward"
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
@@ -172,6 +182,7 @@ class Settings:
     log: LogSettings = field(default_factory=LogSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
 
     @property
     def embedded(self) -> bool:
@@ -351,6 +362,8 @@ def _validate(s: Settings, *, require_upstream: bool) -> None:
     for name, how in _REQUIRED_UPSTREAM.items():
         if require_upstream and not getattr(up, name):
             raise ConfigError(f"upstream.{name}", f"required: {how}")
+    if up.pause_ms > up.pause_max_ms:
+        raise ConfigError("upstream.pause_ms", "must be <= upstream.pause_max_ms")
     if up.connect_timeout_ms > up.timeout_ms:
         raise ConfigError("upstream.connect_timeout_ms", "must be <= upstream.timeout_ms")
     if up.ca_file and not Path(up.ca_file).is_file():
@@ -405,6 +418,10 @@ def _validate_upstream_url(up: UpstreamSettings) -> None:
         raise ConfigError("upstream.url", f"not a valid URL: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError("upstream.url", "must be an http(s) URL with a host, e.g. https://host")
+    if parts.query or parts.fragment or "?" in up.url or "#" in up.url:
+        raise ConfigError(
+            "upstream.url", "must not have a query or fragment (a path prefix is fine)"
+        )
     if "@" in parts.netloc:
         # The netloc becomes the signed Host header and appears in logs; AK/SK authenticate.
         raise ConfigError("upstream.url", "must not contain credentials; use upstream.ak/sk")

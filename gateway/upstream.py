@@ -6,9 +6,15 @@ when it was granted: connection set-up, a TLS handshake or a stalled event loop 
 cannot bunch starts up at the vendor. aiohttp fires it as it hands the headers to the
 connection, one loop step at most before the bytes are written; the margin covers that step.
 
-aiohttp errors become ``UpstreamError`` subclasses here and nowhere else. A business answer
-(HTTP 200, any ``resultCode``) passes through unchanged; HTTP 401 means the gateway's AK/SK
-were refused; any other status is a broken upstream.
+aiohttp errors become ``UpstreamError`` subclasses here and nowhere else. What an answer
+means (``classify``): HTTP 200 with the vendor's JSON (any ``resultCode``) passes through
+unchanged; a 200 that is not the vendor's (a proxy's login page) is a broken upstream; 401
+means the gateway's AK/SK were refused; 429 asks the fleet to pause (``Retry-After``); any
+other 4xx is the vendor's verdict on the request and passes through unchanged (status and
+body); anything else (5xx, a redirect) is a broken upstream.
+
+The path signed is the path sent: an upstream URL with a path prefix
+(``https://host/prefix``) sends and signs ``/prefix/rest/...``.
 """
 
 from __future__ import annotations
@@ -19,14 +25,18 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import aiohttp
+from yarl import URL
 
+from gateway.cache_policy import business_code
 from gateway.clock import Clock
 from gateway.errors import (
     UpstreamAuthRejected,
     UpstreamBadResponse,
+    UpstreamRateLimited,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from gateway.pause import pause_seconds
 from gateway.settings import UpstreamSettings
 from gateway.signing import authorization, format_timestamp
 from gateway.validation import CallResultQuery
@@ -43,6 +53,29 @@ class UpstreamResponse:
     content_type: str
     # Set when the answer came from a cache entry another call had just stored: its age.
     cached_age: int | None = None
+    # The vendor's resultCode, set by ``classify`` on a 200 (None: a passed-through 4xx).
+    code: str | None = None
+
+
+def classify(status: int, body: bytes, content_type: str, retry_after: float) -> UpstreamResponse:
+    """The answer to pass on, or the ``UpstreamError`` it means (see the module docstring).
+
+    ``retry_after``: the pause a 429 asks for, in seconds (already defaulted and capped).
+    """
+    if status == 200:
+        code = business_code(status, body)
+        if code is None:
+            raise UpstreamBadResponse(
+                "Upstream answered HTTP 200 with a body that is not the vendor's."
+            )
+        return UpstreamResponse(status, body, content_type, code=code)
+    if status == 401:
+        raise UpstreamAuthRejected()
+    if status == 429:
+        raise UpstreamRateLimited.after(retry_after)
+    if 400 <= status < 500:
+        return UpstreamResponse(status, body, content_type)
+    raise UpstreamBadResponse(f"Upstream answered HTTP {status}.")
 
 
 def ssl_context(settings: UpstreamSettings) -> ssl.SSLContext | bool:
@@ -93,7 +126,7 @@ class UpstreamClient:
         clock: Clock,
     ) -> None:
         self._settings = settings
-        self._base = settings.url.rstrip("/")
+        self._base = settings.url.rstrip("/")  # may carry a path prefix: sent and signed
         self._host = host
         self._session = session
         # Without the trace, ``on_sent`` is called just before the request (never earlier
@@ -128,17 +161,19 @@ class UpstreamClient:
     async def fetch(
         self, query: CallResultQuery, locale: str | None = None, on_sent: OnSent | None = None
     ) -> UpstreamResponse:
-        """The vendor's answer; ``on_sent`` is awaited as the request headers go out, so only
-        if the request got that far (a redirect is never followed: at most once).
+        """The vendor's answer, sent with ``locale`` if given (the caller resolves the setting);
+        ``on_sent`` is awaited as the request headers go out, so only if the request got that
+        far (a redirect is never followed: at most once).
         """
         body = query.body_bytes()
-        headers = self.signed_headers(query.path, body, locale or self._settings.locale or None)
+        url = URL(self._base + query.path)
+        headers = self.signed_headers(url.raw_path, body, locale)
         hook = None if on_sent is None else _SendHook(on_sent)
         if hook is not None and not self._traced:
             await hook.on_sent()
         try:
             async with self._session.post(
-                self._base + query.path,
+                url,
                 data=body,
                 headers=headers,
                 timeout=self._timeout,
@@ -148,14 +183,19 @@ class UpstreamClient:
                 payload = await response.read()
                 status = response.status
                 content_type = response.headers.get("Content-Type", "application/json")
+                retry_after = response.headers.get("Retry-After")
         except TimeoutError as exc:
             raise UpstreamTimeout() from exc
         except (aiohttp.ClientConnectionError, OSError) as exc:
             raise UpstreamUnavailable() from exc
         except aiohttp.ClientError as exc:
             raise UpstreamBadResponse() from exc
-        if status == 401:
-            raise UpstreamAuthRejected()
-        if status != 200:
-            raise UpstreamBadResponse(f"Upstream answered HTTP {status}.")
-        return UpstreamResponse(status, payload, content_type)
+        pause = 0.0
+        if status == 429:
+            pause = pause_seconds(
+                retry_after,
+                self._clock.time(),
+                default_s=self._settings.pause_ms / 1000,
+                max_s=self._settings.pause_max_ms / 1000,
+            )
+        return classify(status, payload, content_type, pause)

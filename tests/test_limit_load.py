@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
+from gateway.simulator.dataset import RUNNING_EVERY
 from gateway.validation import parse_request
 from tests.conftest import StartGateway, StartSimulator, gateway_settings, signed_post
 from tests.support.fleet import sim_stats, start_simulator_process
@@ -44,6 +46,11 @@ async def test_300_concurrent_distinct_queries_never_exceed_the_upstream_limit(
     assert stats["violations"] == 0
     assert stats["requests_total"] == 300
     for (path, body), (status, got) in zip(queries, answers, strict=True):
-        canonical = parse_request("11", path.rsplit("/", 1)[1], body).body_bytes()
+        campaign = path.rsplit("/", 1)[1]
+        canonical = parse_request("11", campaign, body).body_bytes()
         assert status == 200
-        assert got == await signed_post(reference, path, canonical), path
+        expected = await signed_post(reference, path, canonical)
+        if int(campaign) % RUNNING_EVERY:
+            assert got == expected, path
+        else:  # still dialling: its results grow with each simulator's own clock
+            assert json.loads(got)["resultCode"] == "0200000", path

@@ -168,7 +168,7 @@ async def test_traffic_creates_no_series_beyond_those_present_at_start_up(
             PATH.format(campaign), json={"pageSize": 5}, headers={"X-Request-ID": f"r{campaign}"}
         )
     await asyncio.gather(*(gateway.post(PATH.format(7), json={}) for _ in range(3)))
-    await gateway.post(PATH.format(1), json={"pagesize": 5})  # a parameter error
+    await gateway.post(PATH.format(1), json={"beginTime": "2026-01-01"})  # a parameter error
     await gateway.post(PATH.format(1), json={}, headers={"Cache-Control": "no-cache"})
     await gateway.get(PATH.format(1))  # 405
     await gateway.post(PATH.format(1), data=b"{}", headers={"Content-Type": "text/plain"})  # 415
@@ -500,7 +500,8 @@ async def test_a_real_prometheus_answers_every_dashboard_and_alert_query_with_ga
 
     statuses = [(await gateway.post(PATH.format(1), json={"pageSize": 5})).status]  # MISS
     statuses.append((await gateway.post(PATH.format(1), json={"pageSize": 5})).status)  # HIT
-    statuses.append((await gateway.post(PATH.format(1), json={"pagesize": 5})).status)  # 0200001
+    lone_begin = {"beginTime": "2026-01-01"}
+    statuses.append((await gateway.post(PATH.format(1), json=lone_begin)).status)  # 0200008
     burst = [asyncio.ensure_future(gateway.post(PATH.format(2), json={})) for _ in range(4)]
     for _ in range(500):  # until the burst's one call holds the second permit
         if upstream.requests == 2:

@@ -2,28 +2,36 @@
 
 Per request to the route, in this order: the limit observer sees the arrival; the request is
 counted and recorded; 405 (not POST); 429 (limit broken, only with ``enforce_limits``); the
-named behaviours (latency, hang, 5xx); 415 (not JSON); 401 (C2 signature); the vendor's
-parameter codes (HTTP 200); 0200007 (no such campaign); the data.
+named behaviours (latency, hang, 5xx, a forced status, a proxy's login page); 415 (not JSON);
+401 (C2 signature, ``c2``); the vendor's parameter codes (HTTP 200, ``rules``); 0200007 (no
+such campaign in this VDN); the data (``dataset``). Descriptions follow the ``locale``
+header (``zh_CN`` by default, ``en_US``).
+
+The simulator is the vendor's stand-in, written from the vendor's document: it imports
+nothing of the gateway but its clock (a test keeps it so).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from typing import Any, Final
 
 from aiohttp import web
 
-from gateway import signing, validation
 from gateway.clock import Clock, SystemClock
-from gateway.errors import ParameterError
+from gateway.simulator import c2, rules
 from gateway.simulator.config import SimulatorConfig
 from gateway.simulator.state import ReceivedRequest, SimulatorState
 
 SIM_STATE: Final = web.AppKey("sim_state", SimulatorState)
 ROUTE: Final = "/rest/isales/v1/openapi/campaigns/{vdnId}/callresult/{campaignId}"
-SUCCESS: Final = "0200000"
 VENDOR_JSON: Final = "application/json;charset=UTF-8"
+LOGIN_PAGE: Final = (
+    b"<!DOCTYPE html><html><head><title>Sign in</title></head>"
+    b'<body><form method="post" action="/login"><input name="user"></form></body></html>'
+)
 
 
 def _dumps(body: dict[str, Any]) -> bytes:
@@ -37,11 +45,10 @@ def _json(body: dict[str, Any], status: int = 200, **headers: str) -> web.Respon
     )
 
 
-def _vendor_error(code: str, message: str) -> web.Response:
-    """A business failure, shaped and coded like the vendor's (HTTP 200)."""
-    return _json(
-        {"resultCode": code, "resultDesc": message, "returnCode": code, "returnDesc": message}
-    )
+def _vendor_answer(code: str, locale: str | None, field: str | None = None) -> web.Response:
+    """A business answer, shaped and coded like the vendor's (HTTP 200)."""
+    text = rules.describe(code, locale, field)
+    return _json({"resultCode": code, "resultDesc": text, "returnCode": code, "returnDesc": text})
 
 
 async def callresult(request: web.Request) -> web.StreamResponse:
@@ -77,7 +84,11 @@ async def _answer(state: SimulatorState, request: web.Request, violated: bool) -
             {"resultCode": "0200405", "resultDesc": "Method not allowed"}, 405, Allow="POST"
         )
     if violated and state.behaviour.enforce_limits:
-        return _json({"resultCode": "0200429", "resultDesc": "Too many requests"}, 429)
+        return _json(
+            {"resultCode": "0200429", "resultDesc": "Too many requests"},
+            429,
+            **{"Retry-After": "1"},
+        )
     failure = await _named_behaviours(state)
     if failure is not None:
         return failure
@@ -86,16 +97,16 @@ async def _answer(state: SimulatorState, request: web.Request, violated: bool) -
             {"resultCode": "0200415", "resultDesc": "Content-Type must be application/json"},
             415,
         )
-    reason = signing.verify(
+    reason = c2.check(
         request.headers.get("Authorization"),
-        credentials={state.config.ak: state.config.sk},
+        secrets={state.config.ak: state.config.sk},
         now=state.clock.time(),
-        max_skew=state.config.max_skew_s,
+        max_skew_s=state.config.max_skew_s,
         method=request.method,
         path=path,
+        query=list(request.rel_url.query.items()),
         headers=headers,
         body=body,
-        query=dict(request.rel_url.query),
     )
     if reason is not None:
         state.auth_failures += 1
@@ -103,21 +114,38 @@ async def _answer(state: SimulatorState, request: web.Request, violated: bool) -
             {"resultCode": "0200401", "resultDesc": f"Authentication failed: {reason}"}, 401
         )
 
+    locale = request.headers.get("locale")
     try:
-        query = validation.parse_request(
+        query = rules.read_query(
             request.match_info["vdnId"], request.match_info["campaignId"], body
         )
-    except ParameterError as exc:
-        return _vendor_error(exc.result_code, exc.message)
-    if query.campaign_id > state.config.campaigns:
-        return _vendor_error(validation.CAMPAIGN_NOT_FOUND, "The outbound campaign does not exist.")
-    total, rows = state.dataset.query(query)
-    return _json(
+    except rules.Refusal as refusal:
+        return _vendor_answer(refusal.code, locale, refusal.field)
+    config = state.config
+    if not 1 <= query.campaign_id <= config.campaigns or config.owner(query.campaign_id) != (
+        query.vdn_id
+    ):
+        return _vendor_answer(rules.NO_CAMPAIGN, locale)
+    # Building a big campaign's answer takes a while: off the event loop (one worker, so the
+    # data set is never shared), so the next arrivals are seen, and stamped, when they come.
+    moment = state.moment()
+    body = await asyncio.get_running_loop().run_in_executor(
+        state.worker, _success_body, state, query, moment, locale
+    )
+    return web.Response(body=body, headers={"Content-Type": VENDOR_JSON})
+
+
+def _success_body(
+    state: SimulatorState, query: rules.Query, moment: str, locale: str | None
+) -> bytes:
+    total, rows = state.dataset.query(query, moment)
+    text = rules.describe(rules.SUCCESS, locale)
+    return _dumps(
         {
-            "resultCode": SUCCESS,
-            "resultDesc": "Query Success!",
-            "returnCode": SUCCESS,
-            "returnDesc": "Query Success!",
+            "resultCode": rules.SUCCESS,
+            "resultDesc": text,
+            "returnCode": rules.SUCCESS,
+            "returnDesc": text,
             "totalCount": total,
             "data": rows,
         }
@@ -125,7 +153,7 @@ async def _answer(state: SimulatorState, request: web.Request, violated: bool) -
 
 
 async def _named_behaviours(state: SimulatorState) -> web.Response | None:
-    """Delay (latency, jitter, hang) and maybe fail; a 5xx response, or None to go on.
+    """Delay (latency, jitter, hang) and maybe fail; a response, or None to go on.
 
     The rng is drawn only for behaviours that are switched on, so a quiet simulator's
     sequence of draws (and a seeded test's outcome) does not depend on unused features.
@@ -143,6 +171,14 @@ async def _named_behaviours(state: SimulatorState) -> web.Response | None:
         return web.json_response(
             {"error": "simulated upstream failure"}, status=rng.choice((500, 503))
         )
+    if b.status:
+        headers = {}
+        if b.status == 429 and b.retry_after_s > 0:
+            headers["Retry-After"] = f"{b.retry_after_s:g}"
+        body = {"resultCode": f"0200{b.status}", "resultDesc": f"Simulated HTTP {b.status}"}
+        return _json(body, b.status, **headers)
+    if b.login_page:
+        return web.Response(body=LOGIN_PAGE, content_type="text/html", charset="utf-8")
     return None
 
 
@@ -184,8 +220,13 @@ def create_simulator_app(
     app = web.Application()
     if rng is None:
         rng = random.Random(config.seed)  # noqa: S311 -- reproducible simulation, not secrets
-    app[SIM_STATE] = SimulatorState(config, clock or SystemClock(), rng)
-    app.router.add_route("*", ROUTE, callresult)
+    state = app[SIM_STATE] = SimulatorState(config, clock or SystemClock(), rng)
+
+    async def stop_worker(app: web.Application) -> None:
+        state.worker.shutdown(wait=False, cancel_futures=True)
+
+    app.on_cleanup.append(stop_worker)
+    app.router.add_route("*", config.path_prefix + ROUTE, callresult)
     app.router.add_get("/__sim/stats", get_stats)
     app.router.add_post("/__sim/reset", post_reset)
     app.router.add_get("/__sim/behaviour", get_behaviour)

@@ -14,13 +14,19 @@ from typing import Any
 from gateway.simulator.config import SimulatorConfig
 
 _RATES = frozenset({"error_rate", "timeout_rate"})
-_DURATIONS = frozenset({"latency_ms", "jitter_ms", "hang_s"})
-_FLAGS = frozenset({"enforce_limits"})
+_DURATIONS = frozenset({"latency_ms", "jitter_ms", "hang_s", "retry_after_s"})
+_FLAGS = frozenset({"enforce_limits", "login_page"})
 
 
 @dataclass(frozen=True, slots=True)
 class Behaviour:
-    """Delays in their named units; rates are fractions of requests (0..1)."""
+    """Delays in their named units; rates are fractions of requests (0..1).
+
+    ``status`` (0: off, else 300..599) answers every request with that HTTP status and a
+    small JSON body (``{"resultCode": "0200<status>", ...}``), ``Retry-After: retry_after_s``
+    on a 429 when that is above 0; ``login_page`` answers HTTP 200 with an HTML login page, as
+    a proxy in front of the vendor would.
+    """
 
     latency_ms: float = 0.0
     jitter_ms: float = 0.0
@@ -28,6 +34,9 @@ class Behaviour:
     timeout_rate: float = 0.0
     hang_s: float = 60.0
     enforce_limits: bool = False
+    status: int = 0
+    retry_after_s: float = 0.0
+    login_page: bool = False
 
     @classmethod
     def from_config(cls, config: SimulatorConfig) -> Behaviour:
@@ -50,6 +59,13 @@ class Behaviour:
         """
         clean: dict[str, Any] = {}
         for key, value in changes.items():
+            if key == "status":
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ValueError("status must be an integer")
+                if value != 0 and not 300 <= value <= 599:
+                    raise ValueError("status must be 0 (off) or 300..599")
+                clean[key] = value
+                continue
             if key in _FLAGS:
                 if not isinstance(value, bool):
                     raise ValueError(f"{key} must be true or false")

@@ -13,8 +13,13 @@ class SimulatorConfig:
     """How the simulated CC-iSales upstream behaves at start-up.
 
     Times are in the unit their name says. ``error_rate`` and ``timeout_rate`` are fractions
-    of requests (0..1). Campaign ids ``1..campaigns`` exist for every vdnId. ``seed`` and
-    ``today`` fix the synthetic data, so the same settings always give the same bytes.
+    of requests (0..1). Campaign ids ``1..campaigns`` exist, each in one VDN: campaign ``c``
+    belongs to ``vdn_ids[(c - 1) % len(vdn_ids)]`` (asked through another, it does not exist).
+    ``seed`` and ``today`` fix the synthetic data (``dataset.DOCUMENT_SEED`` adds the
+    document's sample), so the same settings and simulated time give the same bytes; the
+    simulated time is ``today`` 00:00 plus the time since start. ``path_prefix`` mounts the
+    vendor route under a path (``/isales`` serves ``/isales/rest/isales/...``), as behind a
+    reverse proxy.
     """
 
     host: str = "127.0.0.1"
@@ -36,6 +41,8 @@ class SimulatorConfig:
     campaigns: int = 1000
     seed: int = 20240101
     today: str = "2026-06-30"
+    vdn_ids: tuple[int, ...] = (11,)
+    path_prefix: str = ""
 
     def __post_init__(self) -> None:
         for name in ("latency_ms", "jitter_ms", "hang_s", "max_skew_s"):
@@ -50,6 +57,15 @@ class SimulatorConfig:
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be 0..65535")
         date.fromisoformat(self.today)  # raises ValueError on a bad date
+        if not self.vdn_ids or not all(1 <= v <= 9999 for v in self.vdn_ids):
+            raise ValueError("vdn_ids must be one or more vdnIds, each 1..9999")
+        prefix = self.path_prefix
+        if prefix and (not prefix.startswith("/") or prefix.endswith("/") or "{" in prefix):
+            raise ValueError("path_prefix must be empty or like /prefix (no trailing slash)")
+
+    def owner(self, campaign_id: int) -> int:
+        """The vdnId campaign ``campaign_id`` belongs to."""
+        return self.vdn_ids[(campaign_id - 1) % len(self.vdn_ids)]
 
 
 def _check(name: str, value: float, low: float, high: float) -> None:
@@ -88,6 +104,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-skew-s", type=float, default=d.max_skew_s, help="signature freshness window")
     add("--campaigns", type=int, default=d.campaigns, help="campaign ids 1..N exist")
     add("--seed", type=int, default=d.seed, help="seed of the synthetic data and behaviours")
+    add(
+        "--vdn-ids",
+        type=_vdn_ids,
+        default=d.vdn_ids,
+        help="comma-separated vdnIds the campaigns belong to, in turn (default 11)",
+    )
+    add("--path-prefix", default=d.path_prefix, help="serve the vendor route under this path")
+
+
+def _vdn_ids(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of vdnIds: {text!r}") from None
 
 
 def config_from_args(ns: argparse.Namespace) -> SimulatorConfig:

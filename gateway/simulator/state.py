@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date
 from typing import Any, Final
@@ -43,12 +44,18 @@ class SimulatorState:
         self.behaviour = Behaviour.from_config(config)
         self.observer = LimitObserver(config.max_concurrent, config.window_ms / 1000.0)
         self.dataset = DataSet(config.seed, date.fromisoformat(config.today))
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sim-data")
+        self.started = clock.monotonic()  # simulated time: ``today`` 00:00 at this instant
         self.received: deque[ReceivedRequest] = deque(maxlen=RECEIVED_KEPT)
         self.requests_total = 0
         self.auth_failures = 0
         self.responses_by_status: Counter[int] = Counter()
         # Digests, not bodies: a long load test must not grow memory by its traffic.
         self._queries: set[bytes] = set()
+
+    def moment(self) -> str:
+        """The simulated ``callTimeStr`` now: calls up to it have completed."""
+        return self.dataset.moment(self.clock.monotonic() - self.started)
 
     def record(self, request: ReceivedRequest) -> None:
         self.received.append(request)
