@@ -6,6 +6,8 @@ their own clock, registry or backends. No globals: two apps in one process share
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -14,7 +16,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
-from gateway.auth import load_callers
+from gateway.auth import AccessKeys, KeyRing, load_callers
 from gateway.breaker import CircuitBreaker
 from gateway.cache import CacheStore, InMemoryCacheStore
 from gateway.cache_local import TieredCacheStore
@@ -23,17 +25,19 @@ from gateway.cache_redis import RedisCacheStore
 from gateway.clock import Clock, SystemClock
 from gateway.coalesce import Coalescer, InProcessCoalescer
 from gateway.coalesce_redis import RedisCoalescer
-from gateway.handlers import add_routes
+from gateway.handlers import add_routes, on_response_prepare
+from gateway.health import probe_redis_at_start
 from gateway.limiter import InMemoryLimiter, Limiter
 from gateway.limiter_failover import FailoverLimiter
 from gateway.metrics import BREAKER_STATES, GatewayMetrics
 from gateway.middleware import error_middleware, observe_middleware
 from gateway.openapi import add_openapi_route
 from gateway.redis_client import connect
+from gateway.reload import KeyReloader
 from gateway.retry import RetryPolicy, UpstreamCaller
 from gateway.service import CallResultService
-from gateway.settings import Settings
-from gateway.state import PARTS, SERVICE, Parts
+from gateway.settings import Settings, load_settings
+from gateway.state import BREAKER, PARTS, SERVICE, Parts
 from gateway.upstream import UpstreamClient, UpstreamResponse, send_trace, ssl_context
 
 log = logging.getLogger("gateway")
@@ -92,6 +96,18 @@ def build_limiter(
     )
 
 
+def access_keys(settings: Settings, config_file: str | None = None) -> AccessKeys:
+    """The callers and admin key to use: from the files as they are now.
+
+    With ``config_file``, the settings are read again (file and environment) for
+    ``admin.key_sha256`` and ``auth.callers_file``; whether authentication is on stays as at
+    start-up. Raises ``ConfigError`` naming what is wrong.
+    """
+    fresh = settings if config_file is None else load_settings(config_file)
+    callers = load_callers(fresh.auth.callers_file) if settings.auth.enabled else None
+    return AccessKeys(callers, fresh.admin.key_sha256)
+
+
 def create_app(
     settings: Settings,
     *,
@@ -100,11 +116,19 @@ def create_app(
     cache: CacheStore | None = None,
     limiter: Limiter | None = None,
     coalescer: Coalescer[UpstreamResponse] | None = None,
+    config_file: str | None = None,
 ) -> web.Application:
-    """A ready-to-run gateway app. Parts not given are built from ``settings``."""
+    """A ready-to-run gateway app. Parts not given are built from ``settings``.
+
+    ``config_file``: the file ``settings`` came from, read again by a key reload.
+    """
     clock = clock or SystemClock()
-    metrics = GatewayMetrics(registry or CollectorRegistry())
     redis = None if settings.embedded else connect(settings.redis)
+    metrics = GatewayMetrics(
+        registry or CollectorRegistry(),
+        redis=redis is not None,
+        cache=cache is not None or settings.cache.enabled,
+    )
     if limiter is None:
         limiter = build_limiter(settings, clock, redis, metrics)
     if cache is None and settings.cache.enabled:
@@ -132,26 +156,41 @@ def create_app(
         middlewares=[observe_middleware, error_middleware],
         client_max_size=settings.server.max_body_bytes,
     )
-    app[PARTS] = Parts(
+    keys = KeyRing(access_keys(settings))
+    reloader = KeyReloader(
+        keys,
+        lambda: access_keys(settings, config_file),
+        paths=[settings.auth.callers_file if settings.auth.enabled else "", config_file or ""],
+        metrics=metrics,
+        clock=clock,
+        interval_s=settings.auth.reload_interval_s,
+    )
+    parts = app[PARTS] = Parts(
         settings=settings,
         clock=clock,
         metrics=metrics,
         cache=cache,
         limiter=limiter,
         mode="embedded" if redis is None else "redis",
+        keys=keys,
+        reloader=reloader,
         redis=redis,
-        callers=load_callers(settings.auth.callers_file) if settings.auth.enabled else None,
     )
 
     async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         up = settings.upstream
         connector = aiohttp.TCPConnector(limit=lim.max_concurrent * 2, ssl=ssl_context(up))
         async with aiohttp.ClientSession(
-            connector=connector, auto_decompress=True, trace_configs=[send_trace()]
+            connector=connector,
+            auto_decompress=True,
+            trace_configs=[send_trace()],
+            # HTTPS_PROXY/HTTP_PROXY/NO_PROXY, unless upstream.proxy names one.
+            trust_env=up.trust_env and not up.proxy,
         ) as session:
             breaker = CircuitBreaker(
                 failures=up.breaker_failures, open_s=up.breaker_open_ms / 1000, clock=clock
             )
+            app[BREAKER] = breaker
             metrics.breaker_state.set_function(lambda: BREAKER_STATES[breaker.state.value])
             caller = UpstreamCaller(
                 upstream=UpstreamClient(up, settings.upstream_host, session, clock),
@@ -179,7 +218,22 @@ def create_app(
             await service.close()
 
     async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+        probe = None
+        if redis is not None:
+            probe = asyncio.ensure_future(
+                probe_redis_at_start(
+                    redis,
+                    limiter,
+                    metrics.degraded.labels("redis"),
+                    metrics.redis_errors.labels("ping").inc,
+                    clock,
+                )
+            )
         yield
+        if probe is not None:
+            probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await probe
         await limiter.close()
         await coalescer.close()
         if cache is not None:
@@ -187,8 +241,21 @@ def create_app(
         if redis is not None:
             await redis.aclose()
 
+    async def reload_ctx(app: web.Application) -> AsyncIterator[None]:
+        watcher = asyncio.ensure_future(reloader.watch())
+        yield
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+
+    async def draining(app: web.Application) -> None:
+        parts.lifecycle.draining = True
+
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(upstream_ctx)
+    app.cleanup_ctx.append(reload_ctx)
+    app.on_shutdown.append(draining)
+    app.on_response_prepare.append(on_response_prepare)
     add_routes(app)
     add_openapi_route(app)
     return app

@@ -29,6 +29,7 @@ from gateway.errors import (
 )
 from gateway.settings import UpstreamSettings
 from gateway.signing import authorization, format_timestamp
+from gateway.trace import current as current_trace
 from gateway.validation import CallResultQuery
 
 REQUEST_CONTENT_TYPE = "application/json; charset=UTF-8"
@@ -43,6 +44,8 @@ class UpstreamResponse:
     content_type: str
     # Set when the answer came from a cache entry another call had just stored: its age.
     cached_age: int | None = None
+    # The X-Request-ID of the request that made this call (in-process coalescing names it).
+    request_id: str | None = None
 
 
 def ssl_context(settings: UpstreamSettings) -> ssl.SSLContext | bool:
@@ -125,6 +128,20 @@ class UpstreamClient:
             headers["locale"] = locale
         return headers
 
+    @staticmethod
+    def trace_headers() -> tuple[dict[str, str], str | None]:
+        """``X-Request-ID`` and ``traceparent`` of the request this call runs for (unsigned:
+        the vendor ignores them; they let its logs and a tracer follow the request)."""
+        trace = current_trace.get()
+        if trace is None:
+            return {}, None
+        headers = {}
+        if trace.request_id:
+            headers["X-Request-ID"] = trace.request_id
+        if trace.traceparent:
+            headers["traceparent"] = trace.traceparent
+        return headers, trace.request_id
+
     async def fetch(
         self, query: CallResultQuery, locale: str | None = None, on_sent: OnSent | None = None
     ) -> UpstreamResponse:
@@ -133,6 +150,8 @@ class UpstreamClient:
         """
         body = query.body_bytes()
         headers = self.signed_headers(query.path, body, locale or self._settings.locale or None)
+        extra, request_id = self.trace_headers()
+        headers.update(extra)
         hook = None if on_sent is None else _SendHook(on_sent)
         if hook is not None and not self._traced:
             await hook.on_sent()
@@ -144,6 +163,7 @@ class UpstreamClient:
                 timeout=self._timeout,
                 allow_redirects=False,
                 trace_request_ctx=hook,
+                proxy=self._settings.proxy or None,
             ) as response:
                 payload = await response.read()
                 status = response.status
@@ -158,4 +178,4 @@ class UpstreamClient:
             raise UpstreamAuthRejected()
         if status != 200:
             raise UpstreamBadResponse(f"Upstream answered HTTP {status}.")
-        return UpstreamResponse(status, payload, content_type)
+        return UpstreamResponse(status, payload, content_type, request_id=request_id)
