@@ -128,6 +128,7 @@ def create_app(
         registry or CollectorRegistry(),
         redis=redis is not None,
         cache=cache is not None or settings.cache.enabled,
+        auth=settings.auth.enabled,
     )
     if limiter is None:
         limiter = build_limiter(settings, clock, redis, metrics)

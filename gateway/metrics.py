@@ -73,6 +73,13 @@ def _error_codes(cls: type[GatewayError]) -> set[str]:
 
 
 ERROR_CODES = frozenset(_error_codes(GatewayError))
+# The answers of the callresult route without an X-Cache: (status class, code).
+CALLRESULT_ERRORS = (
+    ("2xx", PARAMETER_CODE),
+    *(("4xx", code) for code in ("GW40000", "GW40100", "GW40300", "GW41300", "GW41500")),
+    *(("5xx", code) for code in ("GW50000", "GW50200", "GW50201", "GW50202", "GW50300")),
+    *(("5xx", code) for code in ("GW50301", "GW50302", "GW50400")),
+)
 
 K = TypeVar("K")
 C = TypeVar("C")
@@ -92,10 +99,16 @@ class _Children(dict[K, C], Generic[K, C]):
 
 
 class GatewayMetrics:
-    """``redis``/``cache``: whether this configuration has them (their series exist or not)."""
+    """``redis``/``cache``/``auth``: whether this configuration has them (their series exist
+    or not)."""
 
     def __init__(
-        self, registry: CollectorRegistry, *, redis: bool = True, cache: bool = True
+        self,
+        registry: CollectorRegistry,
+        *,
+        redis: bool = True,
+        cache: bool = True,
+        auth: bool = True,
     ) -> None:
         self.registry = registry
         ProcessCollector(registry=registry)
@@ -234,6 +247,16 @@ class GatewayMetrics:
             lambda k: self.request_duration.labels(*k)
         )
         self.cache_lookups_by: _Children[str, Counter] = _Children(self.cache_lookups.labels)
+        # The callresult answers this configuration can give exist from start-up, so the first
+        # of each kind shows in rate(); other routes' series appear with their first request.
+        answers = ("HIT", "MISS", "STALE", "COALESCED", "BYPASS") if cache else ("BYPASS",)
+        for answer in answers:
+            self.requests_by["callresult", "2xx", answer, NO_CODE].inc(0)
+        for status, code in CALLRESULT_ERRORS:
+            if auth or code not in ("GW40100", "GW40300"):
+                self.requests_by["callresult", status, "NONE", code].inc(0)
+        for answer in (*answers, "NONE"):
+            _ = self.request_duration_by["callresult", answer]  # bound, so created
         if cache:
             for result in LOOKUP_RESULTS[:3] + (LOOKUP_RESULTS[3:] if redis else ()):
                 self.cache_lookups_by[result].inc(0)
@@ -251,7 +274,7 @@ class GatewayMetrics:
         self.build_info.labels(__version__, revision(), platform.python_version()).set(1)
         for reason in REJECTION_REASONS:
             self.rejections.labels(reason)
-        for reason in AUTH_FAILURES:
+        for reason in AUTH_FAILURES if auth else ("missing_key", "forbidden"):  # admin routes
             self.auth_failures.labels(reason)
         for result in RELOAD_RESULTS:
             self.config_reloads.labels(result)
