@@ -32,6 +32,7 @@ from gateway.limiter_failover import FailoverLimiter
 from gateway.metrics import BREAKER_STATES, GatewayMetrics
 from gateway.middleware import error_middleware, observe_middleware
 from gateway.openapi import add_openapi_route
+from gateway.otel import RequestSpans
 from gateway.redis_client import connect
 from gateway.reload import KeyReloader
 from gateway.retry import RetryPolicy, UpstreamCaller
@@ -117,11 +118,14 @@ def create_app(
     limiter: Limiter | None = None,
     coalescer: Coalescer[UpstreamResponse] | None = None,
     config_file: str | None = None,
+    spans: RequestSpans | None = None,
 ) -> web.Application:
     """A ready-to-run gateway app. Parts not given are built from ``settings``.
 
     ``config_file``: the file ``settings`` came from, read again by a key reload.
     """
+    if spans is None and settings.tracing.otlp_endpoint:
+        spans = RequestSpans(settings.tracing.otlp_endpoint, settings.tracing.service_name)
     clock = clock or SystemClock()
     redis = None if settings.embedded else connect(settings.redis)
     metrics = GatewayMetrics(
@@ -176,6 +180,7 @@ def create_app(
         keys=keys,
         reloader=reloader,
         redis=redis,
+        spans=spans,
     )
 
     async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -241,6 +246,8 @@ def create_app(
             await cache.close()
         if redis is not None:
             await redis.aclose()
+        if spans is not None:
+            spans.shutdown()
 
     async def reload_ctx(app: web.Application) -> AsyncIterator[None]:
         watcher = asyncio.ensure_future(reloader.watch())

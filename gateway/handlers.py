@@ -107,6 +107,14 @@ CACHE_STATUS = {
 
 
 async def callresult(request: web.Request) -> web.Response:
+    spans = request.app[PARTS].spans
+    if spans is None:
+        return await _callresult(request)
+    with spans.request("POST callresult", request.headers):
+        return await _callresult(request)
+
+
+async def _callresult(request: web.Request) -> web.Response:
     parts = request.app[PARTS]
     callers = parts.keys.current.callers
     caller = None if callers is None else callers.authenticate(_key(request))
@@ -125,9 +133,13 @@ async def callresult(request: web.Request) -> web.Response:
         Callers.authorize(caller, query.vdn_id)  # before the cache: no peeking at other VDNs
     locale = request.headers.get("locale")
     refresh = "no-cache" in request.headers.get("Cache-Control", "").lower()
+    asked = parts.clock.monotonic()
     answer = await request.app[SERVICE].answer(
         query, locale=locale if locale in LOCALES else None, refresh=refresh
     )
+    if parts.spans is not None and answer.cache == "COALESCED":
+        leader = {"isales.leader_request_id": answer.source_request_id or ""}
+        parts.spans.waited("coalescing wait", parts.clock.monotonic() - asked, **leader)
     headers = {"Content-Type": answer.content_type, "X-Cache": answer.cache, "Age": str(answer.age)}
     if answer.cache == "BYPASS" and refresh:
         headers["Cache-Status"] = "isales-gateway; fwd=request"

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 from gateway.auth import load_callers
 from gateway.errors import ConfigError
+from gateway.otel import available as otel_available
 from gateway.signing import TimestampFormat
 
 ENV_PREFIX: Final = "GATEWAY_"
@@ -153,6 +154,12 @@ class LogSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingSettings:
+    otlp_endpoint: str = ""
+    service_name: str = "isales-gateway"
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
@@ -162,6 +169,7 @@ class Settings:
     log: LogSettings = field(default_factory=LogSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
 
     @property
     def embedded(self) -> bool:
@@ -427,6 +435,13 @@ def _validate(s: Settings, *, require_upstream: bool) -> list[ConfigError]:
             _validate_upstream_url(up)
         except ConfigError as exc:
             problems.append(exc)
+    if s.tracing.otlp_endpoint and not otel_available():
+        problems.append(
+            ConfigError(
+                "tracing.otlp_endpoint",
+                "needs the otel extra: pip install 'isales-gateway[otel]'",
+            )
+        )
     if up.proxy and urlsplit(up.proxy).scheme not in ("http", "https"):
         problems.append(
             ConfigError("upstream.proxy", "must be an http(s) URL, e.g. http://proxy:3128")

@@ -13,6 +13,7 @@ from gateway.cache import CacheStore
 from gateway.clock import Clock
 from gateway.limiter import Limiter
 from gateway.metrics import GatewayMetrics
+from gateway.otel import RequestSpans
 from gateway.reload import KeyReloader
 from gateway.service import CallResultService
 from gateway.settings import Settings
@@ -39,6 +40,7 @@ class Parts:
     reloader: KeyReloader
     redis: Redis | None = None
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
+    spans: RequestSpans | None = None  # OpenTelemetry export, off by default
 
 
 PARTS = web.AppKey("parts", Parts)

@@ -13,6 +13,7 @@ were refused; any other status is a broken upstream.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from types import SimpleNamespace
 
 import aiohttp
 
+from gateway import otel
 from gateway.clock import Clock
 from gateway.errors import (
     UpstreamAuthRejected,
@@ -152,6 +154,24 @@ class UpstreamClient:
         headers = self.signed_headers(query.path, body, locale or self._settings.locale or None)
         extra, request_id = self.trace_headers()
         headers.update(extra)
+        with contextlib.ExitStack() as stack:
+            spans = otel.active.get()
+            if spans is not None:  # the upstream call's span becomes the traceparent's parent
+                trace = current_trace.get()
+                waited = None if trace is None else trace.queue_wait_ms
+                headers.update(stack.enter_context(spans.upstream_call(waited)))
+                if trace is not None:
+                    trace.traceparent = headers.get("traceparent", trace.traceparent)
+            return await self._send(query, body, headers, on_sent, request_id)
+
+    async def _send(
+        self,
+        query: CallResultQuery,
+        body: bytes,
+        headers: dict[str, str],
+        on_sent: OnSent | None,
+        request_id: str | None,
+    ) -> UpstreamResponse:
         hook = None if on_sent is None else _SendHook(on_sent)
         if hook is not None and not self._traced:
             await hook.on_sent()
