@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from gateway.auth import key_digest, load_callers
+from gateway.settings import load_settings
 from tests.support.processes import free_port
 
 
@@ -77,3 +81,32 @@ def test_check_config_reports_every_problem_at_once(tmp_path: Path) -> None:
     for key in ("server.port", "server.bogus", "limit.max_concurrent", "log.level", "upstream.url"):
         assert any(key in line for line in problems), (key, result.stderr)
     assert all(line.startswith("isales-gateway: configuration error: ") for line in problems)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_readmes_real_run_passes_check_config_with_the_keys_it_names() -> None:
+    readme = (ROOT / "README.md").read_text()
+    quick = readme[readme.index("## Quick start") : readme.index("## The request path")]
+    (export,) = [line.strip() for line in quick.splitlines() if line.strip().startswith("export ")]
+    env = dict(word.split("=", 1) for word in shlex.split(export.removeprefix("export ")))
+    (config,) = set(re.findall(r"check-config --config (\S+)", quick))
+    caller_key = re.search(r"X-API-Key: ([\w-]+)", quick)
+    admin_key = re.search(r"admin key `([\w-]+)`", quick)
+
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", "--config", config],
+        env={k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")} | env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    settings = load_settings(ROOT / config, env)
+    callers = load_callers(str(ROOT / settings.auth.callers_file))
+    assert caller_key is not None
+    assert admin_key is not None
+    assert callers.authenticate(caller_key[1]).may_read(11)
+    assert settings.admin.key_sha256 == key_digest(admin_key[1])
