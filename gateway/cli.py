@@ -82,7 +82,7 @@ async def _install_sighup(app: web.Application) -> None:
 def _startup_line(settings: Settings) -> None:
     lim = settings.limit
     log.info(
-        "isales-gateway %s listening on %s:%d; mode %s; upstream %s; limit %d per %d+%d ms, "
+        "isales-gateway %s starting on %s:%d; mode %s; upstream %s; limit %d per %d+%d ms, "
         "queue %d, wait %d ms",
         __version__,
         settings.server.host,

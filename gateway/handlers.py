@@ -147,7 +147,7 @@ async def _callresult(request: web.Request) -> web.Response:
         headers["Cache-Status"] = CACHE_STATUS[answer.cache]
     if answer.warning:
         headers["Warning"] = answer.warning
-    if trace is not None and answer.source_request_id and answer.cache in ("HIT", "COALESCED"):
+    if trace is not None and answer.source_request_id:  # COALESCED: who made the call
         trace.source_request_id = answer.source_request_id
     return web.Response(status=answer.status, body=answer.body, headers=headers)
 

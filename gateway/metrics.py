@@ -33,9 +33,6 @@ LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
-CACHE_RESULTS = ("HIT", "MISS", "STALE", "COALESCED", "BYPASS", "NONE")
-STATUS_CLASSES = ("2xx", "4xx", "5xx")
-ROUTES = ("callresult", "admin", "healthz", "readyz", "metrics", "openapi", "other")
 UPSTREAM_OUTCOMES = (
     "ok",
     "business_error",
