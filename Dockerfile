@@ -32,7 +32,7 @@ LABEL org.opencontainers.image.title="isales-gateway" \
       org.opencontainers.image.description="Drop-in, rate-limiting, caching gateway for the CC-iSales call result query" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${GIT_REVISION}" \
-      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.licenses="LicenseRef-Proprietary" \
       org.opencontainers.image.source="https://git.example.com/isales-gateway" \
       org.opencontainers.image.base.name="docker.io/library/python:3.11-slim"
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 \
