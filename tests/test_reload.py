@@ -170,3 +170,32 @@ async def metric(
             if sample.name == name and labels.items() <= sample.labels.items():
                 return sample.value
     raise AssertionError(f"no {name} {labels}")
+
+
+@pytest.mark.timeout(90)
+async def test_a_running_gateway_process_picks_up_a_configmap_swap_without_a_signal(
+    tmp_path: Path,
+) -> None:
+    configmap_volume(tmp_path, callers_toml(OLD_KEY), "..2026_12_01_06_00_00.1")
+    upstream = start_simulator_process()
+    port = free_port()
+    env = {
+        "GATEWAY_SERVER__HOST": "127.0.0.1",
+        "GATEWAY_SERVER__PORT": str(port),
+        "GATEWAY_UPSTREAM__URL": upstream.url,
+        "GATEWAY_UPSTREAM__AK": SIM.ak,
+        "GATEWAY_UPSTREAM__SK": SIM.sk,
+        "GATEWAY_UPSTREAM__ALLOW_HTTP": "true",
+        "GATEWAY_AUTH__CALLERS_FILE": str(tmp_path / "callers.toml"),
+        "GATEWAY_AUTH__RELOAD_INTERVAL_S": "0.1",
+    }
+    gateway = Process(["serve"], port, env=env)
+    try:
+        assert await status_with(gateway.url, NEW_KEY) == 401
+        configmap_volume(tmp_path, callers_toml(NEW_KEY), "..2026_12_01_06_01_00.2")
+        await until(lambda: _is(status_with(gateway.url, NEW_KEY), 200), "the swapped-in key")
+        assert await status_with(gateway.url, OLD_KEY) == 401
+        assert await reloads(gateway.url, "success") >= 1
+    finally:
+        gateway.stop()
+        upstream.stop()
