@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean image lock
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -11,8 +11,29 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 
-demo: $(BIN)/.installed
-	$(BIN)/isales-gateway demo
+# The demo needs only the gateway and its three dependencies (about 10 s on a fresh
+# machine), not the test toolchain.
+$(BIN)/.runtime: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+demo: $(BIN)/.runtime
+	$(BIN)/isales-gateway demo $(DEMO_ARGS)
+
+# The image, labelled with the version (gateway/__init__.py, its one source) and the commit.
+image:
+	docker build \
+	  --build-arg VERSION=$$($(PYTHON) -c 'import re; print(re.search(r"__version__ = \"(.+)\"", open("gateway/__init__.py").read())[1])') \
+	  --build-arg GIT_REVISION=$$(git rev-parse HEAD) \
+	  -t isales-gateway .
+
+# requirements.lock: the runtime dependencies pinned with hashes, which the image installs.
+lock:
+	$(PYTHON) -m venv .lock-venv && .lock-venv/bin/pip install -q pip-tools
+	.lock-venv/bin/pip-compile -q --generate-hashes --strip-extras --no-emit-index-url \
+	  --no-emit-find-links --no-header --output-file requirements.lock pyproject.toml
+	rm -rf .lock-venv
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check gateway tests bench

@@ -6,6 +6,8 @@ their own clock, registry or backends. No globals: two apps in one process share
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 from collections.abc import AsyncIterator, Callable
@@ -15,7 +17,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
-from gateway.auth import Callers, load_callers
+from gateway.auth import AccessKeys, Callers, KeyRing, load_callers
 from gateway.breaker import CircuitBreaker
 from gateway.cache import CacheStore, InMemoryCacheStore
 from gateway.cache_local import TieredCacheStore
@@ -24,21 +26,24 @@ from gateway.cache_redis import RedisCacheStore
 from gateway.clock import Clock, SystemClock
 from gateway.coalesce import Coalescer, InProcessCoalescer
 from gateway.coalesce_redis import RedisCoalescer
-from gateway.handlers import add_routes
+from gateway.handlers import add_routes, on_response_prepare
+from gateway.health import probe_redis_at_start
 from gateway.limiter import InMemoryLimiter, Limiter
 from gateway.limiter_failover import FailoverLimiter
 from gateway.metrics import BREAKER_STATES, GatewayMetrics
 from gateway.middleware import error_middleware, observe_middleware
 from gateway.openapi import add_openapi_route
+from gateway.otel import RequestSpans
 from gateway.pause import InMemoryPause
 from gateway.pause_redis import RedisPause
 from gateway.popularity import Popularity, RefreshRule
 from gateway.redis_client import check_eviction_policy, connect
+from gateway.reload import KeyReloader
 from gateway.retry import RetryPolicy, UpstreamCaller
 from gateway.scheduler import DEFAULT_POLICY, CallerPolicy
 from gateway.service import CallResultService
-from gateway.settings import Settings
-from gateway.state import PARTS, SERVICE, Parts
+from gateway.settings import Settings, load_settings
+from gateway.state import BREAKER, PARTS, SERVICE, Parts
 from gateway.upstream import UpstreamClient, UpstreamResponse, send_trace, ssl_context
 
 log = logging.getLogger("gateway")
@@ -78,13 +83,22 @@ def limiter_lease_s(settings: Settings) -> float:
     return PERMIT_FENCE_S + (up.connect_timeout_ms + up.timeout_ms + up.abandoned_hold_ms) / 1000
 
 
-def caller_policy(callers: Callers | None) -> Callable[[str], CallerPolicy]:
-    """Each caller's share from the callers file; everyone else (anonymous, other) weight 1."""
-    table = {
-        c.name: CallerPolicy(c.weight, c.max_in_flight, c.max_queue)
-        for c in (callers.callers if callers is not None else ())
-    }
-    return lambda name: table.get(name, DEFAULT_POLICY)
+def caller_policy(roster: Callable[[], Callers | None]) -> Callable[[str], CallerPolicy]:
+    """Each caller's share from the callers file in force (``roster``, read again after a
+    reload); everyone else (anonymous, other) weight 1."""
+    cached: list[tuple[Callers | None, dict[str, CallerPolicy]]] = []
+
+    def policy(name: str) -> CallerPolicy:
+        callers = roster()
+        if not cached or cached[0][0] is not callers:
+            table = {
+                c.name: CallerPolicy(c.weight, c.max_in_flight, c.max_queue)
+                for c in (callers.callers if callers is not None else ())
+            }
+            cached[:] = [(callers, table)]
+        return cached[0][1].get(name, DEFAULT_POLICY)
+
+    return policy
 
 
 def background_permits(settings: Settings) -> int:
@@ -143,6 +157,18 @@ def popularity(settings: Settings) -> Popularity | None:
     return Popularity(rule, max_keys=c.max_entries)
 
 
+def access_keys(settings: Settings, config_file: str | None = None) -> AccessKeys:
+    """The callers and admin key to use: from the files as they are now.
+
+    With ``config_file``, the settings are read again (file and environment) for
+    ``admin.key_sha256`` and ``auth.callers_file``; whether authentication is on stays as at
+    start-up. Raises ``ConfigError`` naming what is wrong.
+    """
+    fresh = settings if config_file is None else load_settings(config_file)
+    callers = load_callers(fresh.auth.callers_file) if settings.auth.enabled else None
+    return AccessKeys(callers, fresh.admin.key_sha256)
+
+
 def create_app(
     settings: Settings,
     *,
@@ -151,17 +177,31 @@ def create_app(
     cache: CacheStore | None = None,
     limiter: Limiter | None = None,
     coalescer: Coalescer[UpstreamResponse] | None = None,
+    config_file: str | None = None,
+    spans: RequestSpans | None = None,
 ) -> web.Application:
-    """A ready-to-run gateway app. Parts not given are built from ``settings``."""
+    """A ready-to-run gateway app. Parts not given are built from ``settings``.
+
+    ``config_file``: the file ``settings`` came from, read again by a key reload.
+    """
+    if spans is None and settings.tracing.otlp_endpoint:
+        spans = RequestSpans(settings.tracing.otlp_endpoint, settings.tracing.service_name)
     clock = clock or SystemClock()
-    metrics = GatewayMetrics(registry or CollectorRegistry())
     redis = None if settings.embedded else connect(settings.redis)
+    metrics = GatewayMetrics(
+        registry or CollectorRegistry(),
+        redis=redis is not None,
+        cache=cache is not None or settings.cache.enabled,
+        auth=settings.auth.enabled,
+    )
     # The callers file names the callers and their shares; with auth off it is still read
-    # for that (its keys are then not checked).
+    # for that (its keys are then not checked). A reload of the keys applies new shares.
     roster = load_callers(settings.auth.callers_file) if settings.auth.callers_file else None
     metrics.observe_callers(c.name for c in (roster.callers if roster is not None else ()))
+    keys = KeyRing(access_keys(settings))
+    policy = caller_policy(lambda: keys.current.callers or roster)
     if limiter is None:
-        limiter = build_limiter(settings, clock, redis, metrics, caller_policy(roster))
+        limiter = build_limiter(settings, clock, redis, metrics, policy)
     if cache is None and settings.cache.enabled:
         cache = (
             InMemoryCacheStore(max_entries=settings.cache.max_entries, clock=clock)
@@ -192,27 +232,42 @@ def create_app(
         middlewares=[observe_middleware, error_middleware],
         client_max_size=settings.server.max_body_bytes,
     )
-    app[PARTS] = Parts(
+    reloader = KeyReloader(
+        keys,
+        lambda: access_keys(settings, config_file),
+        paths=[settings.auth.callers_file if settings.auth.enabled else "", config_file or ""],
+        metrics=metrics,
+        clock=clock,
+        interval_s=settings.auth.reload_interval_s,
+    )
+    parts = app[PARTS] = Parts(
         settings=settings,
         clock=clock,
         metrics=metrics,
         cache=cache,
         limiter=limiter,
         mode="embedded" if redis is None else "redis",
+        keys=keys,
+        reloader=reloader,
         redis=redis,
-        callers=roster if settings.auth.enabled else None,
         caller_names=frozenset(c.name for c in (roster.callers if roster is not None else ())),
+        spans=spans,
     )
 
     async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         up = settings.upstream
         connector = aiohttp.TCPConnector(limit=lim.max_concurrent * 2, ssl=ssl_context(up))
         async with aiohttp.ClientSession(
-            connector=connector, auto_decompress=True, trace_configs=[send_trace()]
+            connector=connector,
+            auto_decompress=True,
+            trace_configs=[send_trace()],
+            # HTTPS_PROXY/HTTP_PROXY/NO_PROXY, unless upstream.proxy names one.
+            trust_env=up.trust_env and not up.proxy,
         ) as session:
             breaker = CircuitBreaker(
                 failures=up.breaker_failures, open_s=up.breaker_open_ms / 1000, clock=clock
             )
+            app[BREAKER] = breaker
             metrics.breaker_state.set_function(lambda: BREAKER_STATES[breaker.state.value])
             caller = UpstreamCaller(
                 upstream=UpstreamClient(up, settings.upstream_host, session, clock),
@@ -249,16 +304,46 @@ def create_app(
         if redis is not None:
             await check_eviction_policy(redis)  # raises ConfigError for allkeys-*
         limiter.start()
+        probe = None
+        if redis is not None:
+            probe = asyncio.ensure_future(
+                probe_redis_at_start(
+                    redis,
+                    limiter,
+                    metrics.degraded.labels("redis"),
+                    metrics.redis_errors.labels("ping").inc,
+                    clock,
+                )
+            )
         yield
+        if probe is not None:
+            probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await probe
         await limiter.close()
         await coalescer.close()
         if cache is not None:
             await cache.close()
         if redis is not None:
             await redis.aclose()
+        if spans is not None:
+            spans.shutdown()
+
+    async def reload_ctx(app: web.Application) -> AsyncIterator[None]:
+        watcher = asyncio.ensure_future(reloader.watch())
+        yield
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+
+    async def draining(app: web.Application) -> None:
+        parts.lifecycle.draining = True
 
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(upstream_ctx)
+    app.cleanup_ctx.append(reload_ctx)
+    app.on_shutdown.append(draining)
+    app.on_response_prepare.append(on_response_prepare)
     add_routes(app)
     add_openapi_route(app)
     return app

@@ -156,3 +156,22 @@ def load_callers(path: str) -> Callers:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError("auth.callers_file", f"cannot read {path}: {exc}") from exc
     return parse_callers(data)
+
+
+@dataclass(frozen=True, slots=True)
+class AccessKeys:
+    """The keys in force: the callers (None: caller authentication off) and the admin digest."""
+
+    callers: Callers | None
+    admin_sha256: str = ""
+
+
+class KeyRing:
+    """Holds the ``AccessKeys`` in force; a reload swaps the whole set at once, so a request
+    sees either the old keys or the new ones, never a mix."""
+
+    def __init__(self, keys: AccessKeys) -> None:
+        self.current = keys
+
+    def replace(self, keys: AccessKeys) -> None:
+        self.current = keys

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -17,7 +18,7 @@ from gateway import __version__
 from gateway.app import create_app
 from gateway.errors import ConfigError
 from gateway.logs import setup_logging
-from gateway.settings import Settings, load_settings
+from gateway.settings import ConfigErrors, Settings, load_settings
 from gateway.simulator import (
     SimulatorConfig,
     add_arguments,
@@ -25,6 +26,7 @@ from gateway.simulator import (
     create_simulator_app,
     run_simulator,
 )
+from gateway.state import PARTS
 
 log = logging.getLogger("gateway")
 
@@ -47,17 +49,40 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(path: str | None, environ: dict[str, str] | None = None) -> Settings:
+    """The settings, or every problem on stderr (one line each) and exit status 2."""
     try:
         return load_settings(path, environ)
     except ConfigError as exc:
-        print(f"isales-gateway: configuration error: {exc.message}", file=sys.stderr)
+        problems = exc.problems if isinstance(exc, ConfigErrors) else [exc]
+        for problem in problems:
+            print(f"isales-gateway: configuration error: {problem.message}", file=sys.stderr)
         raise SystemExit(2) from exc
+
+
+def _cannot_listen(host: str, port: int, exc: OSError, hint: str = "") -> SystemExit:
+    """One log line (JSON when configured), no traceback; the exit status 1 to raise."""
+    reason = "address already in use" if exc.errno == errno.EADDRINUSE else str(exc)
+    if hint:
+        reason = f"{reason} ({hint})"
+    log.error(
+        "cannot listen on %s:%d: %s",
+        host,
+        port,
+        reason,
+        extra={"event": "startup_failed", "host": host, "port": port, "error": reason},
+    )
+    return SystemExit(1)
+
+
+async def _install_sighup(app: web.Application) -> None:
+    """SIGHUP reloads the callers file and the admin key; it never stops the process."""
+    app[PARTS].reloader.install_sighup(asyncio.get_running_loop())
 
 
 def _startup_line(settings: Settings) -> None:
     lim = settings.limit
     log.info(
-        "isales-gateway %s listening on %s:%d; mode %s; upstream %s; limit %d per %d+%d ms, "
+        "isales-gateway %s starting on %s:%d; mode %s; upstream %s; limit %d per %d+%d ms, "
         "queue %d, wait %d ms",
         __version__,
         settings.server.host,
@@ -93,20 +118,25 @@ def serve(path: str | None) -> None:
     settings = _load(path)
     setup_logging(settings.log.level, settings.log.format)
     _startup_line(settings)
+    app = create_app(settings, config_file=path)
+    app.on_startup.append(_install_sighup)
     try:
         web.run_app(
-            create_app(settings),
+            app,
             host=settings.server.host,
             port=settings.server.port,
             shutdown_timeout=settings.server.shutdown_timeout_s,
             access_log=None,
             print=None,
+            backlog=settings.server.backlog,
             # A caller that hangs up leaves the queue instead of spending an upstream slot.
             handler_cancellation=True,
         )
     except ConfigError as exc:  # found at start-up, e.g. Redis's eviction policy
         log.error("configuration error: %s", exc.message)
         raise SystemExit(2) from exc
+    except OSError as exc:
+        raise _cannot_listen(settings.server.host, settings.server.port, exc) from None
 
 
 def check_config(path: str | None) -> int:
@@ -132,6 +162,7 @@ def demo_environ(port: int, sim: SimulatorConfig) -> dict[str, str]:
 
 
 async def _run_demo(settings: Settings, sim: SimulatorConfig) -> None:
+    gateway_app = create_app(settings)
     runners = [
         (
             web.AppRunner(create_simulator_app(sim), handler_cancellation=sim.abort_on_hangup),
@@ -139,19 +170,25 @@ async def _run_demo(settings: Settings, sim: SimulatorConfig) -> None:
             sim.port,
         ),
         (
-            web.AppRunner(create_app(settings), access_log=None, handler_cancellation=True),
+            web.AppRunner(gateway_app, access_log=None, handler_cancellation=True),
             settings.server.host,
             settings.server.port,
         ),
     ]
-    for runner, host, port in runners:
-        await runner.setup()
-        await web.TCPSite(runner, host, port).start()
+    try:
+        for runner, host, port in runners:
+            await runner.setup()
+            await web.TCPSite(runner, host, port, backlog=settings.server.backlog).start()
+    except OSError as exc:
+        for runner, _, _ in reversed(runners):
+            await runner.cleanup()
+        raise _cannot_listen(host, port, exc, "choose free ports with --port/--sim-port") from None
     base = f"http://{settings.server.host}:{settings.server.port}"
     print(
         f"isales-gateway demo: gateway {base} -> simulator http://{sim.host}:{sim.port} "
         f"(latency {sim.latency_ms:g} ms, embedded mode, no Redis)\n\n"
-        "Ask it (run twice: the second answer is a cache HIT):\n\n"
+        "Ask it (run twice within 30 s: the second answer is a cache HIT; an open-ended "
+        "query is kept cache.ttl_open_s = 30 s):\n\n"
         f"  curl -si -X POST {base}/rest/isales/v1/openapi/campaigns/11/callresult/3 \\\n"
         "       -H 'Content-Type: application/json; charset=UTF-8' \\\n"
         '       -d \'{"pageSize": 5, "pageNum": 1}\'\n\n'
@@ -163,6 +200,7 @@ async def _run_demo(settings: Settings, sim: SimulatorConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    gateway_app[PARTS].reloader.install_sighup(loop)
     try:
         await stop.wait()
     finally:

@@ -1,26 +1,41 @@
-"""HTTP handlers: the drop-in callresult route, health, readiness and metrics.
+"""HTTP handlers: the drop-in callresult route, health, readiness, metrics and admin.
 
 Handlers deal with HTTP only (content type, body size, headers); the request path itself is
-``CallResultService``.
+``CallResultService``. Every handler records the code of a gateway error it raises on the
+request's trace (the ``code`` label of ``isales_gateway_requests_total``) and counts refused
+keys.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
+from collections.abc import Awaitable, Callable, Sized
+from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, hdrs, web
+from aiohttp.web_urldispatcher import MatchInfoError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway.auth import Caller, Callers, presented_key, require_admin
 from gateway.cache_policy import LOCALES
-from gateway.errors import BodyTooLarge, CallerError, UnsupportedMediaType
+from gateway.errors import (
+    BackendUnavailable,
+    BodyTooLarge,
+    CallerError,
+    Forbidden,
+    GatewayError,
+    ParameterError,
+    Unauthenticated,
+    UnsupportedMediaType,
+)
+from gateway.health import readiness, redis_answers
 from gateway.limiter import ANONYMOUS
-from gateway.state import CALLER, PARTS, SERVICE, Parts
+from gateway.metrics import PARAMETER_CODE
+from gateway.state import BREAKER, CALLER, PARTS, REQUEST_ID, SERVICE, Parts
 from gateway.trace import current as current_trace
+from gateway.traceparent import outgoing_traceparent
 from gateway.validation import MAX_INT, CallResultQuery, parse_path_id, parse_request
 
 # The caller of a caller_header value that names no configured caller.
@@ -73,9 +88,52 @@ def share_name(request: web.Request, parts: Parts, caller: Caller | None) -> str
     return named if named in parts.caller_names else OTHER
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def recorded(handler: Handler) -> Handler:
+    """``handler`` with its gateway errors' codes noted on the trace and refused keys counted."""
+
+    @functools.wraps(handler)
+    async def run(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except GatewayError as exc:
+            trace = current_trace.get()
+            if trace is not None:
+                trace.error_code = PARAMETER_CODE if isinstance(exc, ParameterError) else exc.code
+            failures = request.app[PARTS].metrics.auth_failures
+            if isinstance(exc, Unauthenticated):
+                failures.labels("missing_key" if _key(request) is None else "unknown_key").inc()
+            elif isinstance(exc, Forbidden):
+                failures.labels("forbidden").inc()
+            raise
+
+    return run
+
+
+# RFC 9211 Cache-Status next to X-Cache (which stays: clients of the gateway read it).
+CACHE_STATUS = {
+    "HIT": "isales-gateway; hit",
+    "STALE": "isales-gateway; hit; detail=stale",
+    "MISS": "isales-gateway; fwd=miss",
+    "COALESCED": "isales-gateway; fwd=miss; detail=coalesced",
+    "BYPASS": "isales-gateway; fwd=bypass",
+}
+
+
 async def callresult(request: web.Request) -> web.Response:
+    spans = request.app[PARTS].spans
+    if spans is None:
+        return await _callresult(request)
+    with spans.request("POST callresult", request.headers):
+        return await _callresult(request)
+
+
+async def _callresult(request: web.Request) -> web.Response:
     parts = request.app[PARTS]
-    caller = None if parts.callers is None else parts.callers.authenticate(_key(request))
+    callers = parts.keys.current.callers
+    caller = None if callers is None else callers.authenticate(_key(request))
     if caller is not None:
         request[CALLER] = caller.name
     share = share_name(request, parts, caller)
@@ -87,27 +145,105 @@ async def callresult(request: web.Request) -> web.Response:
     trace = current_trace.get()
     if trace is not None:
         trace.vdn_id, trace.campaign_id = query.vdn_id, query.campaign_id
+        trace.request_id = request.get(REQUEST_ID)
+        trace.traceparent = outgoing_traceparent(request.headers.get("traceparent"))
     if caller is not None:
         Callers.authorize(caller, query.vdn_id)  # before the cache: no peeking at other VDNs
     locale = request.headers.get("locale")
     refresh = "no-cache" in request.headers.get("Cache-Control", "").lower()
+    asked = parts.clock.monotonic()
     answer = await request.app[SERVICE].answer(
         query, locale=locale if locale in LOCALES else None, refresh=refresh, caller=share
     )
+    if parts.spans is not None and answer.cache == "COALESCED":
+        leader = {"isales.leader_request_id": answer.source_request_id or ""}
+        parts.spans.waited("coalescing wait", parts.clock.monotonic() - asked, **leader)
     headers = {"Content-Type": answer.content_type, "X-Cache": answer.cache, "Age": str(answer.age)}
+    if answer.cache == "BYPASS" and refresh:
+        headers["Cache-Status"] = "isales-gateway; fwd=request"
+    elif answer.cache in CACHE_STATUS:
+        headers["Cache-Status"] = CACHE_STATUS[answer.cache]
     if answer.warning:
         headers["Warning"] = answer.warning
+    if trace is not None and answer.source_request_id:  # COALESCED: who made the call
+        trace.source_request_id = answer.source_request_id
     return web.Response(status=answer.status, body=answer.body, headers=headers)
+
+
+async def expect_continue(request: web.Request) -> None:
+    """``100 Continue`` only for a request that passes the key, size and type checks.
+
+    Otherwise no interim answer: the handler then answers 401/403/413/415 before reading a
+    body the client need not send.
+    """
+    if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+        raise web.HTTPExpectationFailed(text=f"Unknown Expect: {request.headers[hdrs.EXPECT]}")
+    if request.version != HttpVersion11:
+        return
+    parts = request.app[PARTS]
+    callers = parts.keys.current.callers
+    if callers is not None:
+        try:
+            callers.authenticate(_key(request))
+        except Unauthenticated:
+            return
+    length = request.content_length
+    if length is not None and length > parts.settings.server.max_body_bytes:
+        return
+    if request.content_type != "application/json":
+        return
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
 
 async def purge_campaign(request: web.Request) -> web.Response:
     """Admin: drop every cached answer of one campaign, e.g. after the vendor corrected data."""
     parts = request.app[PARTS]
-    require_admin(_key(request), parts.settings.admin.key_sha256)
+    require_admin(_key(request), parts.keys.current.admin_sha256)
     vdn_id = parse_path_id("vdnId", request.match_info["vdnId"], 1, 9999)
     campaign_id = parse_path_id("campaignId", request.match_info["campaignId"], 1, MAX_INT)
-    purged = 0 if parts.cache is None else await parts.cache.purge_campaign(vdn_id, campaign_id)
+    try:
+        purged = 0 if parts.cache is None else await parts.cache.purge_campaign(vdn_id, campaign_id)
+    except BackendUnavailable:
+        parts.metrics.redis_errors.labels("purge").inc()
+        raise
     return web.json_response({"vdnId": vdn_id, "campaignId": campaign_id, "purged": purged})
+
+
+async def admin_config(request: web.Request) -> web.Response:
+    """Admin: the effective settings (file, environment, defaults), secrets as ``***``."""
+    parts = request.app[PARTS]
+    require_admin(_key(request), parts.keys.current.admin_sha256)
+    return web.json_response(parts.settings.redacted())
+
+
+async def admin_stats(request: web.Request) -> web.Response:
+    """Admin: what this replica holds now: cache entries, permits and queue, callers."""
+    parts = request.app[PARTS]
+    require_admin(_key(request), parts.keys.current.admin_sha256)
+    snapshot = parts.limiter.snapshot()
+    callers = parts.keys.current.callers
+    cache: dict[str, Any] = {"enabled": parts.cache is not None}
+    if isinstance(parts.cache, Sized):  # the embedded store; Redis: see redis_keys
+        cache["entries"] = len(parts.cache)
+    if parts.redis is not None:
+        try:
+            cache["redis_keys"] = await parts.redis.dbsize()  # cache, locks and limiter keys
+        except (RedisError, OSError):
+            parts.metrics.redis_errors.labels("ping").inc()
+            cache["redis_keys"] = None
+    breaker = request.app.get(BREAKER)
+    return web.json_response(
+        {
+            "mode": parts.mode,
+            "cache": cache,
+            # The limiter reports this replica's totals; a per-caller split comes with fair
+            # queuing.
+            "limiter": {"in_flight": snapshot.in_flight, "queued": snapshot.queued},
+            "queue_by_caller": None,
+            "callers": None if callers is None else [c.name for c in callers.callers],
+            "upstream": {"breaker": None if breaker is None else breaker.state.value},
+        }
+    )
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -116,30 +252,27 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready to serve: started, with what is degraded (never a secret)."""
+    """Ready to serve, with Redis, breaker and upstream state (``gateway.health`` says when
+    it is 503); never a secret."""
     parts = request.app[PARTS]
-    ready = SERVICE in request.app
-    degraded = []
-    if parts.redis is not None and not await _redis_answers(parts.redis):
-        degraded.append("redis")
-    body: dict[str, object] = {
-        "status": "ready" if ready else "starting",
-        "mode": parts.mode,
-        "degraded": degraded,
-    }
-    return web.Response(
-        status=200 if ready else 503,
-        body=json.dumps(body).encode(),
-        content_type="application/json",
+    redis_up = None
+    if parts.redis is not None:
+        redis_up = await redis_answers(parts.redis)
+        if not redis_up:
+            parts.metrics.redis_errors.labels("ping").inc()
+    callers = parts.keys.current.callers
+    status, body = readiness(
+        started=SERVICE in request.app,
+        draining=parts.lifecycle.draining,
+        mode=parts.mode,
+        redis_up=redis_up,
+        limiter=parts.limiter,
+        breaker=request.app.get(BREAKER),
+        callers=None if callers is None else len(callers.callers),
     )
-
-
-async def _redis_answers(redis: Redis) -> bool:
-    try:
-        async with asyncio.timeout(1.0):
-            return bool(await redis.ping())
-    except (RedisError, OSError, TimeoutError):
-        return False
+    return web.Response(
+        status=status, body=json.dumps(body).encode(), content_type="application/json"
+    )
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -147,11 +280,25 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """No versions in ``Server``; ``Allow`` on every 405 (RFC 9110 requires it)."""
+    response.headers[hdrs.SERVER] = "isales-gateway"
+    if response.status == 405 and hdrs.ALLOW not in response.headers:
+        match = request.match_info
+        exc = match.http_exception if isinstance(match, MatchInfoError) else None
+        if isinstance(exc, web.HTTPMethodNotAllowed):
+            response.headers[hdrs.ALLOW] = ", ".join(sorted(exc.allowed_methods))
+
+
 def add_routes(app: web.Application) -> None:
-    app.router.add_post(CALLRESULT_PATH, callresult, name="callresult")
-    app.router.add_delete(
-        "/admin/cache/campaigns/{vdnId}/{campaignId}", purge_campaign, name="admin"
+    app.router.add_post(
+        CALLRESULT_PATH, recorded(callresult), name="callresult", expect_handler=expect_continue
     )
+    app.router.add_delete(
+        "/admin/cache/campaigns/{vdnId}/{campaignId}", recorded(purge_campaign), name="admin"
+    )
+    app.router.add_get("/admin/config", recorded(admin_config), name="admin_config")
+    app.router.add_get("/admin/stats", recorded(admin_stats), name="admin_stats")
     app.router.add_get("/healthz", healthz, name="healthz")
     app.router.add_get("/readyz", readyz, name="readyz")
     app.router.add_get("/metrics", metrics, name="metrics")

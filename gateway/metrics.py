@@ -1,27 +1,39 @@
 """Every metric of the gateway, declared once on an injected ``CollectorRegistry``.
 
 Labels carry bounded values only (never a key, a body or a campaign id; a caller only as
-one of the configured caller names or a built-in one), and
-every labelled series is created at start-up so dashboards see zeros instead of gaps.
+one of the configured caller names or a built-in one). A
+labelled series is created at start-up only where this configuration can produce it (no
+``route="healthz",cache="HIT"``); the request series appear with their first request. The
+process, platform and garbage-collector collectors of ``prometheus_client`` are registered too
+(``process_*``, ``python_*``): memory against the container limit, CPU, open files, restarts.
 """
 
 from __future__ import annotations
 
 import platform
 from collections.abc import Callable, Iterable
+from typing import Generic, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 from gateway import __version__
+from gateway.build import revision
+from gateway.errors import GatewayError
+from gateway.trace import current as current_trace
 
 # From a sub-millisecond cache hit to the upstream timeout.
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
-CACHE_RESULTS = ("HIT", "MISS", "STALE", "COALESCED", "BYPASS", "NONE")
-STATUS_CLASSES = ("2xx", "4xx", "5xx")
-ROUTES = ("callresult", "admin", "healthz", "readyz", "metrics", "openapi", "other")
 UPSTREAM_OUTCOMES = (
     "ok",
     "business_error",
@@ -40,21 +52,75 @@ RESULT_CODES = (
     "02000001", "02000002", "02000003", "02000004", "02000005", "02000006", "02000007",
     "02000008", "02000009", "02000010", "02000011", "other", "none",
 )  # fmt: skip
-REDIS_OPERATIONS = ("cache_get", "cache_put", "purge", "limiter", "coalesce", "ping")
+# The coalescer's Redis failures are logged by it, not counted: it falls back in-process.
+REDIS_OPERATIONS = ("cache_get", "cache_put", "purge", "limiter", "ping")
 STALE_REASONS = ("upstream_error", "overload", "revalidate")
 # Callers every gateway has besides the configured ones (gateway/limiter.py, handlers.py).
 BUILTIN_CALLERS = ("anonymous", "other", "background")
 REFRESH_RESULTS = ("ok", "skipped", "error")
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
+AUTH_FAILURES = ("missing_key", "unknown_key", "forbidden")
+RELOAD_RESULTS = ("success", "failure")
+# The ``code`` of an answer without a gateway error; ``parameter``: a vendor rule answered
+# locally (HTTP 200 with the vendor's code); ``other``: an error of no known class.
+NO_CODE, PARAMETER_CODE, OTHER_CODE = "none", "parameter", "other"
+# Errors raised by aiohttp itself (routing, framing) before a handler could name the class.
+_CODE_BY_STATUS = {400: "GW40000", 404: "GW40400", 405: "GW40500", 413: "GW41300", 500: "GW50000"}
+
+
+def _error_codes(cls: type[GatewayError]) -> set[str]:
+    found = {cls.code}
+    for sub in cls.__subclasses__():
+        found |= _error_codes(sub)
+    return found
+
+
+ERROR_CODES = frozenset(_error_codes(GatewayError))
+# The answers of the callresult route without an X-Cache: (status class, code).
+CALLRESULT_ERRORS = (
+    ("2xx", PARAMETER_CODE),
+    *(("4xx", code) for code in ("GW40000", "GW40100", "GW40300", "GW41300", "GW41500")),
+    *(("5xx", code) for code in ("GW50000", "GW50200", "GW50201", "GW50202", "GW50300")),
+    *(("5xx", code) for code in ("GW50301", "GW50302", "GW50400")),
+)
+
+K = TypeVar("K")
+C = TypeVar("C")
+
+
+class _Children(dict[K, C], Generic[K, C]):
+    """Label children bound on first use: ``labels()`` on every request would double what
+    counting a request costs (about 2.7 µs instead of 1.2 µs)."""
+
+    def __init__(self, make: Callable[[K], C]) -> None:
+        super().__init__()
+        self._make = make
+
+    def __missing__(self, key: K) -> C:
+        child = self[key] = self._make(key)
+        return child
 
 
 class GatewayMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    """``redis``/``cache``/``auth``: whether this configuration has them (their series exist
+    or not)."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        redis: bool = True,
+        cache: bool = True,
+        auth: bool = True,
+    ) -> None:
         self.registry = registry
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
         self.requests = Counter(
             "isales_gateway_requests",
-            "Requests answered, by route, HTTP status class and cache result.",
-            ["route", "status_class", "cache"],
+            "Requests answered, by route, HTTP status class, cache result and gateway code.",
+            ["route", "status_class", "cache", "code"],
             registry=registry,
         )
         self.request_duration = Histogram(
@@ -95,7 +161,8 @@ class GatewayMetrics:
         )
         self.degraded = Gauge(
             "isales_gateway_degraded",
-            "1 while a component is degraded (redis: local fallback limit, cache off).",
+            "1 while a component is degraded (redis: unreachable; this replica limits itself "
+            "to its share max_concurrent/replicas, cache lookups fail and count as misses).",
             ["component"],
             registry=registry,
         )
@@ -113,7 +180,7 @@ class GatewayMetrics:
         self.build_info = Gauge(
             "isales_gateway_build_info",
             "Always 1; the labels say which build runs.",
-            ["version", "python"],
+            ["version", "revision", "python"],
             registry=registry,
         )
         self.upstream_duration = Histogram(
@@ -190,41 +257,77 @@ class GatewayMetrics:
             self.refresh_ahead.labels(result)
         self.caller_requests_by: dict[str, Counter] = {}
         self.observe_callers(())
-        # Children bound once: ``labels()`` on every request would double what counting and
-        # timing a request costs (about 2.7 µs instead of 1.2 µs).
-        self.requests_by: dict[tuple[str, str, str], Counter] = {}
-        self.request_duration_by: dict[tuple[str, str], Histogram] = {}
-        for route in ROUTES:
-            for cache in CACHE_RESULTS:
-                self.request_duration_by[route, cache] = self.request_duration.labels(route, cache)
-                for status_class in STATUS_CLASSES:
-                    self.requests_by[route, status_class, cache] = self.requests.labels(
-                        route, status_class, cache
-                    )
-        self.cache_lookups_by = {
-            result: self.cache_lookups.labels(result) for result in LOOKUP_RESULTS
-        }
+        self.auth_failures = Counter(
+            "isales_gateway_auth_failures",
+            "Requests refused for their key: missing, unknown, or not allowed to do that.",
+            ["reason"],
+            registry=registry,
+        )
+        self.config_reloads = Counter(
+            "isales_gateway_config_reloads",
+            "Reloads of the callers file and admin key (SIGHUP or file change), by result.",
+            ["result"],
+            registry=registry,
+        )
+        self.config_reload_time = Gauge(
+            "isales_gateway_config_last_reload_success_timestamp_seconds",
+            "When the keys in use were loaded (start-up or the last successful reload).",
+            registry=registry,
+        )
+        self.callers = Gauge(
+            "isales_gateway_callers",
+            "Callers (API keys) in the callers file in use; 0 with authentication off.",
+            registry=registry,
+        )
+        self.requests_by: _Children[tuple[str, str, str, str], Counter] = _Children(
+            lambda k: self.requests.labels(*k)
+        )
+        self.request_duration_by: _Children[tuple[str, str], Histogram] = _Children(
+            lambda k: self.request_duration.labels(*k)
+        )
+        self.cache_lookups_by: _Children[str, Counter] = _Children(self.cache_lookups.labels)
+        # The callresult answers this configuration can give exist from start-up, so the first
+        # of each kind shows in rate(); other routes' series appear with their first request.
+        answers = ("HIT", "MISS", "STALE", "COALESCED", "BYPASS") if cache else ("BYPASS",)
+        for answer in answers:
+            self.requests_by["callresult", "2xx", answer, NO_CODE].inc(0)
+        for status, code in CALLRESULT_ERRORS:
+            if auth or code not in ("GW40100", "GW40300"):
+                self.requests_by["callresult", status, "NONE", code].inc(0)
+        for answer in (*answers, "NONE"):
+            _ = self.request_duration_by["callresult", answer]  # bound, so created
+        if cache:
+            for result in LOOKUP_RESULTS[:3] + (LOOKUP_RESULTS[3:] if redis else ()):
+                self.cache_lookups_by[result].inc(0)
+            for reason in STALE_REASONS:
+                self.stale_served.labels(reason)
         for outcome in UPSTREAM_OUTCOMES:
-            self.upstream_requests.labels(outcome, "none")
-        for code in RESULT_CODES:
+            if outcome not in ("ok", "business_error"):
+                self.upstream_requests.labels(outcome, "none")
+        for code in RESULT_CODES[:-1]:  # "none" only goes with a failed call
             self.upstream_requests.labels("ok" if code == "0200000" else "business_error", code)
-        for operation in REDIS_OPERATIONS:
-            self.redis_errors.labels(operation)
-        self.degraded.labels("redis").set(0)
-        for reason in STALE_REASONS:
-            self.stale_served.labels(reason)
-        self.build_info.labels(__version__, platform.python_version()).set(1)
+        if redis:
+            for operation in REDIS_OPERATIONS:
+                self.redis_errors.labels(operation)
+            self.degraded.labels("redis").set(0)
+        self.build_info.labels(__version__, revision(), platform.python_version()).set(1)
         for reason in REJECTION_REASONS:
             self.rejections.labels(reason)
+        for reason in AUTH_FAILURES if auth else ("missing_key", "forbidden"):  # admin routes
+            self.auth_failures.labels(reason)
+        for result in RELOAD_RESULTS:
+            self.config_reloads.labels(result)
 
     def observe_request(self, route: str, status: int, cache: str, seconds: float) -> None:
-        """One answered request: counted by route, status class and cache result, and timed."""
-        status_label = status_class(status)
-        counter = self.requests_by.get((route, status_label, cache))
-        timer = self.request_duration_by.get((route, cache))
-        # A route added without a ROUTES entry still counts, on the slower path.
-        (counter or self.requests.labels(route, status_label, cache)).inc()
-        (timer or self.request_duration.labels(route, cache)).observe(seconds)
+        """One answered request: counted by route, status class, cache result and code, timed.
+
+        The code is the gateway error's (``GW41500``...) that the request's trace recorded,
+        else one that the status implies, else ``none``.
+        """
+        trace = current_trace.get()
+        code = error_code_label(status, None if trace is None else trace.error_code)
+        self.requests_by[route, status_class(status), cache, code].inc()
+        self.request_duration_by[route, cache].observe(seconds)
 
     def observe_callers(self, names: Iterable[str]) -> None:
         """Create every per-caller series for ``names`` (and the built-in callers) at zero."""
@@ -262,6 +365,15 @@ def result_code_label(code: str | None) -> str:
     if code is None:
         return "none"
     return code if code in RESULT_CODES else "other"
+
+
+def error_code_label(status: int, code: str | None) -> str:
+    """A bounded label for the gateway code of an answer (``none`` for a normal one)."""
+    if code is not None:
+        return code if code in ERROR_CODES or code == PARAMETER_CODE else OTHER_CODE
+    if status < 400:
+        return NO_CODE
+    return _CODE_BY_STATUS.get(status, OTHER_CODE)
 
 
 def status_class(status: int) -> str:

@@ -49,6 +49,8 @@ class Answer:
     cache: str
     age: int
     warning: str | None = None
+    # COALESCED: the X-Request-ID of the request that made the upstream call.
+    source_request_id: str | None = None
 
 
 class CallResultService:
@@ -144,7 +146,8 @@ class CallResultService:
             label = "BYPASS"
         else:
             label = "MISS"
-        return Answer(response.status, response.body, response.content_type, label, 0)
+        source = response.request_id if label == "COALESCED" else None
+        return Answer(response.status, response.body, response.content_type, label, 0, None, source)
 
     def _stale(self, entry: CacheEntry, reason: str, why: str) -> Answer:
         self._metrics.stale_served.labels(reason).inc()

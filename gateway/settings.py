@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 from gateway.auth import load_callers
 from gateway.errors import ConfigError
+from gateway.otel import available as otel_available
 from gateway.signing import TimestampFormat
 
 ENV_PREFIX: Final = "GATEWAY_"
@@ -43,6 +44,8 @@ _BOUNDS: Final[dict[str, tuple[float, float]]] = {
     "server.port": (1, 65535),
     "server.max_body_bytes": (256, 1048576),
     "server.shutdown_timeout_s": (_ABOVE_ZERO, math.inf),
+    "server.backlog": (1, 65535),
+    "auth.reload_interval_s": (0, 3600),
     "upstream.connect_timeout_ms": (1, math.inf),
     "upstream.timeout_ms": (1, math.inf),
     "upstream.abandoned_hold_ms": (0, math.inf),
@@ -82,6 +85,7 @@ class ServerSettings:
     port: int = 8080
     max_body_bytes: int = 8192
     shutdown_timeout_s: float = 15.0
+    backlog: int = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +116,8 @@ class UpstreamSettings:
     breaker_open_ms: int = 10000
     pause_ms: int = 5000
     pause_max_ms: int = 300000
+    proxy: str = ""
+    trust_env: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +136,7 @@ class AdminSettings:
 class AuthSettings:
     enabled: bool = True
     callers_file: str = ""
+    reload_interval_s: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +180,12 @@ class ValidationSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingSettings:
+    otlp_endpoint: str = ""
+    service_name: str = "isales-gateway"
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
@@ -183,6 +196,7 @@ class Settings:
     admin: AdminSettings = field(default_factory=AdminSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     validation: ValidationSettings = field(default_factory=ValidationSettings)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
 
     @property
     def embedded(self) -> bool:
@@ -206,6 +220,8 @@ class Settings:
                 data["upstream"][secret] = "***"
         if self.redis.url:
             data["redis"]["url"] = _redact_url(self.redis.url)
+        if self.upstream.proxy:
+            data["upstream"]["proxy"] = _redact_url(self.upstream.proxy)
         return data
 
 
@@ -226,13 +242,22 @@ def load_settings(
     empty upstream URL and credentials. Raises ``ConfigError`` naming the offending key.
     """
     raw: dict[str, dict[str, object]] = {name: {} for name in _SCHEMA}
+    problems: list[ConfigError] = []
     if path is not None:
         for section, table in _read_toml(path).items():
-            _field_type(section, None, str(path))
-            if not isinstance(table, dict):
-                raise ConfigError(section, f"must be a table ([{section}]) in {path}")
+            try:
+                _field_type(section, None, str(path))
+                if not isinstance(table, dict):
+                    raise ConfigError(section, f"must be a table ([{section}]) in {path}")
+            except ConfigError as exc:
+                problems.append(exc)
+                continue
             for key, value in table.items():
-                _field_type(section, key, str(path))
+                try:
+                    _field_type(section, key, str(path))
+                except ConfigError as exc:
+                    problems.append(exc)
+                    continue
                 raw[section][key] = value
     env = os.environ if environ is None else environ
     for name in sorted(env):
@@ -240,15 +265,39 @@ def load_settings(
         if not name.startswith(ENV_PREFIX) or "__" not in rest:
             continue  # GATEWAY_-prefixed variables of another shape are not settings
         section, _, key = rest.lower().partition("__")
-        hint = _field_type(section, key, f"environment variable {name}")
-        raw[section][key] = _from_env(f"{section}.{key}", hint, env[name])
-    sections = {
-        name: cls(**{k: _check(f"{name}.{k}", _SCHEMA[name][k], v) for k, v in raw[name].items()})
-        for name, cls in SECTIONS.items()
-    }
-    settings = _normalize(Settings(**sections))
-    _validate(settings, require_upstream=require_upstream)
+        try:
+            hint = _field_type(section, key, f"environment variable {name}")
+            raw[section][key] = _from_env(f"{section}.{key}", hint, env[name])
+        except ConfigError as exc:
+            problems.append(exc)
+    sections = {}
+    for name, cls in SECTIONS.items():
+        values = {}
+        for k, v in raw[name].items():
+            try:
+                values[k] = _check(f"{name}.{k}", _SCHEMA[name][k], v)
+            except ConfigError as exc:
+                problems.append(exc)
+        sections[name] = cls(**values)
+    try:
+        settings = _normalize(Settings(**sections))
+    except ConfigError as exc:
+        problems.append(exc)
+        settings = Settings(**sections)
+    problems += _validate(settings, require_upstream=require_upstream)
+    if problems:
+        raise ConfigErrors(problems)
     return settings
+
+
+class ConfigErrors(ConfigError):
+    """Every problem of one configuration, reported at once; ``key`` is the first one's."""
+
+    def __init__(self, problems: list[ConfigError]) -> None:
+        self.problems = problems
+        super().__init__(problems[0].key, "")
+        self.message = "; ".join(p.message for p in problems)
+        self.args = (self.message,)
 
 
 def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -349,65 +398,102 @@ def _secret(name: str, value: str, file_name: str) -> str:
     return secret
 
 
-def _validate(s: Settings, *, require_upstream: bool) -> None:
-    """The rules beyond types; the first broken one raises."""
+def _validate(s: Settings, *, require_upstream: bool) -> list[ConfigError]:
+    """The rules beyond types: every broken one, in order."""
+    problems: list[ConfigError] = []
     for key, (low, high) in _BOUNDS.items():
         section, name = key.split(".")
         value = getattr(getattr(s, section), name)
         if not low <= value <= high:
             allowed = f">= {low}" if high == math.inf else f"{low}..{high}"
             allowed = "> 0" if low == _ABOVE_ZERO else allowed
-            raise ConfigError(key, f"must be {allowed}, got {value}")
+            problems.append(ConfigError(key, f"must be {allowed}, got {value}"))
     up = s.upstream
     for name, how in _REQUIRED_UPSTREAM.items():
         if require_upstream and not getattr(up, name):
-            raise ConfigError(f"upstream.{name}", f"required: {how}")
+            problems.append(ConfigError(f"upstream.{name}", f"required: {how}"))
     if up.pause_ms > up.pause_max_ms:
-        raise ConfigError("upstream.pause_ms", "must be <= upstream.pause_max_ms")
+        problems.append(ConfigError("upstream.pause_ms", "must be <= upstream.pause_max_ms"))
     if up.connect_timeout_ms > up.timeout_ms:
-        raise ConfigError("upstream.connect_timeout_ms", "must be <= upstream.timeout_ms")
+        problems.append(
+            ConfigError("upstream.connect_timeout_ms", "must be <= upstream.timeout_ms")
+        )
     if up.ca_file and not Path(up.ca_file).is_file():
-        raise ConfigError("upstream.ca_file", f"no such file: {up.ca_file}")
+        problems.append(ConfigError("upstream.ca_file", f"no such file: {up.ca_file}"))
     if not up.signed_headers or not set(up.signed_headers) <= SIGNABLE_HEADERS:
         allowed = ", ".join(sorted(SIGNABLE_HEADERS))
-        raise ConfigError("upstream.signed_headers", f"must be a non-empty subset of {allowed}")
+        problems.append(
+            ConfigError("upstream.signed_headers", f"must be a non-empty subset of {allowed}")
+        )
     if s.limit.replicas > s.limit.max_concurrent:
-        raise ConfigError(
-            "limit.replicas",
-            "must be <= limit.max_concurrent: each replica needs a share of at least one "
-            "permit for when it cannot reach Redis",
+        problems.append(
+            ConfigError(
+                "limit.replicas",
+                "must be <= limit.max_concurrent: each replica needs a share of at least one "
+                "permit for when it cannot reach Redis",
+            )
         )
     if s.log.level not in LOG_LEVELS:
-        raise ConfigError("log.level", f"must be one of {', '.join(LOG_LEVELS)}")
+        problems.append(ConfigError("log.level", f"must be one of {', '.join(LOG_LEVELS)}"))
     if s.log.format not in LOG_FORMATS:
-        raise ConfigError("log.format", f"must be one of {', '.join(LOG_FORMATS)}")
+        problems.append(ConfigError("log.format", f"must be one of {', '.join(LOG_FORMATS)}"))
     if s.redis.url.startswith("redis+cluster://"):
-        raise ConfigError(
-            "redis.url",
-            "Redis Cluster is not supported yet (the limiter's and coalescer's pub/sub and "
-            "scripts are tested on a single endpoint); use a standalone Redis or Sentinel",
+        problems.append(
+            ConfigError(
+                "redis.url",
+                "Redis Cluster is not supported yet (the limiter's and coalescer's pub/sub and "
+                "scripts are tested on a single endpoint); use a standalone Redis or Sentinel",
+            )
         )
     if s.redis.url and not s.redis.url.startswith(REDIS_SCHEMES):
         schemes = ", ".join(REDIS_SCHEMES)
-        raise ConfigError("redis.url", f"must start with one of {schemes} (or be empty: embedded)")
+        problems.append(
+            ConfigError("redis.url", f"must start with one of {schemes} (or be empty: embedded)")
+        )
     if s.auth.callers_file:
-        load_callers(s.auth.callers_file)  # raises a ConfigError naming what is wrong
+        try:
+            load_callers(s.auth.callers_file)
+        except ConfigError as exc:
+            problems.append(exc)
     elif s.auth.enabled and require_upstream:
-        raise ConfigError(
-            "auth.callers_file",
-            "required while auth.enabled is true (the callers' key digests); "
-            "set auth.enabled = false to run without caller authentication",
+        problems.append(
+            ConfigError(
+                "auth.callers_file",
+                "required while auth.enabled is true (the callers' key digests); "
+                "set auth.enabled = false to run without caller authentication",
+            )
         )
     if s.limit.caller_header and not re.fullmatch(r"[A-Za-z0-9-]{1,64}", s.limit.caller_header):
-        raise ConfigError("limit.caller_header", "must be a header name (A-Z a-z 0-9 -)")
+        problems.append(
+            ConfigError("limit.caller_header", "must be a header name (A-Z a-z 0-9 -)")
+        )
     if s.limit.caller_header and not s.auth.callers_file:
-        raise ConfigError(
-            "limit.caller_header", "needs auth.callers_file: the caller names it may carry"
+        problems.append(
+            ConfigError(
+                "limit.caller_header", "needs auth.callers_file: the caller names it may carry"
+            )
         )
     if s.admin.key_sha256 and not re.fullmatch(r"[0-9a-f]{64}", s.admin.key_sha256):
-        raise ConfigError("admin.key_sha256", "must be 64 lowercase hex digits (a SHA-256)")
+        problems.append(
+            ConfigError("admin.key_sha256", "must be 64 lowercase hex digits (a SHA-256)")
+        )
     if up.url:
-        _validate_upstream_url(up)
+        try:
+            _validate_upstream_url(up)
+        except ConfigError as exc:
+            problems.append(exc)
+    if s.tracing.otlp_endpoint and not otel_available():
+        problems.append(
+            ConfigError(
+                "tracing.otlp_endpoint",
+                "needs the otel extra: pip install 'isales-gateway[otel]'",
+            )
+        )
+    if up.proxy and urlsplit(up.proxy).scheme not in ("http", "https"):
+        problems.append(
+            ConfigError("upstream.proxy", "must be an http(s) URL, e.g. http://proxy:3128")
+        )
+    return problems
 
 
 def _validate_upstream_url(up: UpstreamSettings) -> None:

@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from redis.asyncio import Redis
 
-from gateway.auth import Callers
+from gateway.auth import KeyRing
+from gateway.breaker import CircuitBreaker
 from gateway.cache import CacheStore
 from gateway.clock import Clock
 from gateway.limiter import Limiter
 from gateway.metrics import GatewayMetrics
+from gateway.otel import RequestSpans
+from gateway.reload import KeyReloader
 from gateway.service import CallResultService
 from gateway.settings import Settings
+
+
+@dataclass(slots=True)
+class Lifecycle:
+    """What changes while the app runs: ``draining`` is set when shutdown begins (/readyz 503)."""
+
+    draining: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,16 +36,21 @@ class Parts:
     cache: CacheStore | None
     limiter: Limiter
     mode: str
+    keys: KeyRing
+    reloader: KeyReloader
     redis: Redis | None = None
-    callers: Callers | None = None  # None: caller authentication switched off
     # The configured caller names (from the callers file, auth on or off): the bounded set a
     # limit.caller_header value may name.
     caller_names: frozenset[str] = frozenset()
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)
+    spans: RequestSpans | None = None  # OpenTelemetry export, off by default
 
 
 PARTS = web.AppKey("parts", Parts)
 # Set by the upstream cleanup context once the HTTP client session exists.
 SERVICE = web.AppKey("service", CallResultService)
+# Set by the upstream cleanup context: the breaker whose state /readyz reports.
+BREAKER = web.AppKey("breaker", CircuitBreaker)
 # Per request: the id echoed in X-Request-ID and carried by every log line of the request.
 REQUEST_ID = web.RequestKey("request_id", str)
 # Per request: the authenticated caller's name, for the access log.

@@ -19,6 +19,13 @@ class RequestTrace:
     queue_wait_ms: float | None = None
     upstream_ms: float | None = None
     attempts: int = 0
+    # The gateway error this request was answered with (its code, e.g. GW50300), if any.
+    error_code: str | None = None
+    # A HIT or COALESCED answer: the X-Request-ID of the request whose upstream call it got.
+    source_request_id: str | None = None
+    # The X-Request-ID and W3C ``traceparent`` this request forwards upstream, if it calls.
+    request_id: str | None = None
+    traceparent: str | None = None
 
 
 current: ContextVar[RequestTrace | None] = ContextVar("request_trace", default=None)

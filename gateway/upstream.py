@@ -19,14 +19,16 @@ The path signed is the path sent: an upstream URL with a path prefix
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
 import aiohttp
 from yarl import URL
 
+from gateway import otel
 from gateway.cache_policy import business_code
 from gateway.clock import Clock
 from gateway.errors import (
@@ -39,6 +41,7 @@ from gateway.errors import (
 from gateway.pause import pause_seconds
 from gateway.settings import UpstreamSettings
 from gateway.signing import authorization, format_timestamp
+from gateway.trace import current as current_trace
 from gateway.validation import CallResultQuery
 
 REQUEST_CONTENT_TYPE = "application/json; charset=UTF-8"
@@ -55,6 +58,8 @@ class UpstreamResponse:
     cached_age: int | None = None
     # The vendor's resultCode, set by ``classify`` on a 200 (None: a passed-through 4xx).
     code: str | None = None
+    # The X-Request-ID of the request that made this call (in-process coalescing names it).
+    request_id: str | None = None
 
 
 def classify(status: int, body: bytes, content_type: str, retry_after: float) -> UpstreamResponse:
@@ -158,6 +163,20 @@ class UpstreamClient:
             headers["locale"] = locale
         return headers
 
+    @staticmethod
+    def trace_headers() -> tuple[dict[str, str], str | None]:
+        """``X-Request-ID`` and ``traceparent`` of the request this call runs for (unsigned:
+        the vendor ignores them; they let its logs and a tracer follow the request)."""
+        trace = current_trace.get()
+        if trace is None:
+            return {}, None
+        headers = {}
+        if trace.request_id:
+            headers["X-Request-ID"] = trace.request_id
+        if trace.traceparent:
+            headers["traceparent"] = trace.traceparent
+        return headers, trace.request_id
+
     async def fetch(
         self, query: CallResultQuery, locale: str | None = None, on_sent: OnSent | None = None
     ) -> UpstreamResponse:
@@ -168,6 +187,26 @@ class UpstreamClient:
         body = query.body_bytes()
         url = URL(self._base + query.path)
         headers = self.signed_headers(url.raw_path, body, locale)
+        extra, request_id = self.trace_headers()
+        headers.update(extra)
+        with contextlib.ExitStack() as stack:
+            spans = otel.active.get()
+            if spans is not None:  # the upstream call's span becomes the traceparent's parent
+                trace = current_trace.get()
+                waited = None if trace is None else trace.queue_wait_ms
+                headers.update(stack.enter_context(spans.upstream_call(waited)))
+                if trace is not None:
+                    trace.traceparent = headers.get("traceparent", trace.traceparent)
+            return await self._send(url, body, headers, on_sent, request_id)
+
+    async def _send(
+        self,
+        url: URL,
+        body: bytes,
+        headers: dict[str, str],
+        on_sent: OnSent | None,
+        request_id: str | None,
+    ) -> UpstreamResponse:
         hook = None if on_sent is None else _SendHook(on_sent)
         if hook is not None and not self._traced:
             await hook.on_sent()
@@ -179,6 +218,7 @@ class UpstreamClient:
                 timeout=self._timeout,
                 allow_redirects=False,
                 trace_request_ctx=hook,
+                proxy=self._settings.proxy or None,
             ) as response:
                 payload = await response.read()
                 status = response.status
@@ -198,4 +238,4 @@ class UpstreamClient:
                 default_s=self._settings.pause_ms / 1000,
                 max_s=self._settings.pause_max_ms / 1000,
             )
-        return classify(status, payload, content_type, pause)
+        return replace(classify(status, payload, content_type, pause), request_id=request_id)

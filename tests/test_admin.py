@@ -63,3 +63,52 @@ async def test_with_no_admin_key_configured_nobody_may_purge(
         "/admin/cache/campaigns/11/3", headers={"Authorization": "Bearer anything"}
     )
     assert response.status == 403
+
+
+async def test_admin_config_shows_the_effective_settings_with_secrets_redacted(
+    upstream: Upstream, start_gateway: StartGateway
+) -> None:
+    settings = gateway_settings(
+        upstream.url,
+        admin__key_sha256=key_digest(ADMIN_KEY),
+        upstream__proxy="http://user:pw-secret@proxy.example:3128",
+    )
+    gateway = await start_gateway(settings)
+    response = await gateway.get("/admin/config", headers={"X-API-Key": ADMIN_KEY})
+    text = await response.text()
+    config = await response.json()
+
+    assert response.status == 200
+    assert config["upstream"]["url"] == upstream.url
+    assert config["upstream"]["sk"] == "***"
+    assert config["limit"]["max_concurrent"] == 10
+    assert settings.upstream.sk not in text
+    assert "pw-secret" not in text
+
+
+async def test_admin_stats_counts_cache_entries_and_permits(
+    upstream: Upstream, start_gateway: StartGateway
+) -> None:
+    gateway = await start_gateway(
+        gateway_settings(upstream.url, admin__key_sha256=key_digest(ADMIN_KEY))
+    )
+    await gateway.post(path(3), json={"pageSize": 5})
+    await gateway.post(path(4), json={"pageSize": 5})
+    response = await gateway.get("/admin/stats", headers={"X-API-Key": ADMIN_KEY})
+    stats = await response.json()
+
+    assert response.status == 200
+    assert stats["cache"] == {"enabled": True, "entries": 2}
+    assert stats["limiter"] == {"in_flight": 0, "queued": 0}
+    assert stats["upstream"] == {"breaker": "closed"}
+
+
+async def test_admin_config_and_stats_need_the_admin_key(
+    upstream: Upstream, start_gateway: StartGateway
+) -> None:
+    gateway = await start_gateway(
+        gateway_settings(upstream.url, admin__key_sha256=key_digest(ADMIN_KEY))
+    )
+    for route in ("/admin/config", "/admin/stats"):
+        assert (await gateway.get(route)).status == 401
+        assert (await gateway.get(route, headers={"X-API-Key": "guess"})).status == 403

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
+import re
 import shlex
 import sys
 import tomllib
@@ -13,6 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import kubernetes_validate
+import pytest
 import yaml
 from aiohttp import web
 
@@ -20,11 +24,13 @@ from gateway.app import create_app
 from gateway.settings import SECTIONS, Settings, load_settings
 from gateway.simulator import add_arguments, config_from_args
 from tests.conftest import StartGateway, Upstream, gateway_settings
+from tests.support import kustomize
 from tests.support.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "config"
 K8S = CONFIG / "k8s"
+MONITORING = CONFIG / "k8s-monitoring"  # the Prometheus Operator overlay
 SETTING_VARIABLES = {
     f"GATEWAY_{section.upper()}__{field.name.upper()}"
     for section, cls in SECTIONS.items()
@@ -57,6 +63,18 @@ def _logical_lines(text: str) -> list[str]:
         out.append(pending + stripped)
         pending = ""
     return out
+
+
+def build_args() -> dict[str, str]:
+    """The ARGs declared before the first FROM, with their defaults."""
+    found: dict[str, str] = {}
+    for keyword, arguments in dockerfile():
+        if keyword == "FROM":
+            break
+        if keyword == "ARG":
+            name, _, default = arguments.partition("=")
+            found[name] = default
+    return found
 
 
 def final_stage() -> list[tuple[str, str]]:
@@ -178,7 +196,8 @@ def test_the_image_is_multi_stage_on_a_slim_python_and_runs_isales_gateway_serve
     bases = [args.split()[0] for keyword, args in dockerfile() if keyword == "FROM"]
 
     assert len(bases) >= 2, "a builder stage and a runtime stage"
-    assert bases[-1] == "python:3.11-slim"
+    assert set(bases) == {"${PYTHON_IMAGE}"}, "every stage on the one pinned base"
+    assert re.fullmatch(r"python:3\.11-slim@sha256:[0-9a-f]{64}", build_args()["PYTHON_IMAGE"])
     assert exec_form("ENTRYPOINT") + exec_form("CMD") == ["isales-gateway", "serve"]
     assert pyproject["project"]["scripts"]["isales-gateway"] == "gateway.cli:main"
 
@@ -394,3 +413,164 @@ def test_the_kustomization_applies_every_manifest_but_the_secret_example() -> No
         "REPLACE" in value or value.startswith("redis://")
         for value in secret["stringData"].values()
     )
+
+
+# --- reproducible builds ---------------------------------------------------------------------
+
+
+def test_the_image_installs_the_locked_dependencies_with_hashes_in_a_layer_of_their_own() -> None:
+    build = dockerfile()[: max(i for i, (k, _) in enumerate(dockerfile()) if k == "FROM")]
+    runs = [args for keyword, args in build if keyword == "RUN"]
+    copies = [args.split()[0] for keyword, args in build if keyword == "COPY"]
+    locked = (ROOT / "requirements.lock").read_text()
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+    assert copies[0] == "requirements.lock", "the dependency layer comes before the code"
+    assert "--require-hashes" in runs[0]
+    assert "requirements.lock" in runs[0]
+    for requirement in pyproject["project"]["dependencies"]:
+        name = re.split(r"[<>=\[ ]", requirement)[0].lower()
+        assert re.search(rf"^{name}==[^ ]+ \\$", locked, re.MULTILINE), f"{name} is not locked"
+    for line in locked.splitlines():
+        assert "index-url" not in line, "no machine-specific index"
+        assert "file://" not in line, "no machine-specific index"
+
+
+def test_the_version_has_one_source_and_the_image_carries_oci_labels_and_a_pip_index_arg() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    labels = " ".join(args for keyword, args in final_stage() if keyword == "LABEL")
+    args = {args.split("=")[0] for keyword, args in dockerfile() if keyword == "ARG"}
+    env = image_environment()
+
+    assert "version" not in pyproject["project"]
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "gateway.__version__"}
+    for label in ("title", "version", "revision", "source", "licenses", "description"):
+        assert f"org.opencontainers.image.{label}=" in labels, label
+    assert {"PIP_INDEX_URL", "GIT_REVISION", "VERSION", "PYTHON_IMAGE"} <= args
+    assert env["ISALES_GATEWAY_REVISION"] == "${GIT_REVISION}"
+    assert "## [Unreleased]" in (ROOT / "CHANGELOG.md").read_text()
+
+
+def test_the_package_metadata_names_license_classifiers_and_urls() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+    assert project["license"]
+    assert "Programming Language :: Python :: 3.11" in project["classifiers"]
+    assert {"Source", "Changelog"} <= set(project["urls"])
+    assert "otel" in project["optional-dependencies"]
+
+
+# --- Kubernetes, built and validated --------------------------------------------------------
+
+K8S_VERSION = "1.30"
+
+
+def built(directory: Path = K8S) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(doc["kind"], doc["metadata"]["name"]): doc for doc in kustomize.build(directory)}
+
+
+def test_the_kustomizations_build_and_validate_against_the_kubernetes_schemas() -> None:
+    for directory in (K8S, MONITORING):
+        for (kind, _), doc in built(directory).items():
+            if kind == "ServiceMonitor":
+                continue  # a CRD: no schema in Kubernetes itself; checked below
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        assert ("NetworkPolicy", "isales-gateway") in built(directory)
+    assert ("ServiceMonitor", "isales-gateway") in built(MONITORING)
+
+
+def test_a_schema_violation_is_caught() -> None:
+    broken = copy.deepcopy(built()[("Deployment", "isales-gateway")])
+    broken["spec"]["replicas"] = "two"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
+
+
+def test_the_images_override_names_the_deployments_image() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    (image,) = kustomization["images"]
+    (built_container,) = built()[("Deployment", "isales-gateway")]["spec"]["template"]["spec"][
+        "containers"
+    ]
+
+    assert container()["image"] == image["name"]
+    assert built_container["image"] == f"{image['newName']}:{image['newTag']}"
+
+
+def test_k8s_pods_carry_no_service_account_token_and_replace_one_at_a_time(
+    tmp_path: Path,
+) -> None:
+    spec = deployment()["spec"]
+    settings = container_settings(k8s_environment(tmp_path))
+
+    assert spec["template"]["spec"]["automountServiceAccountToken"] is False
+    assert spec["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+    assert settings.limit.replicas == spec["replicas"], "limit.replicas follows the replicas"
+
+
+def test_the_grace_period_covers_the_prestop_pause_and_the_drain(tmp_path: Path) -> None:
+    settings = container_settings(k8s_environment(tmp_path))
+    pre_stop = container()["lifecycle"]["preStop"]["exec"]["command"]
+    grace = deployment()["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+
+    assert pre_stop[0] == "sleep"
+    assert grace >= int(pre_stop[1]) + settings.server.shutdown_timeout_s + 5
+
+
+def test_the_network_policy_admits_the_gateway_port_and_lets_it_reach_dns_redis_and_the_vendor(
+    tmp_path: Path,
+) -> None:
+    policy = manifests()[("NetworkPolicy", "isales-gateway")]["spec"]
+    settings = container_settings(k8s_environment(tmp_path))
+    labels = deployment()["spec"]["template"]["metadata"]["labels"]
+    egress = {port["port"] for rule in policy["egress"] for port in rule["ports"]}
+    ingress = {port["port"] for rule in policy["ingress"] for port in rule["ports"]}
+
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+    assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
+    assert ingress == {settings.server.port}
+    assert {53, 6379, 443, 28080} <= egress
+
+
+def test_every_scrape_path_files_the_gateway_under_the_job_the_alerts_select() -> None:
+    alert_jobs = set(
+        re.findall(r'job="([^"]+)"', (CONFIG / "prometheus" / "alerts.yml").read_text())
+    )
+    annotations = deployment()["spec"]["template"]["metadata"]["annotations"]
+    monitor = built(MONITORING)[("ServiceMonitor", "isales-gateway")]["spec"]
+    (service,) = [doc for (kind, _), doc in manifests().items() if kind == "Service"]
+    shipped_jobs = {
+        job["job_name"]
+        for job in yaml.safe_load((CONFIG / "prometheus" / "prometheus.yml").read_text())[
+            "scrape_configs"
+        ]
+    }
+    documented = set(
+        re.findall(r"job_name: ([\w-]+)", (CONFIG / "prometheus" / "prometheus.yml").read_text())
+    )
+
+    assert alert_jobs == {"isales-gateway"}
+    assert shipped_jobs == documented == alert_jobs
+    assert annotations["prometheus.io/port"] == str(container()["ports"][0]["containerPort"])
+    assert annotations["prometheus.io/path"] == "/metrics"
+    assert service["metadata"]["labels"][monitor["jobLabel"]] in alert_jobs
+    assert monitor["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
+
+
+def test_compose_runs_as_many_replicas_as_limit_replicas_says() -> None:
+    for service in gateway_services().values():
+        settings = container_settings(service["environment"])
+        assert settings.limit.replicas == len(gateway_services())
+
+
+def test_the_builder_refuses_what_kustomize_refuses(tmp_path: Path) -> None:
+    (tmp_path / "kustomization.yaml").write_text("resources: [overlay]\n")
+    (tmp_path / "overlay").mkdir()
+    (tmp_path / "overlay" / "kustomization.yaml").write_text("resources: ['..']\n")
+    (tmp_path / "extra.yaml").write_text("namePrefix: x-\n")
+
+    with pytest.raises(ValueError, match="cycle"):
+        kustomize.build(tmp_path / "overlay")
+    with pytest.raises(ValueError, match="namePrefix"):
+        kustomize.build_file(tmp_path / "extra.yaml")

@@ -16,7 +16,10 @@ from aiohttp import ClientSession
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway import __version__
+from gateway.build import revision
 from tests.conftest import StartGateway, StartSimulator, Upstream, gateway_settings
+from tests.support.processes import RedisServer
 from tests.support.prometheus import (
     JOB,
     PROMETHEUS_DIR,
@@ -33,12 +36,16 @@ PATH = "/rest/isales/v1/openapi/campaigns/11/callresult/{}"
 GRAFANA_VARIABLES = {
     "${instance}": ".*",
     "$instance": ".*",
+    "$job": ".*",
+    "$namespace": ".*",
     "$__rate_interval": "1m",
     "$__interval": "15s",
     "$__range": "1m",
 }
-_METRIC = re.compile(r"\b(isales_gateway_[a-z0-9_]+)(\{[^}]*\})?")
+_METRIC = re.compile(r"\b((?:isales_gateway|process)_[a-z0-9_]+)(\{[^}]*\})?")
+_SELECTED = 'job=~"$job", namespace=~"$namespace", instance=~"$instance"'
 _ROW = re.compile(r"^\| `(isales_gateway_\w+)` \| (\w+) \|\s*(.*?)\s*\| (.+) \|$")
+_ALERT_ROW = re.compile(r'^\| <a id="([a-z]+)"></a>`(IsalesGateway\w+)` \|', re.MULTILINE)
 _LABEL = re.compile(r"`(\w+)`(?:\s*\(([^)]*)\))?")
 _VALUES = re.compile(r"^`[^`]+`(?:, `[^`]+`)*$")
 
@@ -109,64 +116,20 @@ def series(text: str) -> set[tuple[str, tuple[tuple[str, str], ...]]]:
     }
 
 
-async def fresh_metrics(start_gateway: StartGateway, upstream: Upstream) -> str:
-    gateway = await start_gateway(gateway_settings(upstream.url))
+async def fresh_metrics(start_gateway: StartGateway, upstream: Upstream, **env: str) -> str:
+    gateway = await start_gateway(gateway_settings(upstream.url, **env))
     response = await gateway.get("/metrics")
     assert response.status == 200
     return await response.text()
 
 
-async def test_every_metric_in_the_readme_table_is_on_a_fresh_gateway_with_its_type_and_labels(
-    start_gateway: StartGateway, upstream: Upstream
-) -> None:
-    table = metrics_table()
-    exposed = {
-        exposed_name(f): f for f in gateway_families(await fresh_metrics(start_gateway, upstream))
-    }
-
-    missing = sorted(set(table) - set(exposed))
-    assert not missing, f"in the README table but not on /metrics: {missing}"
-    for name, row in table.items():
-        family = exposed[name]
-        assert family.type == row.type, f"{name}: README says {row.type}, /metrics {family.type}"
-        assert family.samples, f"{name} has no series at start-up"
-        labels = {k for s in family.samples for k in s.labels if k != "le"}
-        assert labels == row.labels, (
-            f"{name}: README labels {sorted(row.labels)}, /metrics {sorted(labels)}"
-        )
-        for label, listed in row.values.items():
-            seen = {s.labels[label] for s in family.samples}
-            assert seen == listed, (
-                f"{name}{{{label}}}: README lists {sorted(listed)}, /metrics has {sorted(seen)}"
-            )
-
-
-async def test_every_gateway_metric_on_a_fresh_gateway_is_in_the_readme_table(
-    start_gateway: StartGateway, upstream: Upstream
-) -> None:
-    table = metrics_table()
-    families = gateway_families(await fresh_metrics(start_gateway, upstream))
-
-    undocumented = sorted(
-        exposed_name(f)
-        for f in families
-        if exposed_name(f) not in table and not created_companion(f, table)
+async def busy_metrics(start_gateway: StartGateway, upstream: Upstream, redis_url: str) -> str:
+    """/metrics of a gateway in Redis mode after one of each kind of answer."""
+    gateway = await start_gateway(
+        gateway_settings(upstream.url, redis__url=redis_url, upstream__retries=0)
     )
-    assert not undocumented, f"on /metrics but not in the README table: {undocumented}"
-
-
-async def test_traffic_creates_no_series_beyond_those_present_at_start_up(
-    start_gateway: StartGateway, start_simulator: StartSimulator
-) -> None:
-    """Labels are bounded: ids, campaigns and request details never become label values."""
-    upstream = await start_simulator()
-    gateway = await start_gateway(gateway_settings(upstream.url, upstream__retries=0))
-    before = series(await (await gateway.get("/metrics")).text())
-
-    for campaign in (1, 2, 3, 1, 2, 5000):  # misses, hits, a campaign that does not exist
-        await gateway.post(
-            PATH.format(campaign), json={"pageSize": 5}, headers={"X-Request-ID": f"r{campaign}"}
-        )
+    for campaign in (1, 2, 1, 5000):  # misses, a hit, a campaign that does not exist
+        await gateway.post(PATH.format(campaign), json={"pageSize": 5})
     await asyncio.gather(*(gateway.post(PATH.format(7), json={}) for _ in range(3)))
     await gateway.post(PATH.format(1), json={"beginTime": "2026-01-01"})  # a parameter error
     await gateway.post(PATH.format(1), json={}, headers={"Cache-Control": "no-cache"})
@@ -183,10 +146,122 @@ async def test_traffic_creates_no_series_beyond_those_present_at_start_up(
         assert changed.status == 200
     failed = await gateway.post(PATH.format(9), json={})
     assert failed.status == 502
-    after = series(await (await gateway.get("/metrics")).text())
+    return await (await gateway.get("/metrics")).text()
 
-    assert after - before == set(), "traffic created series that were not there at start-up"
-    assert before - after == set()
+
+async def test_every_metric_in_the_readme_table_is_exported_with_its_type_and_labels(
+    start_gateway: StartGateway, upstream: Upstream, redis_server: RedisServer
+) -> None:
+    table = metrics_table()
+    text = await busy_metrics(start_gateway, upstream, redis_server.url)
+    exposed = {exposed_name(f): f for f in gateway_families(text)}
+
+    missing = sorted(set(table) - set(exposed))
+    assert not missing, f"in the README table but not on /metrics: {missing}"
+    for name, row in table.items():
+        family = exposed[name]
+        assert family.type == row.type, f"{name}: README says {row.type}, /metrics {family.type}"
+        assert family.samples, f"{name} has no series"
+        labels = {k for s in family.samples for k in s.labels if k != "le"}
+        assert labels == row.labels, (
+            f"{name}: README labels {sorted(row.labels)}, /metrics {sorted(labels)}"
+        )
+        for label, listed in row.values.items():
+            seen = {s.labels[label] for s in family.samples}
+            assert seen <= listed, (
+                f"{name}{{{label}}}: /metrics has {sorted(seen - listed)}, not in the README"
+            )
+
+
+async def test_every_gateway_metric_is_in_the_readme_table(
+    start_gateway: StartGateway, upstream: Upstream, redis_server: RedisServer
+) -> None:
+    table = metrics_table()
+    families = gateway_families(await busy_metrics(start_gateway, upstream, redis_server.url))
+
+    undocumented = sorted(
+        exposed_name(f)
+        for f in families
+        if exposed_name(f) not in table and not created_companion(f, table)
+    )
+    assert not undocumented, f"on /metrics but not in the README table: {undocumented}"
+
+
+async def test_a_fresh_gateway_has_no_series_its_configuration_cannot_produce(
+    start_gateway: StartGateway, upstream: Upstream
+) -> None:
+    """No ``route="healthz",cache="HIT"``: request series appear with their requests; the
+    Redis series only with Redis; the cache series only with a cache."""
+    embedded = series(await fresh_metrics(start_gateway, upstream))
+    no_cache = series(await fresh_metrics(start_gateway, upstream, cache__enabled="false"))
+    names = {name for name, _ in embedded}
+
+    routes = {
+        dict(labels).get("route")
+        for name, labels in embedded
+        if name.startswith(("isales_gateway_requests", "isales_gateway_request_duration"))
+    }
+    codes = {
+        dict(labels).get("code")
+        for name, labels in embedded
+        if name.startswith("isales_gateway_requests")
+    }
+    assert routes == {"callresult"}, "other routes' series come with their first request"
+    assert "GW40100" not in codes, "no 401 on the route with authentication off"
+    assert "isales_gateway_redis_errors_total" not in names
+    assert "isales_gateway_degraded" not in names
+    assert (
+        "isales_gateway_upstream_requests_total",
+        (("code", "none"), ("outcome", "ok")),
+    ) not in (embedded)
+    assert not {n for n, _ in no_cache if n.startswith("isales_gateway_cache_lookups")}
+    assert not {n for n, _ in no_cache if n.startswith("isales_gateway_stale_served")}
+
+
+async def test_the_process_platform_and_gc_collectors_are_exported(
+    start_gateway: StartGateway, upstream: Upstream
+) -> None:
+    names = {
+        f.name for f in text_string_to_metric_families(await fresh_metrics(start_gateway, upstream))
+    }
+
+    assert {"process_resident_memory_bytes", "process_cpu_seconds", "process_open_fds"} <= names
+    assert {"process_start_time_seconds", "python_info", "python_gc_collections"} <= names
+
+
+async def test_answers_are_counted_by_a_bounded_gateway_code(
+    start_gateway: StartGateway, upstream: Upstream, redis_server: RedisServer
+) -> None:
+    text = await busy_metrics(start_gateway, upstream, redis_server.url)
+    codes = {
+        sample.labels["code"]
+        for family in gateway_families(text)
+        if family.name == "isales_gateway_requests"
+        for sample in family.samples
+        if sample.name == "isales_gateway_requests_total" and sample.value > 0
+    }
+    auth = {
+        sample.labels["reason"]: sample.value
+        for family in gateway_families(text)
+        if family.name == "isales_gateway_auth_failures"
+        for sample in family.samples
+        if sample.name == "isales_gateway_auth_failures_total"
+    }
+
+    assert {"none", "parameter", "GW40500", "GW41500", "GW40400", "GW40100", "GW50201"} <= codes
+    assert auth["missing_key"] == 1
+
+
+async def test_build_info_carries_the_version_and_the_git_revision(
+    start_gateway: StartGateway, upstream: Upstream
+) -> None:
+    text = await fresh_metrics(start_gateway, upstream)
+    (info,) = [f for f in gateway_families(text) if f.name == "isales_gateway_build_info"]
+    (sample,) = info.samples
+
+    assert sample.labels["version"] == __version__
+    assert sample.labels["revision"] == revision()
+    assert re.fullmatch(r"[0-9a-f]{40}|unknown", sample.labels["revision"])
 
 
 # --- the Grafana dashboard ----------------------------------------------------------------
@@ -232,12 +307,20 @@ def test_the_dashboard_picks_its_datasource_and_instances_by_template_variables(
     assert board["schemaVersion"] >= 36
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
-    instance = variables["instance"]
-    assert instance["type"] == "query"
-    assert instance["query"]["query"] == "label_values(isales_gateway_build_info, instance)"
-    assert instance["multi"] is True
-    assert instance["includeAll"] is True
-    assert instance["datasource"]["uid"] == "${datasource}"
+    expected = {
+        "job": "label_values(isales_gateway_build_info, job)",
+        "namespace": 'label_values(isales_gateway_build_info{job=~"$job"}, namespace)',
+        "instance": 'label_values(isales_gateway_build_info{job=~"$job", '
+        'namespace=~"$namespace"}, instance)',
+    }
+    for name, query in expected.items():
+        variable = variables[name]
+        assert variable["type"] == "query"
+        assert variable["query"]["query"] == query
+        assert variable["multi"] is True
+        assert variable["includeAll"] is True
+        assert variable["allValue"] == ".*"
+        assert variable["datasource"]["uid"] == "${datasource}"
     ids = [panel["id"] for panel in panels(board)]
     assert len(ids) == len(set(ids)), "panel ids repeat"
     for panel in panels(board):
@@ -250,12 +333,14 @@ def test_the_dashboard_picks_its_datasource_and_instances_by_template_variables(
             ]
 
 
-def test_every_dashboard_query_filters_by_the_selected_instances() -> None:
+def test_every_dashboard_query_filters_by_the_selected_job_namespace_and_instances() -> None:
     for title, expr in dashboard_queries():
+        if expr.startswith("vector("):
+            continue  # a constant line (the memory limit)
         selectors = _METRIC.findall(expr)
         assert selectors, f"{title}: no gateway metric in {expr}"
         for metric, matchers in selectors:
-            assert 'instance=~"$instance"' in matchers, f"{title}: {metric} unfiltered in {expr}"
+            assert _SELECTED in matchers, f"{title}: {metric} unfiltered in {expr}"
 
 
 def test_the_dashboard_draws_every_metric_of_the_readme_table() -> None:
@@ -267,10 +352,37 @@ def test_the_dashboard_draws_every_metric_of_the_readme_table() -> None:
         family_of(m).removesuffix("_total")
         for _, expr in dashboard_queries()
         for m, _ in _METRIC.findall(expr)
+        if m.startswith("isales_gateway_")
     }
 
     assert table - used == set(), "metrics no panel draws"
     assert used - table == set(), "panels query metrics the gateway does not export"
+
+
+def test_the_dashboard_opens_with_stat_panels_and_draws_memory_cpu_and_auth_failures() -> None:
+    board = dashboard()
+    top = [p for p in board["panels"] if p["gridPos"]["y"] <= 1 and p["type"] != "row"]
+    titles = {p["title"] for p in top}
+    queries = " ".join(expr for _, expr in dashboard_queries())
+
+    assert {p["type"] for p in top} == {"stat"}
+    assert titles == {
+        "Budget used",
+        "Hit ratio",
+        "Queue depth",
+        "Caller-facing 5xx",
+        "Degraded components",
+        "Breaker",
+    }
+    for panel in top:
+        steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+        assert len(steps) >= 2, f"{panel['title']} has no threshold"
+    for metric in (
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "isales_gateway_auth_failures_total",
+    ):
+        assert metric in queries
 
 
 # --- the alert rules ------------------------------------------------------------------------
@@ -281,17 +393,27 @@ def alert_rules() -> list[dict[str, Any]]:
     return [rule for group in groups for rule in group["rules"] if "alert" in rule]
 
 
-def test_every_alert_has_a_summary_a_runbook_and_a_runbook_line_in_the_readme() -> None:
+def test_every_alert_has_summary_description_and_a_runbook_url_to_its_readme_line() -> None:
     section = readme_section("Dashboards and alerts")
-    documented = set(re.findall(r"^\| `(IsalesGateway\w+)` \|", section, re.MULTILINE))
+    anchors = {name: anchor for anchor, name in _ALERT_ROW.findall(section)}
     names = [rule["alert"] for rule in alert_rules()]
 
     for rule in alert_rules():
-        assert rule["annotations"]["summary"].strip(), rule["alert"]
-        assert rule["annotations"]["runbook"].strip(), rule["alert"]
-        assert rule["labels"]["severity"] in ("warning", "critical"), rule["alert"]
+        name, notes = rule["alert"], rule["annotations"]
+        assert set(notes) == {"summary", "description", "runbook_url"}, name
+        assert notes["summary"].strip(), name
+        assert notes["description"].strip(), name
+        assert notes["runbook_url"].startswith("https://"), name
+        assert notes["runbook_url"].endswith("README.md#" + anchors[name]), name
+        assert anchors[name] == name.lower()
+        assert rule["labels"]["severity"] in ("warning", "critical"), name
     assert len(names) == len(set(names))
-    assert set(names) == documented, "alerts and README runbook lines differ"
+    assert set(names) == set(anchors), "alerts and README runbook lines differ"
+
+
+def test_the_alerts_file_names_no_file_that_does_not_exist() -> None:
+    for path in re.findall(r"\b((?:config|tests)/[\w./-]+\.(?:yml|yaml|py))\b", ALERTS.read_text()):
+        assert (ROOT / path).exists(), path
 
 
 def test_promtool_accepts_the_shipped_alert_rules() -> None:
@@ -330,6 +452,31 @@ def _quiet(alert: str, at: str, series: list[dict[str, str]]) -> dict[str, Any]:
 
 
 INSTANCE = {"job": JOB, "instance": "gw-1:8080"}
+
+
+def _answers(status_class: str, values: str) -> dict[str, str]:
+    code = "none" if status_class == "2xx" else "GW50300"
+    return _series(
+        "isales_gateway_requests_total",
+        values,
+        route="callresult",
+        status_class=status_class,
+        cache="NONE" if code != "none" else "MISS",
+        code=code,
+    )
+
+
+def _durations(fast: str, total: str) -> list[dict[str, str]]:
+    metric = "isales_gateway_request_duration_seconds"
+    labels = {"route": "callresult", "cache": "MISS"}
+    return [
+        _series(f"{metric}_bucket", fast, le="5.0", **labels),
+        _series(f"{metric}_bucket", total, le="+Inf", **labels),
+        _series(f"{metric}_count", total, **labels),
+    ]
+
+
+CALLS = _answers("2xx", "0+600x20")
 OK = _series("isales_gateway_upstream_requests_total", "0+60x20", outcome="ok", code="0200000")
 # What each alert must do: fire on its condition (labels exact), stay quiet without it.
 ALERT_CASES = [
@@ -405,15 +552,28 @@ ALERT_CASES = [
     _fires(
         "IsalesGatewayRejecting",
         "10m",
-        [_series("isales_gateway_rejections_total", "0+5x20", reason="queue_full")],
+        [_series("isales_gateway_rejections_total", "0+60x20", reason="queue_full"), CALLS],
         severity="warning",
         reason="queue_full",
     ),
-    _quiet(
+    _quiet(  # a trickle: one rejection a minute among 600 requests
         "IsalesGatewayRejecting",
         "10m",
-        [_series("isales_gateway_rejections_total", "0x20", reason="queue_full")],
+        [_series("isales_gateway_rejections_total", "0+1x20", reason="queue_full"), CALLS],
     ),
+    _fires("IsalesGatewayAbsent", "10m", [], severity="critical", job=JOB),
+    _quiet("IsalesGatewayAbsent", "10m", [_series("up", "1x20")]),
+    _fires(
+        "IsalesGatewayCallerErrors", "10m", [CALLS, _answers("5xx", "0+60x20")], severity="critical"
+    ),
+    _quiet("IsalesGatewayCallerErrors", "10m", [CALLS, _answers("5xx", "0+1x20")]),
+    _fires(
+        "IsalesGatewayLatencyObjective",
+        "20m",
+        _durations(fast="0+50x30", total="0+100x30"),
+        severity="warning",
+    ),
+    _quiet("IsalesGatewayLatencyObjective", "20m", _durations(fast="0+99x30", total="0+100x30")),
     _fires(
         "IsalesGatewayDegraded",
         "5m",
@@ -488,15 +648,22 @@ async def prometheus_for() -> Any:
 
 
 async def test_a_real_prometheus_answers_every_dashboard_and_alert_query_with_gateway_data(
-    start_simulator: StartSimulator, start_gateway: StartGateway, prometheus_for: Any
+    start_simulator: StartSimulator,
+    start_gateway: StartGateway,
+    prometheus_for: Any,
+    redis_server: RedisServer,
 ) -> None:
+    redis_server.flush()
     upstream = await start_simulator(latency_ms=300)
     # Two upstream permits and no queue: the third distinct miss within 1.1 s gets a 503.
     settings = gateway_settings(upstream.url, limit__max_concurrent=2, limit__max_queue=0)
     gateway = await start_gateway(settings)
+    # An idle second replica in Redis mode, so the Redis panels have series too.
+    redis_mode = await start_gateway(gateway_settings(upstream.url, redis__url=redis_server.url))
     target = f"127.0.0.1:{gateway.server.port}"
-    prometheus: PrometheusServer = await prometheus_for([target])
-    await prometheus.wait_until(f'sum(up{{job="{JOB}"}})', 1)
+    targets = [target, f"127.0.0.1:{redis_mode.server.port}"]
+    prometheus: PrometheusServer = await prometheus_for(targets)
+    await prometheus.wait_until(f'sum(up{{job="{JOB}"}})', 2)
 
     statuses = [(await gateway.post(PATH.format(1), json={"pageSize": 5})).status]  # MISS
     statuses.append((await gateway.post(PATH.format(1), json={"pageSize": 5})).status)  # HIT
@@ -536,7 +703,7 @@ async def test_a_real_prometheus_answers_every_dashboard_and_alert_query_with_ga
     instances = await prometheus.api(
         "label/instance/values", **{"match[]": "isales_gateway_build_info"}
     )
-    assert instances["data"] == [target], "the instance variable's query finds the gateway"
+    assert instances["data"] == sorted(targets), "the instance variable's query finds both"
     await rules_evaluated_without_error(prometheus)
 
 
