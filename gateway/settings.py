@@ -49,6 +49,7 @@ _BOUNDS: Final[dict[str, tuple[float, float]]] = {
     "upstream.connect_timeout_ms": (1, math.inf),
     "upstream.timeout_ms": (1, math.inf),
     "upstream.abandoned_hold_ms": (0, math.inf),
+    "upstream.max_body_bytes": (1024, 1073741824),
     "redis.timeout_ms": (1, 60000),
     "redis.pool_size": (1, 10000),
     "upstream.retries": (0, 10),
@@ -101,6 +102,8 @@ class UpstreamSettings:
     # A call the gateway gave up on (timeout, dropped connection) after sending it keeps its
     # permit this much longer: the vendor may still be working on it.
     abandoned_hold_ms: int = 10000
+    # The largest answer read from the upstream (decompressed); a larger one is a 502.
+    max_body_bytes: int = 8388608
     verify_tls: bool = True
     ca_file: str = ""
     allow_http: bool = False
@@ -464,9 +467,7 @@ def _validate(s: Settings, *, require_upstream: bool) -> list[ConfigError]:
             )
         )
     if s.limit.caller_header and not re.fullmatch(r"[A-Za-z0-9-]{1,64}", s.limit.caller_header):
-        problems.append(
-            ConfigError("limit.caller_header", "must be a header name (A-Z a-z 0-9 -)")
-        )
+        problems.append(ConfigError("limit.caller_header", "must be a header name (A-Z a-z 0-9 -)"))
     if s.limit.caller_header and not s.auth.callers_file:
         problems.append(
             ConfigError(

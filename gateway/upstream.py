@@ -220,7 +220,7 @@ class UpstreamClient:
                 trace_request_ctx=hook,
                 proxy=self._settings.proxy or None,
             ) as response:
-                payload = await response.read()
+                payload = await _read_at_most(response, self._settings.max_body_bytes)
                 status = response.status
                 content_type = response.headers.get("Content-Type", "application/json")
                 retry_after = response.headers.get("Retry-After")
@@ -239,3 +239,21 @@ class UpstreamClient:
                 max_s=self._settings.pause_max_ms / 1000,
             )
         return replace(classify(status, payload, content_type, pause), request_id=request_id)
+
+
+async def _read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body (decompressed), or ``UpstreamBadResponse`` once it passes ``limit``
+    bytes: memory stays bounded whatever the upstream sends, and such an answer is never
+    cached or passed on.
+    """
+    length = response.content_length
+    if length is not None and length > limit:
+        raise UpstreamBadResponse(f"Upstream answer of {length} bytes is over max_body_bytes.")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(65536):
+        size += len(chunk)
+        if size > limit:
+            raise UpstreamBadResponse("Upstream answer is over upstream.max_body_bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)

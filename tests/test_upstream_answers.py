@@ -220,3 +220,17 @@ async def test_concurrent_callers_during_a_pause_cost_the_upstream_nothing(
     answers = await asyncio.gather(*(gateway.post(PATH.format(c), json={}) for c in range(8, 28)))
     assert {a.status for a in answers} == {429}
     assert upstream.requests == 1
+
+
+async def test_an_answer_larger_than_max_body_bytes_is_a_502_never_cached(
+    upstream: Upstream, start_gateway: StartGateway
+) -> None:
+    settings = gateway_settings(upstream.url, upstream__max_body_bytes=2048, upstream__retries=0)
+    gateway = await start_gateway(settings)
+    big, small = {"pageSize": 500}, {"pageSize": 1}
+    for _ in range(2):
+        answer = await gateway.post(PATH.format(3), json=big)
+        assert answer.status == 502
+        assert (await answer.json())["resultCode"] == "GW50201"
+    assert upstream.requests == 2  # nothing was cached
+    assert (await gateway.post(PATH.format(3), json=small)).status == 200
