@@ -338,6 +338,9 @@ def create_app(
 
     async def draining(app: web.Application) -> None:
         parts.lifecycle.draining = True
+        # Queued callers get their 503 (or stale copy) now, so shutdown takes as long as the
+        # calls already at the vendor, well within server.shutdown_timeout_s.
+        limiter.shed()
 
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(upstream_ctx)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 from gateway.clock import Clock, Rearm
-from gateway.errors import QueueTimeout
+from gateway.errors import QueueFull, QueueTimeout
 from gateway.scheduler import CallerPolicy, FairScheduler
 
 # The caller of a request nobody named (auth off, no caller header): one share for all of them.
@@ -39,6 +39,11 @@ class LimiterSnapshot:
     queued: int
     # By caller, for metrics; left out of equality so a snapshot compares as (held, queued).
     queued_by_caller: Mapping[str, int] = field(default_factory=dict, compare=False)
+
+
+def shutting_down() -> QueueFull:
+    """What a waiter gets when its limiter sheds its queue (the process is going away)."""
+    return QueueFull(1.0, "The gateway is shutting down; retry (another replica answers).")
 
 
 class Permit(Protocol):
@@ -78,6 +83,12 @@ class Limiter(Protocol):
     def start(self) -> None:
         """Start background work (a shared limiter claims its membership); ``permit()`` does
         it too. Call it at start-up so a backend down from the start shows at once.
+        """
+        ...
+
+    def shed(self) -> None:
+        """The process is shutting down: every waiter, and every caller from now on, gets
+        ``QueueFull`` at once (a 503, or a stale copy) instead of waiting; held permits stay.
         """
         ...
 
@@ -191,6 +202,7 @@ class InMemoryLimiter:
         self._max_wait = max_wait_s
         self._clock = clock
         self._timer = Rearm(clock, self._serve)
+        self._shedding = False
 
     def snapshot(self) -> LimiterSnapshot:
         return LimiterSnapshot(
@@ -199,6 +211,12 @@ class InMemoryLimiter:
 
     def start(self) -> None:
         """Nothing runs in the background."""
+
+    def shed(self) -> None:
+        self._shedding = True
+        for waiter in self._scheduler.drain():
+            if not waiter.done():
+                waiter.set_exception(shutting_down())
 
     async def close(self) -> None:
         """Nothing to give back: the budget dies with the process."""
@@ -225,6 +243,8 @@ class InMemoryLimiter:
         self._serve()
 
     async def _acquire(self, caller: str, background: bool) -> None:
+        if self._shedding:
+            raise shutting_down()
         now = self._clock.monotonic()
         if self._scheduler.ready(caller, now, background=background) and (
             self._budget.delay(now) == 0

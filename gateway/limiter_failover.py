@@ -36,7 +36,7 @@ import redis.asyncio as aioredis
 
 from gateway.clock import Clock, Rearm
 from gateway.errors import BackendUnavailable, QueueFull, QueueTimeout
-from gateway.limiter import ANONYMOUS, LimiterSnapshot, Permit, WindowBudget
+from gateway.limiter import ANONYMOUS, LimiterSnapshot, Permit, WindowBudget, shutting_down
 from gateway.limiter_redis import RedisLimiter, RedisPermit
 from gateway.scheduler import CallerPolicy, FairScheduler
 
@@ -161,6 +161,7 @@ class FailoverLimiter:
         self._timer = Rearm(clock, self._serve)
         self._probe: asyncio.Task[None] | None = None
         self._closed = False
+        self._shedding = False
 
     @property
     def mode(self) -> Mode:
@@ -180,6 +181,15 @@ class FailoverLimiter:
             shared.queued + self._queue.queued(),
             by_caller,
         )
+
+    def shed(self) -> None:
+        self._shedding = True
+        self.shared.shed()
+        waiters, self._waiters = self._waiters, {}
+        for waiter in waiters:
+            self._queue.leave(waiter)
+            if not waiter.done():
+                waiter.set_exception(shutting_down())
 
     async def close(self) -> None:
         """Stop probing, fail local waiters, close the Redis limiter."""
@@ -208,6 +218,8 @@ class FailoverLimiter:
             yield permit
 
     async def _enter(self, stack: AsyncExitStack, caller: str, background: bool) -> FailoverPermit:
+        if self._shedding:
+            raise shutting_down()
         deadline = self._clock.monotonic() + self._max_wait
         moved = False  # admitted once already: keeps its deadline
         while not self._closed:

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import itertools
 import logging
 import random
@@ -75,7 +76,7 @@ from redis.exceptions import RedisError
 
 from gateway.clock import Clock
 from gateway.errors import BackendUnavailable, PermitLost, QueueFull, QueueTimeout
-from gateway.limiter import ANONYMOUS, BACKGROUND, LimiterSnapshot
+from gateway.limiter import ANONYMOUS, BACKGROUND, LimiterSnapshot, shutting_down
 from gateway.limiter_scripts import (
     ACQUIRE,
     HEARTBEAT,
@@ -198,6 +199,7 @@ class RedisLimiter:
         self._subscriber: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._shedding = False
 
     @property
     def hold_s(self) -> float:
@@ -231,6 +233,11 @@ class RedisLimiter:
                 # Shielded: a cancellation arriving now must not abandon the release half-way.
                 release = self._release(grant.lease, record_start=not permit.recorded)
                 await asyncio.shield(self._spawn(release))
+
+    def shed(self) -> None:
+        self._shedding = True
+        self._fail_waiters(shutting_down())
+        self._wake_up()  # the dispatcher withdraws this replica's demand
 
     async def close(self) -> None:
         """Stop background tasks, fail local waiters, give back the permits never sent.
@@ -330,6 +337,8 @@ class RedisLimiter:
     async def _acquire(self, caller: str, background: bool) -> Grant:
         if self._closed:
             raise BackendUnavailable("The limiter is closed.")
+        if self._shedding:
+            raise shutting_down()
         trying = self._trying
         tried = trying is not None and not trying.done() and self._waiters.get(trying) == caller
         ahead = self._queue.queued(caller) - tried
@@ -461,12 +470,12 @@ class RedisLimiter:
                 self._waiters.pop(turn.item, None)
                 turn.item.set_result(grant)
 
-    def _fail_waiters(self, exc: BackendUnavailable) -> None:
+    def _fail_waiters(self, exc: BackendUnavailable | QueueFull) -> None:
         waiters, self._waiters = self._waiters, {}
         for waiter in waiters:
             self._queue.leave(waiter)
             if not waiter.done():
-                failure = BackendUnavailable(exc.message)
+                failure = copy.copy(exc)  # each waiter raises its own
                 failure.__cause__ = exc.__cause__
                 waiter.set_exception(failure)
 

@@ -230,6 +230,18 @@ class FairScheduler(Generic[T]):
         flow = self._flows.get(caller)
         return 0 if flow is None else len(flow.queue)
 
+    def drain(self) -> list[T]:
+        """Take every waiter out (callers' and background ones), e.g. at shutdown."""
+        items = [item for flow in self._flows.values() for _, item in flow.queue]
+        items += [item for _, item in self._background]
+        for caller, flow in list(self._flows.items()):
+            flow.queue.clear()
+            self._prune(caller, flow)
+        self._background.clear()
+        self._where.clear()
+        self._waiting = 0
+        return items
+
     def queued_by_caller(self) -> dict[str, int]:
         return {caller: len(flow.queue) for caller, flow in self._flows.items() if flow.queue}
 

@@ -151,6 +151,9 @@ class SendWatchingLimiter:
     def start(self) -> None:
         self.inner.start()
 
+    def shed(self) -> None:
+        self.inner.shed()
+
     async def close(self) -> None:
         await self.inner.close()
 

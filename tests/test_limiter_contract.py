@@ -273,6 +273,24 @@ async def test_cancelled_waiters_and_holders_leave_the_whole_budget_usable(
     assert limiter.snapshot() == IDLE
 
 
+async def test_shedding_turns_every_waiter_and_newcomer_away_and_keeps_held_permits(
+    build: Build,
+) -> None:
+    limiter = build(max_concurrent=1)
+    holder = Holder(limiter)
+    await holder.started.wait()
+    waiters = [Holder(limiter) for _ in range(3)]
+    await until(lambda: limiter.snapshot().queued == 3)
+    limiter.shed()
+    outcomes = await asyncio.gather(*(w.task for w in waiters), return_exceptions=True)
+    assert all(isinstance(outcome, QueueFull) for outcome in outcomes)
+    with pytest.raises(QueueFull):
+        async with limiter.permit():
+            pass
+    assert limiter.snapshot() == LimiterSnapshot(in_flight=1, queued=0)
+    await finish(holder)
+
+
 async def test_an_exception_inside_the_permit_gives_it_back(build: Build) -> None:
     limiter = build(max_concurrent=1, window_s=0.05)
     with pytest.raises(RuntimeError):

@@ -31,13 +31,17 @@ async def test_sigterm_during_load_completes_in_flight_requests_and_releases_eve
                     await r.read()
                     return r.status
 
-            # 14 distinct misses: 10 at the upstream, 4 queued behind them; plus 6 identical.
-            load = [asyncio.ensure_future(ask(c)) for c in range(1, 15)]
-            load += [asyncio.ensure_future(ask(99)) for _ in range(6)]
-            await asyncio.sleep(0.4)
+            # 10 distinct misses at the upstream; then 4 more and 6 identical ones queued.
+            load = [asyncio.ensure_future(ask(c)) for c in range(1, 11)]
+            await asyncio.sleep(0.2)
+            queued = [asyncio.ensure_future(ask(c)) for c in range(11, 15)]
+            queued += [asyncio.ensure_future(ask(99)) for _ in range(6)]
+            await asyncio.sleep(0.2)
             replica.signal(signal.SIGTERM)
             statuses = await asyncio.gather(*load)
-        assert statuses == [200] * 20
+            shed = await asyncio.gather(*queued)
+        assert statuses == [200] * 10  # what was at the upstream finishes
+        assert shed == [503] * 10  # what waited is told at once, not after the drain
         assert await asyncio.to_thread(replica.proc.wait, 30) == 0
 
         client = aioredis.Redis.from_url(redis_server.url)
