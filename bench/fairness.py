@@ -6,11 +6,11 @@ localhost, with caller auth off and ``limit.caller_header = X-Caller`` naming th
 - share: caller A fires 300 distinct misses at once; a second later caller B sends 5
   distinct misses one after another. B's answers and slowest latency, the upstream's starts
   per second (simulator arrival times) against the budget, and A's outcomes;
+- share-fleet: the same against 3 replicas on one Redis (a private redis-server), A's flood
+  spread over all three, B on one of them;
 - refresh: one replayed Zipf workload (seeded) over open-ended queries, against a gateway
   with refresh-ahead on and one with it off: hit ratio, caller latency, refreshes made.
 
-The 3-replica Redis variant of "share" is not here yet (the Redis limiter does not schedule
-per caller yet).
 """
 
 from __future__ import annotations
@@ -75,33 +75,52 @@ def gateway(sim: procs.Proc, **settings: str) -> procs.Proc:
     )  # redis url "": embedded mode
 
 
-async def share(names: str, flood: int = 300, late: int = 5) -> dict[str, Any]:
-    """``names``: a callers file naming a and b."""
+async def share(names: str, flood: int = 300, late: int = 5, replicas: int = 1) -> dict[str, Any]:
+    """``names``: a callers file naming a and b. ``replicas`` > 1: that many on one Redis."""
     sim = procs.simulator(latency_ms=200)
-    gw = gateway(sim, auth__callers_file=names)
+    redis = procs.RedisServer().start() if replicas > 1 else None
+    if redis is not None:
+        redis.flush()
+    url = "" if redis is None else redis.url
+    gws = [
+        procs.gateway(
+            sim,
+            url,
+            log__level="WARNING",
+            limit__caller_header="X-Caller",
+            limit__replicas=str(replicas),
+            auth__callers_file=names,
+        )
+        for _ in range(replicas)
+    ]
     try:
         async with ClientSession(connector=TCPConnector(limit=0)) as session:
-            base = gw.url
             await client.get_text(sim.port, "/__sim/reset", method="POST")
             a_tasks = [
-                asyncio.create_task(post(session, base + route(c), {"pageSize": 10}, "a"))
+                asyncio.create_task(
+                    post(session, gws[c % replicas].url + route(c), {"pageSize": 10}, "a")
+                )
                 for c in range(1, flood + 1)
             ]
             await asyncio.sleep(1.0)
             b_results = []
             for c in range(1, late + 1):
-                b_results.append(await post(session, base + route(10_000 + c), {}, "b"))
+                b_results.append(await post(session, gws[0].url + route(10_000 + c), {}, "b"))
             a_results = await asyncio.gather(*a_tasks)
             got = await client.get_json(sim.port, "/__bench/arrivals")
             stats = await client.get_json(sim.port, "/__sim/stats")
     finally:
-        gw.stop()
+        for gw in gws:
+            gw.stop()
         sim.stop()
+        if redis is not None:
+            redis.close()
     seen = sorted(float(v) for v in got["arrivals"])  # type: ignore[union-attr]
     span = seen[-1] - seen[0] if len(seen) > 1 else 0.0
     rate = (len(seen) - MAX_CONCURRENT) / span if span > 0 else float("nan")
     a_ok = [lat for status, _, lat in a_results if status == 200]
     return {
+        "replicas": replicas,
         "a_flood": flood,
         "b_sequential": late,
         "b_statuses": [status for status, _, _ in b_results],
@@ -203,17 +222,20 @@ async def refresh(names: str, seconds: float = 60.0) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.fairness", description=__doc__)
-    parser.add_argument("--phase", choices=["share", "refresh"], action="append")
+    parser.add_argument("--phase", choices=["share", "share-fleet", "refresh"], action="append")
     parser.add_argument("--seconds", type=float, default=60.0, help="refresh workload length")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
-    phases = args.phase or ["share", "refresh"]
+    phases = args.phase or ["share", "share-fleet", "refresh"]
     results: dict[str, Any] = {}
     names = callers_file(["a", "b"])
     try:
         if "share" in phases:
             results["share"] = asyncio.run(share(names))
             print(json.dumps({"share": results["share"]}, indent=2), file=sys.stderr)
+        if "share-fleet" in phases:
+            results["share_fleet"] = asyncio.run(share(names, replicas=3))
+            print(json.dumps({"share_fleet": results["share_fleet"]}, indent=2), file=sys.stderr)
         if "refresh" in phases:
             results["refresh"] = asyncio.run(refresh(names, args.seconds))
     finally:
