@@ -61,14 +61,20 @@ _MEMO_MAX_BODY = 1024
 
 
 @functools.lru_cache(maxsize=2048)
-def _parse_memo(vdn_id: str, campaign_id: str, raw: bytes) -> CallResultQuery:
-    return parse_request(vdn_id, campaign_id, raw)
+def _parse_memo(
+    vdn_id: str, campaign_id: str, raw: bytes, charset: str | None
+) -> CallResultQuery:
+    return parse_request(vdn_id, campaign_id, raw, charset=charset)
 
 
-def parse_query(vdn_id: str, campaign_id: str, raw: bytes) -> CallResultQuery:
-    if len(raw) <= _MEMO_MAX_BODY and len(vdn_id) + len(campaign_id) <= 64:
-        return _parse_memo(vdn_id, campaign_id, raw)
-    return parse_request(vdn_id, campaign_id, raw)
+def parse_query(
+    vdn_id: str, campaign_id: str, raw: bytes, charset: str | None = None
+) -> CallResultQuery:
+    """``charset``: the request's Content-Type charset (None: UTF-8)."""
+    small = len(raw) <= _MEMO_MAX_BODY and len(vdn_id) + len(campaign_id) <= 64
+    if small and (charset is None or len(charset) <= 32):
+        return _parse_memo(vdn_id, campaign_id, raw, charset)
+    return parse_request(vdn_id, campaign_id, raw, charset=charset)
 
 
 def _key(request: web.Request) -> str | None:
@@ -141,7 +147,9 @@ async def _callresult(request: web.Request) -> web.Response:
     if request.content_type != "application/json":
         raise UnsupportedMediaType()
     raw = await read_body(request, parts.settings.server.max_body_bytes)
-    query = parse_query(request.match_info["vdnId"], request.match_info["campaignId"], raw)
+    query = parse_query(
+        request.match_info["vdnId"], request.match_info["campaignId"], raw, request.charset
+    )
     trace = current_trace.get()
     if trace is not None:
         trace.vdn_id, trace.campaign_id = query.vdn_id, query.campaign_id

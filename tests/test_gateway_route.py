@@ -81,3 +81,18 @@ async def test_every_response_carries_a_request_id_taken_from_the_caller_or_made
     assert given.headers["X-Request-ID"] == "abc-123"
     assert len(made.headers["X-Request-ID"]) == 32
     assert hostile.headers["X-Request-ID"] != "x" * 500
+
+
+async def test_a_body_in_a_declared_charset_reaches_the_vendor_as_the_same_text_in_utf8(
+    upstream: Upstream, start_gateway: StartGateway
+) -> None:
+    gateway = await start_gateway(gateway_settings(upstream.url))
+    body = '{"sessionId": "中文", "pageSize": 5}'.encode("gbk")
+    answer = await gateway.post(
+        "/rest/isales/v1/openapi/campaigns/11/callresult/3",
+        data=body,
+        headers={"Content-Type": "application/json; charset=GBK"},
+    )
+    assert answer.status == 200
+    sent = upstream.state.received[-1].body
+    assert json.loads(sent.decode("utf-8"))["sessionId"] == "中文"
