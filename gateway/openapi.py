@@ -104,7 +104,9 @@ def _components() -> dict[str, Any]:
             "CallResultQuery": {
                 "type": "object",
                 "description": "The vendor's request body; every field is optional and `null` "
-                "means absent. An unknown field is answered 200 with 0200001.",
+                "means absent. The vendor's document is silent on unknown fields: they are "
+                "forwarded (validation.undocumented = forward) or answered 200 with 0200001 "
+                "(reject).",
                 "additionalProperties": False,
                 "properties": {
                     "sessionId": {
@@ -292,12 +294,19 @@ def _callresult() -> dict[str, Any]:
                 "404": _ref(_RESPONSES, "NotFound"),
                 "413": _error("GW41300: the body is larger than server.max_body_bytes."),
                 "415": _error("GW41500: Content-Type is not application/json."),
+                "429": _error(
+                    "The vendor's 429 passed on (GW42900), or the fleet pausing after one "
+                    "(GW42901), where no stale copy exists. Other vendor 4xx (400, 404...) pass "
+                    "through unchanged.",
+                    "Retry-After",
+                ),
                 "502": _error(
                     "GW50200 upstream unreachable, GW50201 upstream broken, GW50202 upstream "
                     "refused the gateway's AK/SK."
                 ),
                 "503": _error(
-                    "GW50300 queue full, GW50301 waited too long for an upstream slot.",
+                    "GW50300 queue full (or shutting down), GW50301 waited too long for an "
+                    "upstream slot, GW50302 the upstream keeps failing (breaker open).",
                     "Retry-After",
                 ),
                 "504": _error("GW50400: the upstream did not answer in time."),
