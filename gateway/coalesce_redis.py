@@ -104,18 +104,19 @@ def outcome_channel(key: str) -> str:
 
 
 def encode_outcome(outcome: Outcome) -> bytes:
-    """The published/stored form: JSON header line + raw body (errors: class name + message)."""
+    """The published/stored form: JSON header line + raw body (errors: gateway code + message)."""
     if outcome.response is not None:
         r = outcome.response
         header = {"v": 1, "status": r.status, "content_type": r.content_type}
         return json.dumps(header).encode() + b"\n" + r.body
     exc = outcome.error
     if isinstance(exc, GatewayError):
-        header = {"v": 1, "error": type(exc).__name__, "message": exc.message}
+        # By code: a class name would make a rename change behaviour in a rolling deploy.
+        header = {"v": 1, "code": exc.code, "error": type(exc).__name__, "message": exc.message}
         if isinstance(exc, Overloaded):
             header["retry_after"] = exc.retry_after
     else:  # a bug in fetch: its text stays in this replica's log
-        header = {"v": 1, "error": "UpstreamBadResponse", "message": None}
+        header = {"v": 1, "code": errors.UpstreamBadResponse.code, "message": None}
     return json.dumps(header).encode() + b"\n"
 
 
@@ -133,11 +134,16 @@ def decode_outcome(data: object) -> Outcome | None:
     status, ctype = header.get("status"), header.get("content_type")
     if type(status) is int and 100 <= status <= 599 and isinstance(ctype, str):
         return Outcome(response=UpstreamResponse(status, body, ctype))
-    name, message = header.get("error"), header.get("message")
-    if not isinstance(name, str) or not (message is None or isinstance(message, str)):
+    code, name, message = header.get("code"), header.get("error"), header.get("message")
+    if not (isinstance(code, str) or isinstance(name, str)):
         return None
-    cls = getattr(errors, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, GatewayError)):
+    if not (message is None or isinstance(message, str)):
+        return None
+    cls = errors.error_class(code)
+    if cls is None and isinstance(name, str):  # from a replica of before the codes
+        named = getattr(errors, name, None)
+        cls = named if isinstance(named, type) and issubclass(named, GatewayError) else None
+    if cls is None:
         cls = errors.UpstreamBadResponse
     if issubclass(cls, Overloaded):
         retry = header.get("retry_after")

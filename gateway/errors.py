@@ -134,10 +134,10 @@ class UnsupportedMediaType(CallerError):
 
 
 class Overloaded(GatewayError):
-    """No upstream permit could be had in time; the caller should retry after ``retry_after``."""
+    """No upstream permit could be had in time; the caller should retry after ``retry_after``.
+    Only its subclasses are raised (each with a code of its own)."""
 
     status = 503
-    code = "GW50300"
 
     def __init__(self, retry_after: float, message: str | None = None) -> None:
         self.retry_after = retry_after
@@ -158,8 +158,9 @@ class QueueTimeout(Overloaded):
 
 
 class UpstreamError(GatewayError):
+    """Only its subclasses are raised (each with a code of its own)."""
+
     status = 502
-    code = "GW50200"
     default_message = "Upstream error."
 
 
@@ -247,3 +248,22 @@ class PermitLost(BackendUnavailable):
 
     code = "GW50311"
     default_message = "An upstream permit lapsed before use; retry."
+
+
+def _classes(root: type[GatewayError]) -> list[type[GatewayError]]:
+    found = [root]
+    for sub in root.__subclasses__():
+        found += _classes(sub)
+    return found
+
+
+# Gateway code -> the class that carries it: the wire format of an error between replicas
+# (a class rename must not change what another replica raises).
+_BY_CODE: dict[str, type[GatewayError]] = {
+    cls.code: cls for cls in _classes(GatewayError) if "code" in vars(cls)
+}
+
+
+def error_class(code: object) -> type[GatewayError] | None:
+    """The class whose own gateway code is ``code``, or None."""
+    return _BY_CODE.get(code) if isinstance(code, str) else None

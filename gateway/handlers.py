@@ -61,9 +61,7 @@ _MEMO_MAX_BODY = 1024
 
 
 @functools.lru_cache(maxsize=2048)
-def _parse_memo(
-    vdn_id: str, campaign_id: str, raw: bytes, charset: str | None
-) -> CallResultQuery:
+def _parse_memo(vdn_id: str, campaign_id: str, raw: bytes, charset: str | None) -> CallResultQuery:
     return parse_request(vdn_id, campaign_id, raw, charset=charset)
 
 

@@ -30,6 +30,7 @@ from gateway.errors import (
     UpstreamBadResponse,
     UpstreamTimeout,
     UpstreamUnavailable,
+    error_class,
 )
 from gateway.upstream import UpstreamResponse
 from tests.support.processes import RedisServer, free_port
@@ -359,3 +360,29 @@ def test_an_unknown_error_name_becomes_a_bad_upstream_response() -> None:
     decoded = decode_outcome(b'{"v":1,"error":"os.system","message":"rm -rf"}\n')
     assert decoded is not None
     assert type(decoded.error) is UpstreamBadResponse
+
+
+def test_an_error_crosses_replicas_by_its_gateway_code_not_its_class_name() -> None:
+    # A replica that renamed the class (a rolling deploy) still sends the same code.
+    encoded = encode_outcome(Outcome(error=UpstreamTimeout()))
+    renamed = encoded.replace(b'"UpstreamTimeout"', b'"UpstreamGaveUp"')
+    decoded = decode_outcome(renamed)
+    assert decoded is not None
+    assert type(decoded.error) is UpstreamTimeout
+    # And one from before the codes (a name only) is still understood.
+    legacy = decode_outcome(b'{"v":1,"error":"UpstreamTimeout","message":"late"}\n')
+    assert legacy is not None
+    assert type(legacy.error) is UpstreamTimeout
+
+
+def test_every_gateway_code_names_exactly_one_error_class() -> None:
+    seen: dict[str, str] = {}
+    for cls in _all_errors(GatewayError):
+        if "code" in vars(cls):
+            assert cls.code not in seen, f"{cls.__name__} and {seen[cls.code]} share {cls.code}"
+            seen[cls.code] = cls.__name__
+            assert error_class(cls.code) is cls
+
+
+def _all_errors(root: type[GatewayError]) -> list[type[GatewayError]]:
+    return [root, *(c for sub in root.__subclasses__() for c in _all_errors(sub))]
