@@ -9,6 +9,7 @@ annotations, so adding a field needs no parser; the rules that go beyond types l
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -65,6 +66,7 @@ _BOUNDS: Final[dict[str, tuple[float, float]]] = {
     "cache.stale_s": (0, math.inf),
     "cache.negative_ttl_s": (0, math.inf),
     "cache.max_entries": (1, math.inf),
+    "cache.local_max_bytes": (0, 2**40),
 }
 
 
@@ -74,6 +76,7 @@ class ServerSettings:
     port: int = 8080
     max_body_bytes: int = 8192
     shutdown_timeout_s: float = 15.0
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +141,7 @@ class CacheSettings:
     negative_ttl_s: float = 0.0
     swr_s: float = 10.0
     max_entries: int = 10000
+    local_max_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,6 +346,13 @@ def _validate(s: Settings, *, require_upstream: bool) -> None:
     if not up.signed_headers or not set(up.signed_headers) <= SIGNABLE_HEADERS:
         allowed = ", ".join(sorted(SIGNABLE_HEADERS))
         raise ConfigError("upstream.signed_headers", f"must be a non-empty subset of {allowed}")
+    for proxy in s.server.trusted_proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError(
+                "server.trusted_proxies", f"not an IP address or network: {proxy!r}"
+            ) from None
     if s.log.level not in LOG_LEVELS:
         raise ConfigError("log.level", f"must be one of {', '.join(LOG_LEVELS)}")
     if s.log.format not in LOG_FORMATS:
