@@ -34,13 +34,15 @@ class CachePolicy:
 
 @dataclass(frozen=True, slots=True)
 class CacheEntry:
-    """An upstream answer as stored: its raw bytes and when it was stored (epoch seconds)."""
+    """An upstream answer as stored: its raw bytes and when it was stored (epoch seconds);
+    ``gzip``: the same bytes gzip-compressed, when the store keeps them so (large answers)."""
 
     body: bytes
     content_type: str
     stored_at: float
     ttl: float
     stale: float
+    gzip: bytes | None = None
 
 
 class Freshness(Enum):

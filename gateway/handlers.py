@@ -79,7 +79,26 @@ async def callresult(request: web.Request) -> web.Response:
     headers = {"Content-Type": answer.content_type, "X-Cache": answer.cache, "Age": str(answer.age)}
     if answer.warning:
         headers["Warning"] = answer.warning
-    return web.Response(status=answer.status, body=answer.body, headers=headers)
+    body = answer.body
+    if answer.gzip is not None:  # stored compressed: as is to gzip callers, else the original
+        headers["Vary"] = "Accept-Encoding"
+        if accepts_gzip(request.headers.get("Accept-Encoding", "")):
+            headers["Content-Encoding"] = "gzip"
+            body = answer.gzip
+    return web.Response(status=answer.status, body=body, headers=headers)
+
+
+def accepts_gzip(accept_encoding: str) -> bool:
+    """``Accept-Encoding`` names gzip (or x-gzip) without refusing it with ``q=0``."""
+    for item in accept_encoding.lower().split(","):
+        coding, _, params = item.partition(";")
+        if coding.strip() in ("gzip", "x-gzip"):
+            q = params.strip().removeprefix("q=").strip() if "q=" in params else "1"
+            try:
+                return float(q) > 0
+            except ValueError:
+                return False
+    return False
 
 
 async def purge_campaign(request: web.Request) -> web.Response:

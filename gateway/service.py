@@ -45,6 +45,7 @@ class Answer:
     cache: str
     age: int
     warning: str | None = None
+    gzip: bytes | None = None  # the same body gzip-compressed, when the cache kept it so
 
 
 class CallResultService:
@@ -88,7 +89,7 @@ class CallResultService:
                 if entry is not None and state is Freshness.FRESH:
                     self._metrics.cache_lookups_by["hit"].inc()
                     age = age_seconds(entry, now)
-                    return Answer(200, entry.body, entry.content_type, "HIT", age)
+                    return Answer(200, entry.body, entry.content_type, "HIT", age, gzip=entry.gzip)
                 if entry is not None and state is Freshness.STALE:
                     stale = entry
                 self._metrics.cache_lookups_by["stale" if stale else "miss"].inc()
@@ -122,7 +123,7 @@ class CallResultService:
         self._metrics.stale_served.labels(reason).inc()
         age = age_seconds(entry, self._clock.time())
         warning = f'110 isales-gateway "Response is stale: {why}"'
-        return Answer(200, entry.body, entry.content_type, "STALE", age, warning)
+        return Answer(200, entry.body, entry.content_type, "STALE", age, warning, entry.gzip)
 
     def _revalidate(self, query: CallResultQuery, key: str, locale: str | None) -> None:
         """Refresh one key in the background; coalescing makes concurrent refreshes one."""
