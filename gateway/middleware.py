@@ -83,19 +83,20 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 class RequestIds:
-    """Unique request ids without a random draw per request: a random per-process prefix
-    (64 bits) and a counter. Re-drawn in a forked child, so parent and child never collide."""
+    """Unique request ids without a random draw per request: 32 hex digits, a random
+    per-process prefix (64 bits) then a counter. Re-drawn in a forked child, so parent and
+    child never collide."""
 
     def __init__(self) -> None:
         self._reseed()
         os.register_at_fork(after_in_child=self._reseed)
 
     def _reseed(self) -> None:
-        self._prefix = secrets.token_hex(8) + "-"
+        self._prefix = secrets.token_hex(8)
         self._counter = itertools.count(1)
 
     def next(self) -> str:
-        return f"{self._prefix}{next(self._counter):x}"
+        return f"{self._prefix}{next(self._counter):016x}"
 
 
 _ids = RequestIds()

@@ -295,8 +295,9 @@ def test_request_ids_are_unique_and_each_process_draws_its_own_prefix() -> None:
     first, second = RequestIds(), RequestIds()
     ids = [first.next() for _ in range(1000)]
     assert len(set(ids)) == 1000
-    assert len({i.rsplit("-", 1)[0] for i in ids}) == 1
-    assert second.next().rsplit("-", 1)[0] != ids[0].rsplit("-", 1)[0]
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    assert len({i[:16] for i in ids}) == 1
+    assert second.next()[:16] != ids[0][:16]
 
 
 async def test_without_setup_the_access_line_goes_through_the_logging_module(
