@@ -56,6 +56,14 @@ def logfmt(value: object) -> str:
     return escape_text(json.dumps(text, ensure_ascii=False))
 
 
+_PLAIN: Final = frozenset({int, float, bool, type(None)})
+
+
+def _as_text(value: object) -> str:
+    """What ``_text`` scans of a non-string value: nothing for numbers and None."""
+    return "" if type(value) in _PLAIN else str(value)
+
+
 class _Clock:
     """ISO-8601 UTC timestamps with milliseconds; the part up to the second is reused."""
 
@@ -169,7 +177,13 @@ class AccessLog:
         head = f"{self._clock.now()} {name:<7} {self._logger} {escape_text(message)}"
         if not fields:
             return head
-        return head + " " + " ".join(f"{k}={logfmt(v)}" for k, v in fields.items())
+        values = fields.values()
+        # One scan of every text value together: when none needs quoting (the usual case),
+        # each value is written as it is, with no per-value check.
+        texts = "".join([v if type(v) is str else _as_text(v) for v in values])
+        if "" in values or _NEEDS_QUOTES.search(texts):
+            return head + " " + " ".join([f"{k}={logfmt(v)}" for k, v in fields.items()])
+        return head + " " + " ".join([f"{k}={v}" for k, v in fields.items()])
 
     def _json(self, level: int, message: str, fields: dict[str, Any]) -> str:
         entry = {
@@ -180,5 +194,9 @@ class AccessLog:
         }
         for key, value in fields.items():
             entry.setdefault(key, value)
-        # ASCII escapes: a lone surrogate from a crafted path cannot break the encoder.
-        return json.dumps(entry, default=str, separators=(", ", ": "))
+        # ASCII escapes (the default): a lone surrogate from a crafted path cannot break the
+        # encoder. No other argument: json.dumps reuses its cached encoder only without any.
+        try:
+            return json.dumps(entry)
+        except (TypeError, ValueError):  # a value JSON has no form for
+            return json.dumps(entry, default=str)
