@@ -50,7 +50,7 @@ CHANNEL = "isales:v1:cache:invalidate"
 _RETRY_S = 1.0  # pause before resubscribing after the bus failed
 _READ_S = 1.0  # the listener's read bound (and PING interval); messages wake it at once
 _SILENCE_S = 3.0  # copies are trusted only if the subscription was heard from this recently
-HOLD_S = 30.0
+HOLD_S = 120.0
 # Bytes a copy costs beyond its bodies: the key, the entry object, the LRU node (measured
 # with tracemalloc on CPython 3.11: ~330 bytes, rounded up).
 ENTRY_OVERHEAD = 400
