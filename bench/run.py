@@ -88,7 +88,7 @@ class Plan:
 
     @classmethod
     def full(cls) -> Plan:
-        return cls(3, 8.0, 2.0, 32, 20000, 500, 5, 1000, 4, 1000, 400, 40)
+        return cls(3, 8.0, 2.0, 32, 10000, 500, 5, 1000, 4, 1000, 400, 40)
 
     @classmethod
     def quick(cls) -> Plan:

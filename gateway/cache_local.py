@@ -51,8 +51,9 @@ _RETRY_S = 1.0  # pause before resubscribing after the bus failed
 _READ_S = 1.0  # the listener's read bound (and PING interval); messages wake it at once
 _SILENCE_S = 3.0  # copies are trusted only if the subscription was heard from this recently
 HOLD_S = 120.0
-# Bytes a copy costs beyond its bodies: the key, the entry object, the LRU node (measured
-# with tracemalloc on CPython 3.11: ~330 bytes, rounded up).
+# Bytes a copy costs beyond the characters of its key and bodies: the entry object, tuple,
+# float, int and LRU node (~250 bytes by tracemalloc on CPython 3.11) plus the str and bytes
+# object headers (~115): ~365, rounded up.
 ENTRY_OVERHEAD = 400
 
 
