@@ -193,7 +193,14 @@ async def test_a_hot_set_far_beyond_a_thousand_entries_is_answered_locally(
     redis_client: aioredis.Redis,
 ) -> None:
     shared = Counting(RedisCacheStore(redis_client, clock=SystemClock(), channel=CHANNEL))
-    tier = TieredCacheStore(shared, redis_client, clock=SystemClock(), shared_publishes=True)
+    announced: list[str] = []
+    tier = TieredCacheStore(
+        shared,
+        redis_client,
+        clock=SystemClock(),
+        shared_publishes=True,
+        on_invalidate=announced.append,
+    )
     now = SystemClock().time()
     keys = [cache_key(CallResultQuery(11, 3, page_num=n)) for n in range(1, 5001)]
     try:
@@ -201,6 +208,8 @@ async def test_a_hot_set_far_beyond_a_thousand_entries_is_answered_locally(
         await until(lambda: tier.coherent)
         for key in keys:
             await shared.put(key, entry(b'{"resultCode":"0200000","n":"%d"}' % len(key), now))
+        # every write's invalidation has arrived: none can drop a copy kept below
+        await until(lambda: len(announced) == len(keys), within=10.0)
         for key in keys:
             assert await tier.get(key) is not None
         before = shared.gets
