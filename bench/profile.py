@@ -37,6 +37,7 @@ def start(pid: int, seconds: float) -> tuple[subprocess.Popen[bytes], str] | Non
         return None
     out = tempfile.NamedTemporaryFile(prefix="gw-bench-", suffix=".txt", delete=False).name  # noqa: SIM115
     cmd = [spy, "record", "-p", str(pid), "-d", str(round(seconds)), "-r", "250", "-f", "raw"]
+    cmd.append("--threads")  # the access-log writer's samples (mostly GIL waits) kept apart
     proc = subprocess.Popen(  # noqa: S603 - py-spy with arguments built here
         [*cmd, "-o", out], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -44,27 +45,33 @@ def start(pid: int, seconds: float) -> tuple[subprocess.Popen[bytes], str] | Non
 
 
 def finish(started: tuple[subprocess.Popen[bytes], str]) -> dict[str, object]:
-    """Wait for the sampler; the share of samples per part, and the top functions."""
+    """Wait for the sampler; the main thread's share of samples per part and its top
+    functions, and each thread's share of all samples."""
     proc, out = started
     proc.wait(timeout=120)
     parts: Counter[str] = Counter()
     leaves: Counter[str] = Counter()
-    total = 0
+    threads: Counter[str] = Counter()
     for line in Path(out).read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
-        frames = stack.split(";")
+        thread, *frames = stack.split(";")
+        name = thread.rpartition(": ")[2]
+        threads[name] += int(count)
+        if name != "MainThread" or not frames:
+            continue
         leaf = frames[-1]
-        n = int(count)
-        total += n
-        parts[next((name for name, mark in PARTS if mark in leaf), "other")] += n
-        leaves[leaf.split(" (")[0] + " (" + leaf.rsplit("/", 1)[-1]] += n
+        parts[next((part for part, mark in PARTS if mark in leaf), "other")] += int(count)
+        leaves[leaf.split(" (")[0] + " (" + leaf.rsplit("/", 1)[-1]] += int(count)
     Path(out).unlink(missing_ok=True)
+    total = sum(parts.values())
     if not total:
         return {"samples": 0}
     return {
         "samples": total,
+        "thread": "MainThread",
         "parts": {k: round(v / total, 3) for k, v in parts.most_common()},
         "top": [(k, round(v / total, 3)) for k, v in leaves.most_common(12)],
+        "threads": {k: round(v / sum(threads.values()), 3) for k, v in threads.most_common()},
     }

@@ -222,12 +222,29 @@ def noise(r: dict[str, Any]) -> str:
 
 
 def profile(r: dict[str, Any]) -> str:
-    """The hit profile's shares per part of the stack, or "" without one."""
+    """The hit profile's shares per part of the stack (the event loop's thread), or ""."""
     found = r.get("hit", {}).get("profile") or {}
     if not found.get("samples"):
         return ""
-    shares = ", ".join(f"{name} {share:.0%}" for name, share in found["parts"].items())
-    return f"\n\nProfile of a hit (py-spy, {found['samples']:,} samples): {shares}."
+    parts: dict[str, float] = dict(found["parts"])
+    note = ""
+    if "thread" not in found:
+        # Sampled without --threads: the access-log writer's samples (its write, mostly
+        # waiting for the GIL) are mixed in; take them out.
+        writer = sum(share for name, share in found["top"] if name.startswith("AccessLog._run"))
+        parts["access log"] = max(0.0, parts.get("access log", 0.0) - writer)
+        rest = 1.0 - writer
+        parts = {k: v / rest for k, v in sorted(parts.items(), key=lambda kv: -kv[1])}
+        note = f"; the writer thread's {writer:.0%} of samples, mostly GIL waits, left out"
+    else:
+        others = {k: v for k, v in found["threads"].items() if k != found["thread"]}
+        if others:
+            note = "; other threads: " + ", ".join(f"{k} {v:.0%}" for k, v in others.items())
+    shares = ", ".join(f"{name} {share:.0%}" for name, share in parts.items())
+    return (
+        f"\n\nProfile of a hit (py-spy, {found['samples']:,} samples, the event loop's "
+        f"thread): {shares}{note}."
+    )
 
 
 def table(r: dict[str, Any]) -> str:
