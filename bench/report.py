@@ -261,5 +261,10 @@ def write_readme(readme: Path, r: dict[str, Any], rendered: str) -> None:
         raise SystemExit(f"bench: {readme} has no {BEGIN} ... {END} block to write")
     head, _, rest = text.partition(BEGIN)
     _, _, tail = rest.partition(END)
-    block = f"{BEGIN}\n`{r['command']}`, {r['seconds']:.0f} s:\n\n{rendered}\n{END}"
+    runs = sorted({f"`{p['command']}`" for p in r.get("phases_from", {}).values()})
+    head_line = f"`{r['command']}`, {r['seconds']:.0f} s"
+    if len(runs) > 1:
+        again = [k for k, p in r["phases_from"].items() if p["command"] != r["command"]]
+        head_line += f"; {', '.join(again)} again with {' '.join(runs[1:])}"
+    block = f"{BEGIN}\n{head_line}:\n\n{rendered}\n{END}"
     readme.write_text(head + block + tail)

@@ -523,7 +523,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--save",
         action="store_true",
-        help="write bench/results.json and the README's Performance table (default: neither)",
+        help="write bench/results.json and the README's Performance table (default: neither);"
+        " with --only, those phases replace theirs and the rest are kept",
     )
     parser.add_argument("--json", help="where to write the JSON (default: a temporary file)")
     parser.add_argument(
@@ -544,7 +545,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = [round(x, 2) for x in os.getloadavg()]
     results = asyncio.run(main_async(plan, args.only or PHASES, not args.no_nginx, args.profile))
     doc = {
-        "command": "python -m bench.run" + (" --quick" if args.quick else ""),
+        "command": " ".join(
+            ["python -m bench.run"]
+            + ["--quick"] * args.quick
+            + [f"--only {name}" for name in args.only or ()]
+            + ["--profile"] * args.profile
+        ),
         "quick": args.quick,
         "machine": report.machine(load_before),
         "plan": plan.__dict__,
@@ -556,6 +562,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.save
         else Path(tempfile.gettempdir()) / "isales-gateway-bench.json"
     )
+    stamp = {"command": doc["command"], "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    doc["phases_from"] = dict.fromkeys(results, stamp)
+    if args.save and args.only and Path(target).exists():
+        # Some phases again: keep the others' figures, and say which run each phase is from
+        # (every ratio is within one phase, so within one run).
+        kept = json.loads(Path(target).read_text())
+        kept.setdefault("phases_from", {k: {"command": kept["command"]} for k in PHASES})
+        doc = {**kept, **{k: v for k, v in doc.items() if k not in ("command", "seconds")}}
+        doc["phases_from"] = {**kept["phases_from"], **dict.fromkeys(results, stamp)}
     Path(target).parent.mkdir(parents=True, exist_ok=True)
     Path(target).write_text(json.dumps(doc, indent=2) + "\n")
     m = doc["machine"]

@@ -56,7 +56,7 @@ def campaign_prefix(vdn_id: int, campaign_id: int) -> str:
     return f"{KEY_PREFIX}:{{{vdn_id}:{campaign_id}}}:"
 
 
-@functools.lru_cache(maxsize=4096)  # pure, and hot keys repeat: hash each question once
+@functools.lru_cache(maxsize=16384)  # pure, and hot keys repeat: hash each question once
 def cache_key(query: CallResultQuery, locale: str | None = None) -> str:
     """One key per distinct question: vdnId, campaignId, the canonical body and the locale."""
     canonical = json.dumps(query.body(), sort_keys=True, separators=(",", ":"))
