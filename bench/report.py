@@ -261,10 +261,12 @@ def write_readme(readme: Path, r: dict[str, Any], rendered: str) -> None:
         raise SystemExit(f"bench: {readme} has no {BEGIN} ... {END} block to write")
     head, _, rest = text.partition(BEGIN)
     _, _, tail = rest.partition(END)
-    runs = sorted({f"`{p['command']}`" for p in r.get("phases_from", {}).values()})
     head_line = f"`{r['command']}`, {r['seconds']:.0f} s"
-    if len(runs) > 1:
-        again = [k for k, p in r["phases_from"].items() if p["command"] != r["command"]]
-        head_line += f"; {', '.join(again)} again with {' '.join(runs[1:])}"
+    again: dict[str, list[str]] = {}
+    for phase, source in r.get("phases_from", {}).items():
+        if source["command"] != r["command"]:
+            again.setdefault(source["command"], []).append(phase)
+    for command, phases in again.items():
+        head_line += f"; {', '.join(phases)} from `{command}`"
     block = f"{BEGIN}\n{head_line}:\n\n{rendered}\n{END}"
     readme.write_text(head + block + tail)
