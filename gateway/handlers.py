@@ -92,11 +92,11 @@ async def callresult(request: web.Request) -> web.Response:
 def accepts_gzip(accept_encoding: str) -> bool:
     """``Accept-Encoding`` names gzip (or x-gzip) without refusing it with ``q=0``."""
     for item in accept_encoding.lower().split(","):
-        coding, _, params = item.partition(";")
+        coding, *params = item.split(";")
         if coding.strip() in ("gzip", "x-gzip"):
-            q = params.strip().removeprefix("q=").strip() if "q=" in params else "1"
+            weights = [p.strip()[2:] for p in params if p.strip().startswith("q=")]
             try:
-                return float(q) > 0
+                return float(weights[0] if weights else "1") > 0
             except ValueError:
                 return False
     return False

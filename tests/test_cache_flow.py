@@ -203,3 +203,5 @@ def test_accept_encoding_is_read_as_http_defines_it() -> None:
     assert not accepts_gzip("gzip; q=0.000")
     assert not accepts_gzip("gzip;q=junk")
     assert not accepts_gzip("gzipx, br")
+    assert accepts_gzip("gzip;level=1;q=0.5")
+    assert not accepts_gzip("gzip; level=1; q=0")
