@@ -81,6 +81,32 @@ class _Clock:
 
 
 _LEVEL_NAMES: Final = {logging.DEBUG: "DEBUG", logging.INFO: "INFO"}
+# The access line's fields, in order. ``request_id`` is checked or made by the middleware, the
+# method is an HTTP token and the rest but the text ones are numbers or None: ``request``
+# quotes only the fields a caller can choose.
+ACCESS_FIELDS: Final = (
+    "request_id",
+    "caller",
+    "client",
+    "method",
+    "path",
+    "status",
+    "cache",
+    "bytes",
+    "vdn_id",
+    "campaign_id",
+    "queue_wait_ms",
+    "upstream_ms",
+    "upstream_attempts",
+    "duration_ms",
+    "user_agent",
+    "service",
+    "version",
+)
+AccessValues = tuple[
+    str, str | None, str, str, str, int, str, int | None, int | None, int | None,
+    float | None, float | None, int, float, str | None, str, str,
+]  # fmt: skip
 
 
 class AccessLog:
@@ -101,6 +127,7 @@ class AccessLog:
         logger: str = "gateway.access",
     ) -> None:
         self.level = level
+        self._is_text = fmt != "json"
         self._render: Callable[[int, str, dict[str, Any]], str] = (
             self._json if fmt == "json" else self._text
         )
@@ -120,7 +147,32 @@ class AccessLog:
 
     def write(self, level: int, message: str, fields: dict[str, Any]) -> None:
         """Buffer one line; the writer thread writes it within ``FLUSH_S``."""
-        self._lines.append(self._render(level, message, fields))
+        self._buffer(self._render(level, message, fields))
+
+    def request(self, level: int, message: str, values: AccessValues) -> None:
+        """Buffer one request's line: ``values`` in the order of ``ACCESS_FIELDS``.
+
+        Text lines are rendered from a fixed template, quoting only the values a caller can
+        choose (the path, the user agent, the addresses, the caller name), about twice as
+        fast as ``write`` with a dict: this runs once per request.
+        """
+        if not self._is_text:
+            self._buffer(self._json(level, message, dict(zip(ACCESS_FIELDS, values, strict=True))))
+            return
+        (rid, caller, client, method, path, status, cache, size, vdn, campaign, queue_ms,
+         upstream_ms, attempts, duration, agent, service, version) = values  # fmt: skip
+        name = _LEVEL_NAMES.get(level) or logging.getLevelName(level)
+        self._buffer(
+            f"{self._clock.now()} {name:<7} {self._logger} {escape_text(message)}"
+            f" request_id={rid} caller={logfmt(caller)} client={logfmt(client)}"
+            f" method={method} path={logfmt(path)} status={status} cache={logfmt(cache)}"
+            f" bytes={size} vdn_id={vdn} campaign_id={campaign} queue_wait_ms={queue_ms}"
+            f" upstream_ms={upstream_ms} upstream_attempts={attempts} duration_ms={duration}"
+            f" user_agent={logfmt(agent)} service={service} version={logfmt(version)}"
+        )
+
+    def _buffer(self, line: str) -> None:
+        self._lines.append(line)
         if len(self._lines) >= BATCH_LINES:
             self._hand_off()
         elif self._timer is None:

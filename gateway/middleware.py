@@ -17,14 +17,13 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Callable
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
-from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from gateway import __version__
+from gateway.access_log import ACCESS_FIELDS, AccessValues
 from gateway.errors import (
     BodyTooLarge,
     CallerError,
@@ -164,50 +163,41 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
     fast = access_log()
     if fast is not None:
         if fast.enabled(level):
-            _log_access(request, response, trace, elapsed, level, fast.write)
+            fast.request(level, *_access_line(request, response, trace, elapsed))
     elif access_logger.isEnabledFor(level):
-        _log_access(request, response, trace, elapsed, level, _through_logging)
+        message, values = _access_line(request, response, trace, elapsed)
+        fields = dict(zip(ACCESS_FIELDS, values, strict=True))
+        access_logger.log(level, "%s", message, extra=fields)
     return response
 
 
-def _through_logging(level: int, message: str, fields: dict[str, Any]) -> None:
-    access_logger.log(level, "%s", message, extra=fields)
-
-
-def _log_access(
-    request: web.Request,
-    response: web.StreamResponse,
-    trace: RequestTrace,
-    elapsed: float,
-    level: int,
-    write: Callable[[int, str, dict[str, Any]], None],
-) -> None:
+def _access_line(
+    request: web.Request, response: web.StreamResponse, trace: RequestTrace, elapsed: float
+) -> tuple[str, AccessValues]:
+    """The access line's message and its values, in the order of ``ACCESS_FIELDS``."""
     method, path, status = request.method, request.path, response.status
     cache = response.headers.get("X-Cache", "NONE")
     headers = request.headers
     trusted = request.app[PARTS].settings.server.trusted_proxies
     client = client_address(request.remote, headers.get("X-Forwarded-For"), trusted)
     size = response.content_length if isinstance(response, web.Response) else None
-    write(
-        level,
-        f"{method} {path} {status} {cache} {elapsed * 1000:.1f}ms",
-        {
-            "request_id": request[REQUEST_ID],
-            "caller": request.get(CALLER),
-            "client": client,
-            "method": method,
-            "path": path,
-            "status": status,
-            "cache": cache,
-            "bytes": size,
-            "vdn_id": trace.vdn_id,
-            "campaign_id": trace.campaign_id,
-            "queue_wait_ms": trace.queue_wait_ms,
-            "upstream_ms": trace.upstream_ms,
-            "upstream_attempts": trace.attempts,
-            "duration_ms": round(elapsed * 1000, 3),
-            "user_agent": headers.get("User-Agent"),
-            "service": _SERVICE,
-            "version": __version__,
-        },
+    duration = elapsed * 1000
+    return f"{method} {path} {status} {cache} {duration:.1f}ms", (
+        request[REQUEST_ID],
+        request.get(CALLER),
+        client,
+        method,
+        path,
+        status,
+        cache,
+        size,
+        trace.vdn_id,
+        trace.campaign_id,
+        trace.queue_wait_ms,
+        trace.upstream_ms,
+        trace.attempts,
+        round(duration, 3),
+        headers.get("User-Agent"),
+        _SERVICE,
+        __version__,
     )

@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import logging
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 from aiohttp import ClientSession
 
 from gateway import __version__
+from gateway.access_log import ACCESS_FIELDS
 from gateway.logs import (
     bind_request_id,
     close_access_log,
@@ -25,6 +27,7 @@ from tests.conftest import SIM, StartGateway, Upstream, gateway_settings
 from tests.support.processes import Process, free_port
 
 PATH = "/rest/isales/v1/openapi/campaigns/11/callresult/3"
+LOGFMT_NAME = re.compile(r' ([a-z_]+)=(?:"(?:[^"\\]|\\.)*"|\S*)')  # each key=value's key
 
 
 @pytest.fixture
@@ -310,3 +313,26 @@ async def test_without_setup_the_access_line_goes_through_the_logging_module(
     (record,) = [r for r in caplog.records if r.name == "gateway.access"]
     assert record.getMessage().startswith(f"POST {PATH} 200 MISS ")
     assert record.__dict__["client"] == "127.0.0.1"
+
+
+async def test_text_and_json_access_lines_carry_the_same_fields_in_the_same_order(
+    upstream: Upstream, start_gateway: StartGateway, log_stream: io.StringIO
+) -> None:
+    gateway = await start_gateway(gateway_settings(upstream.url))
+    names = {}
+    for fmt in ("json", "text"):
+        stream = io.StringIO()
+        setup_logging("INFO", fmt, stream=stream)
+        headers = {"User-Agent": 'a "quoted" agent=1'}
+        assert (await gateway.post(PATH, json={"pageSize": 5}, headers=headers)).status == 200
+        flush_access_log()
+        (line,) = [x for x in stream.getvalue().splitlines() if "gateway.access" in x]
+        if fmt == "json":
+            entry = strict_json(line)
+            names[fmt] = [k for k in entry if k not in ("ts", "level", "logger", "msg")]
+            assert entry["user_agent"] == 'a "quoted" agent=1'
+        else:
+            fields = line.split(" request_id=", 1)[1]
+            names[fmt] = ["request_id", *LOGFMT_NAME.findall(fields)]
+            assert r'user_agent="a \"quoted\" agent=1"' in line
+    assert names["json"] == names["text"] == list(ACCESS_FIELDS)
