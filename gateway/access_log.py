@@ -148,9 +148,10 @@ class AccessLog:
         self._buffer(
             f"{self._head(level, message)} request_id={rid} caller={logfmt(caller)}"
             f" client={logfmt(client)} method={method} path={logfmt(path)} status={status}"
-            f" cache={logfmt(cache)} bytes={size} vdn_id={vdn} campaign_id={campaign} queue_wait_ms={queue_ms}"
-            f" upstream_ms={upstream_ms} upstream_attempts={attempts} duration_ms={duration}"
-            f" user_agent={logfmt(agent)} service={service} version={logfmt(version)}"
+            f" cache={logfmt(cache)} bytes={size} vdn_id={vdn} campaign_id={campaign}"
+            f" queue_wait_ms={queue_ms} upstream_ms={upstream_ms} upstream_attempts={attempts}"
+            f" duration_ms={duration} user_agent={logfmt(agent)} service={service}"
+            f" version={logfmt(version)}"
         )
 
     def _buffer(self, line: str) -> None:
