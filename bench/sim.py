@@ -3,15 +3,26 @@
 ``GET /__bench/arrivals`` lists ``arrival`` (the simulator clock's monotonic seconds, the
 system's CLOCK_MONOTONIC, so comparable with the bench's ``time.monotonic``) of the requests
 it kept (the last 1,000), from the simulator's own ``SIM_STATE``.
+
+NGINX, the peer the bench compares with, cannot compute the vendor's AK/SK signature. A request
+that carries ``X-Bench-Unsigned`` is signed here, on arrival, with the simulator's own keys,
+so the same stand-in upstream (arrivals, limit observer, violations) serves both; the gateway's
+requests never carry it and are checked as always.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
+from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.signing import authorization, format_timestamp
 from gateway.simulator import SIM_STATE, add_arguments, config_from_args, create_simulator_app
+
+UNSIGNED = "X-Bench-Unsigned"
 
 
 async def arrivals(request: web.Request) -> web.Response:
@@ -19,11 +30,36 @@ async def arrivals(request: web.Request) -> web.Response:
     return web.json_response({"arrivals": [r.arrival for r in received]})
 
 
+@web.middleware
+async def sign_for_the_peer(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if UNSIGNED not in request.headers:
+        return await handler(request)
+    config = request.app[SIM_STATE].config
+    body = await request.read()
+    headers = {"host": request.headers.get("Host", "")}
+    signed = authorization(
+        ak=config.ak,
+        sk=config.sk,
+        timestamp=format_timestamp(time.time()),
+        method=request.method,
+        path=request.rel_url.raw_path,
+        headers=headers,
+        body=body,
+    )
+    # aiohttp clones only unread requests, and signing needs the body: swap the headers in
+    # (``headers`` is a cached property, hence ``_cache``). Bench-only.
+    headers_now = CIMultiDictProxy(CIMultiDict({**request.headers, "Authorization": signed}))
+    request._headers = headers_now
+    request._cache["headers"] = headers_now
+    return await handler(request)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="bench.sim")
     add_arguments(parser)
     config = config_from_args(parser.parse_args())
     app = create_simulator_app(config)
+    app.middlewares.append(sign_for_the_peer)
     app.router.add_get("/__bench/arrivals", arrivals)
     web.run_app(
         app,

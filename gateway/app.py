@@ -20,9 +20,8 @@ from redis.asyncio import Redis
 from gateway.auth import AccessKeys, Callers, KeyRing, load_callers
 from gateway.breaker import CircuitBreaker
 from gateway.cache import CacheStore, InMemoryCacheStore
-from gateway.cache_local import TieredCacheStore
+from gateway.cache_local import shared_cache
 from gateway.cache_policy import CachePolicy
-from gateway.cache_redis import RedisCacheStore
 from gateway.clock import Clock, SystemClock
 from gateway.coalesce import Coalescer, InProcessCoalescer
 from gateway.coalesce_redis import RedisCoalescer
@@ -206,7 +205,7 @@ def create_app(
         cache = (
             InMemoryCacheStore(max_entries=settings.cache.max_entries, clock=clock)
             if redis is None
-            else TieredCacheStore(RedisCacheStore(redis, clock=clock), redis, clock=clock)
+            else shared_cache(redis, clock=clock, local_max_bytes=settings.cache.local_max_bytes)
         )
     if coalescer is None:
         coalescer = (

@@ -2,15 +2,49 @@
 
 A store keeps an entry until its stale retention ends (``stored_at + ttl + stale``); deciding
 whether an entry is fresh or stale is ``cache_policy.freshness``, not the store's job.
+
+Large answers are kept gzip-compressed as well (``with_gzip``): the Redis store keeps only the
+compressed bytes, and callers that accept gzip get them as they are.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import gzip
+import zlib
 from collections import OrderedDict
-from typing import Protocol
+from typing import Final, Protocol
 
 from gateway.cache_policy import CacheEntry, campaign_prefix
 from gateway.clock import Clock
+
+# Smaller answers gain little; a gzip member costs ~20 bytes of framing.
+COMPRESS_MIN_BYTES: Final = 512
+# Keep the compressed form only if it saves at least this fraction.
+COMPRESS_MAX_RATIO: Final = 0.9
+
+
+def with_gzip(entry: CacheEntry) -> CacheEntry:
+    """``entry`` with its gzip form added when the body is large and compresses well."""
+    if entry.gzip is not None or len(entry.body) < COMPRESS_MIN_BYTES:
+        return entry
+    packed = gzip.compress(entry.body, compresslevel=6, mtime=0)
+    if len(packed) > len(entry.body) * COMPRESS_MAX_RATIO:
+        return entry
+    return dataclasses.replace(entry, gzip=packed)
+
+
+def gunzip(data: bytes, limit: int) -> bytes | None:
+    """The bytes one gzip member ``data`` holds, or None if it is broken, is followed by
+    anything, or holds more than ``limit`` bytes (a crafted value never inflates unbounded)."""
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    try:
+        body = inflater.decompress(data, limit + 1)
+    except zlib.error:
+        return None
+    if len(body) > limit or not inflater.eof or inflater.unused_data or inflater.unconsumed_tail:
+        return None
+    return body
 
 
 class CacheStore(Protocol):
@@ -30,7 +64,10 @@ class CacheStore(Protocol):
 
 
 class InMemoryCacheStore:
-    """A bounded LRU for the single-instance mode; entries leave at the end of stale retention."""
+    """A bounded LRU for the single-instance mode; entries leave at the end of stale retention.
+
+    Large entries are kept with their gzip form too, so gzip callers get it as in Redis mode.
+    """
 
     def __init__(self, *, max_entries: int, clock: Clock) -> None:
         self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
@@ -48,7 +85,7 @@ class InMemoryCacheStore:
         return entry
 
     async def put(self, key: str, entry: CacheEntry) -> None:
-        self._entries[key] = entry
+        self._entries[key] = with_gzip(entry)
         self._entries.move_to_end(key)
         while len(self._entries) > self._max_entries:
             self._entries.popitem(last=False)

@@ -1,23 +1,29 @@
-"""A small in-process copy of hot cache entries in front of the shared (Redis) store.
+"""An in-process copy of hot cache entries in front of the shared (Redis) store.
 
 Why: a cache hit through redis-py costs a replica about 0.1 ms of CPU, more than the rest of
 the hit path together (see README "Performance"). ``TieredCacheStore`` keeps recently read
-entries in a bounded LRU and answers repeated hits without a Redis round trip.
+entries in an LRU bounded in bytes (``cache.local_max_bytes``) and answers repeated hits
+without a Redis round trip, so a hot set of tens of thousands of answers stays local.
 
 Coherence with the shared store, which other replicas write too:
 
 - Every ``put`` and ``purge_campaign`` through any replica publishes the key (or the
-  campaign's key prefix) on one Redis channel after the write; each replica's listener drops
-  what it names. A lookup that raced an invalidation (one arrived while it read Redis) does not
-  keep what it read.
-- The copy is used only while the listener is subscribed (confirmed): before that, after a
-  read error or while Redis is down, every lookup goes to the shared store as before, so a
-  Redis outage behaves exactly as without this tier (lookups fail open as misses).
-- A copy is held at most ``hold_s`` seconds (a backstop for a lost message) and never past its
-  entry's stale retention; freshness is still decided by ``cache_policy.freshness``.
+  campaign's key prefix) on one Redis channel; with ``RedisCacheStore(channel=CHANNEL)`` the
+  write's own script publishes, in the same atomic step. Each replica's listener drops what it
+  names. A lookup that raced an invalidation (one arrived while it read Redis) does not keep
+  what it read.
+- The copy is used only while the listener is subscribed (confirmed) and has heard from Redis
+  (a message or the answer to its own PING, sent every second) within ``_SILENCE_S``: before
+  that, after a read error, while Redis is down or while the subscription is silent (a link
+  that stalls loses no message, it delays them), every lookup goes to the shared store as
+  before, so a Redis outage behaves exactly as without this tier (lookups fail open as misses).
+- A copy is held at most ``hold_s`` seconds (a backstop for a change no replica announced,
+  e.g. a ``FLUSHALL`` or a key deleted by hand) and never past its entry's stale retention;
+  freshness is still decided by ``cache_policy.freshness``.
 
-The local copy is bounded in entries and bytes; an entry larger than an eighth of the byte
-bound is never copied. Redis failures of the bus are translated here only.
+A copy's size is its bytes (plain and gzip) plus ``ENTRY_OVERHEAD`` for the objects around
+them; an entry larger than an eighth of the byte bound is never copied. Redis failures of the
+bus are translated here only.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -34,23 +41,38 @@ from redis.exceptions import RedisError
 
 from gateway.cache import CacheStore
 from gateway.cache_policy import CacheEntry, campaign_prefix
+from gateway.cache_redis import RedisCacheStore
 from gateway.clock import Clock
 
 log = logging.getLogger("gateway.cache")
 
 CHANNEL = "isales:v1:cache:invalidate"
 _RETRY_S = 1.0  # pause before resubscribing after the bus failed
-_READ_S = 1.0  # the listener's read bound; messages wake it at once
+_READ_S = 1.0  # the listener's read bound (and PING interval); messages wake it at once
+_SILENCE_S = 3.0  # copies are trusted only if the subscription was heard from this recently
+HOLD_S = 120.0
+# Bytes a copy costs beyond the characters of its key and bodies: the entry object, tuple,
+# float, int and LRU node (~250 bytes by tracemalloc on CPython 3.11) plus the str and bytes
+# object headers (~115): ~365, rounded up.
+ENTRY_OVERHEAD = 400
+
+
+def entry_size(key: str, entry: CacheEntry) -> int:
+    return len(key) + len(entry.body) + len(entry.gzip or b"") + ENTRY_OVERHEAD
 
 
 class LocalCopies:
-    """The bounded LRU itself: no I/O, no clock of its own (``until`` is passed in)."""
+    """The LRU itself, bounded in bytes (``entry_size``): no I/O, no clock of its own
+    (``until`` is passed in)."""
 
-    def __init__(self, *, max_entries: int, max_bytes: int) -> None:
-        self._items: OrderedDict[str, tuple[CacheEntry, float]] = OrderedDict()
+    def __init__(self, *, max_bytes: int) -> None:
+        self._items: OrderedDict[str, tuple[CacheEntry, float, int]] = OrderedDict()
         self._bytes = 0
-        self.max_entries = max_entries
         self.max_bytes = max_bytes
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
 
     def get(self, key: str, now: float) -> CacheEntry | None:
         item = self._items.get(key)
@@ -64,19 +86,19 @@ class LocalCopies:
 
     def keep(self, key: str, entry: CacheEntry, until: float) -> None:
         self.drop(key)
-        size = len(entry.body)
+        size = entry_size(key, entry)
         if size > self.max_bytes // 8:
             return
-        self._items[key] = (entry, until)
+        self._items[key] = (entry, until, size)
         self._bytes += size
-        while len(self._items) > self.max_entries or self._bytes > self.max_bytes:
-            _, (old, _) = self._items.popitem(last=False)
-            self._bytes -= len(old.body)
+        while self._bytes > self.max_bytes:
+            _, (_, _, old) = self._items.popitem(last=False)
+            self._bytes -= old
 
     def drop(self, key: str) -> None:
         item = self._items.pop(key, None)
         if item is not None:
-            self._bytes -= len(item[0].body)
+            self._bytes -= item[2]
 
     def drop_prefix(self, prefix: str) -> None:
         for key in [k for k in self._items if k.startswith(prefix)]:
@@ -93,9 +115,11 @@ class LocalCopies:
 class TieredCacheStore:
     """``CacheStore``: ``LocalCopies`` in front of ``shared``, kept coherent over Redis pub/sub.
 
-    ``get``/``put``/``purge_campaign`` raise what ``shared`` raises (``BackendUnavailable``);
-    a failed invalidation publish is logged, and the copies are cleared and bypassed until the
-    listener is subscribed again. ``close`` stops the listener.
+    ``get``/``put``/``purge_campaign`` raise what ``shared`` raises (``BackendUnavailable``).
+    ``shared_publishes``: ``shared`` announces its own writes on ``CHANNEL`` (a
+    ``RedisCacheStore`` built with it); otherwise this tier publishes after each write, and a
+    failed publish is logged and the copies are cleared and bypassed until the listener is
+    subscribed again. ``close`` stops the listener.
     """
 
     def __init__(
@@ -104,16 +128,18 @@ class TieredCacheStore:
         client: aioredis.Redis,
         *,
         clock: Clock,
-        max_entries: int = 1000,
-        max_bytes: int = 16 * 1024 * 1024,
-        hold_s: float = 2.0,
+        max_bytes: int = 64 * 1024 * 1024,
+        hold_s: float = HOLD_S,
+        shared_publishes: bool = False,
         on_invalidate: Callable[[str], None] | None = None,
     ) -> None:
         self._shared = shared
         self._client = client
         self._clock = clock
         self._hold_s = hold_s
-        self.copies = LocalCopies(max_entries=max_entries, max_bytes=max_bytes)
+        self._shared_publishes = shared_publishes
+        self._heard = -math.inf  # monotonic time the subscription last delivered anything
+        self.copies = LocalCopies(max_bytes=max_bytes)
         self._generation = 0  # bumped by every invalidation and every loss of coherence
         self._coherent = False
         self._listener: asyncio.Task[None] | None = None
@@ -124,11 +150,11 @@ class TieredCacheStore:
     @property
     def coherent(self) -> bool:
         """True while invalidations are being received, i.e. while copies may be used."""
-        return self._coherent
+        return self._coherent and self._clock.monotonic() - self._heard <= _SILENCE_S
 
     async def get(self, key: str) -> CacheEntry | None:
         now = self._clock.monotonic()
-        if self._coherent:
+        if self._coherent and now - self._heard <= _SILENCE_S:
             entry = self.copies.get(key, now)
             if entry is not None:
                 if self._clock.time() < entry.stored_at + entry.ttl + entry.stale:
@@ -155,20 +181,22 @@ class TieredCacheStore:
     async def _read(self, key: str, now: float) -> CacheEntry | None:
         generation = self._generation
         entry = await self._shared.get(key)
-        if entry is not None and self._coherent and generation == self._generation:
+        if entry is not None and self.coherent and generation == self._generation:
             self.copies.keep(key, entry, now + self._hold_s)
         return entry
 
     async def put(self, key: str, entry: CacheEntry) -> None:
         self._invalidate(key)
         await self._shared.put(key, entry)
-        await self._publish(key)
+        if not self._shared_publishes:
+            await self._publish(key)
 
     async def purge_campaign(self, vdn_id: int, campaign_id: int) -> int:
         prefix = campaign_prefix(vdn_id, campaign_id)
         self._invalidate(prefix)
         removed = await self._shared.purge_campaign(vdn_id, campaign_id)
-        await self._publish(prefix)
+        if not self._shared_publishes:
+            await self._publish(prefix)
         return removed
 
     async def close(self) -> None:
@@ -216,11 +244,17 @@ class TieredCacheStore:
                     while (await pubsub.get_message(timeout=_READ_S)) is None:
                         pass  # the first reply on a fresh connection is the confirmation
                 self._coherent = True
+                self._heard = self._clock.monotonic()
                 while True:
                     message = await pubsub.get_message(
                         ignore_subscribe_messages=True, timeout=_READ_S
                     )
-                    if message is not None and message.get("type") == "message":
+                    if message is None:
+                        # Silence: ask, so a link that stalls shows as silence, not as peace.
+                        await pubsub.ping()
+                        continue
+                    self._heard = self._clock.monotonic()
+                    if message.get("type") == "message":
                         data = message.get("data")
                         if isinstance(data, bytes):
                             self._invalidate(data.decode("utf-8", "replace"))
@@ -232,3 +266,16 @@ class TieredCacheStore:
                     with contextlib.suppress(RedisError, OSError):
                         await pubsub.aclose()  # type: ignore[no-untyped-call]
             await self._clock.sleep(_RETRY_S)
+
+
+def shared_cache(client: aioredis.Redis, *, clock: Clock, local_max_bytes: int) -> CacheStore:
+    """The Redis mode's cache: Redis, behind an in-process tier of ``local_max_bytes`` (0: none)."""
+    if local_max_bytes <= 0:
+        return RedisCacheStore(client, clock=clock, channel=CHANNEL)
+    return TieredCacheStore(
+        RedisCacheStore(client, clock=clock, channel=CHANNEL),
+        client,
+        clock=clock,
+        max_bytes=local_max_bytes,
+        shared_publishes=True,
+    )

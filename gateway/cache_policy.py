@@ -34,13 +34,15 @@ class CachePolicy:
 
 @dataclass(frozen=True, slots=True)
 class CacheEntry:
-    """An upstream answer as stored: its raw bytes and when it was stored (epoch seconds)."""
+    """An upstream answer as stored: its raw bytes and when it was stored (epoch seconds);
+    ``gzip``: the same bytes gzip-compressed, when the store keeps them so (large answers)."""
 
     body: bytes
     content_type: str
     stored_at: float
     ttl: float
     stale: float
+    gzip: bytes | None = None
 
 
 class Freshness(Enum):
@@ -54,7 +56,7 @@ def campaign_prefix(vdn_id: int, campaign_id: int) -> str:
     return f"{KEY_PREFIX}:{{{vdn_id}:{campaign_id}}}:"
 
 
-@functools.lru_cache(maxsize=4096)  # pure, and hot keys repeat: hash each question once
+@functools.lru_cache(maxsize=16384)  # pure, and hot keys repeat: hash each question once
 def cache_key(query: CallResultQuery, locale: str | None = None) -> str:
     """One key per distinct question: vdnId, campaignId, the canonical body and the locale.
 

@@ -1,9 +1,15 @@
 """The shared cache store: upstream answers in Redis, expired by Redis, purgeable per campaign.
 
 Value format (never pickle): ``b"ISGW1\\n"``, a compact JSON header
-``{"stored_at", "ttl", "stale", "content_type"}``, ``b"\\n"``, then the upstream's raw body.
-``decode_entry`` validates strictly, so a value someone else wrote is a miss, never run and
-never a crash.
+``{"stored_at", "ttl", "stale", "content_type"}`` plus ``"encoding": "gzip"`` when the body
+follows gzip-compressed (large answers, see ``cache.with_gzip``), ``b"\\n"``, then the body.
+``decode_entry`` validates strictly (the gzip member included), so a value someone else wrote
+is a miss, never run and never a crash. A replica older than the "encoding" field reads a
+compressed value as foreign (a miss), never as a wrong answer.
+
+When built with ``channel``, both scripts publish what they changed (the key, or the campaign
+prefix) on it in the same atomic step as the write: no replica can miss an invalidation
+because a write succeeded and a separate publish did not (``cache_local``).
 
 Each entry is ``SET ... PX`` with its remaining life (``stored_at + ttl + stale`` minus now), so
 Redis expires it and ``maxmemory`` eviction works per entry. A per-campaign index, a sorted set
@@ -27,6 +33,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from gateway.cache import gunzip, with_gzip
 from gateway.cache_policy import KEY_PREFIX, CacheEntry, campaign_prefix
 from gateway.clock import Clock
 from gateway.errors import BackendUnavailable
@@ -41,12 +48,14 @@ MAX_EPOCH = 32_503_680_000.0  # year 3000
 MAX_LIFETIME = 10 * 365 * 86400.0
 INDEX_SUFFIX = "index"
 _HEADER_FIELDS = frozenset({"stored_at", "ttl", "stale", "content_type"})
+_GZIP_FIELDS = _HEADER_FIELDS | {"encoding"}
 _CONTENT_TYPE = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,254}")  # printable ASCII: a header value
 # A non-empty hash tag, else Redis Cluster would hash the whole key and split entry from index.
 _ENTRY_KEY = re.compile(re.escape(KEY_PREFIX) + r"(:\{[^{}]+\}:)(.+)", re.DOTALL)
 _UNLINK_BATCH = 500  # stays under Lua's unpack() stack limit
 
-# KEYS[1] entry, KEYS[2] campaign index; ARGV[1] value, ARGV[2] PX in ms (>= 1).
+# KEYS[1] entry, KEYS[2] campaign index; ARGV[1] value, ARGV[2] PX in ms (>= 1), ARGV[3]
+# the invalidation channel or "".
 _PUT = """
 local px = tonumber(ARGV[2])
 local t = redis.call('TIME')
@@ -59,10 +68,14 @@ redis.call('ZADD', KEYS[2], now + px, KEYS[1])
 if redis.call('PTTL', KEYS[2]) < px then
   redis.call('PEXPIRE', KEYS[2], px)
 end
+if ARGV[3] ~= '' then
+  redis.call('PUBLISH', ARGV[3], KEYS[1])
+end
 return 1
 """
 
 # KEYS[1] campaign index. Members share its hash tag, hence its slot (Redis Cluster).
+# ARGV[1] unlink batch, ARGV[2] the invalidation channel or "", ARGV[3] the campaign prefix.
 _PURGE = """
 local members = redis.call('ZRANGE', KEYS[1], 0, -1)
 local removed = 0
@@ -71,24 +84,28 @@ for i = 1, #members, tonumber(ARGV[1]) do
   removed = removed + redis.call('UNLINK', unpack(members, i, last))
 end
 redis.call('UNLINK', KEYS[1])
+if ARGV[2] ~= '' then
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+end
 return removed
 """
 
 
 def encode_entry(entry: CacheEntry) -> bytes:
-    """The stored form of ``entry``; ValueError if ``decode_entry`` would not accept it."""
-    header = json.dumps(
-        {
-            "stored_at": entry.stored_at,
-            "ttl": entry.ttl,
-            "stale": entry.stale,
-            "content_type": entry.content_type,
-        },
-        separators=(",", ":"),
-        allow_nan=False,
-    ).encode()
-    raw = MAGIC + header + b"\n" + entry.body
-    if _parse(raw) is None:
+    """The stored form of ``entry`` (large bodies gzipped); ValueError if ``decode_entry``
+    would not accept it."""
+    entry = with_gzip(entry)
+    fields: dict[str, object] = {
+        "stored_at": entry.stored_at,
+        "ttl": entry.ttl,
+        "stale": entry.stale,
+        "content_type": entry.content_type,
+    }
+    if entry.gzip is not None:
+        fields["encoding"] = "gzip"
+    header = json.dumps(fields, separators=(",", ":"), allow_nan=False).encode()
+    raw = MAGIC + header + b"\n" + (entry.body if entry.gzip is None else entry.gzip)
+    if len(entry.body) > MAX_BODY_BYTES or _parse(raw) is None:
         raise ValueError("cache entry cannot be stored: a field is out of bounds")
     return raw
 
@@ -110,7 +127,9 @@ def _parse(raw: bytes) -> CacheEntry | None:
         header = json.loads(raw[len(MAGIC) : end])
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
-    if not isinstance(header, dict) or header.keys() != _HEADER_FIELDS:
+    if not isinstance(header, dict) or header.keys() not in (_HEADER_FIELDS, _GZIP_FIELDS):
+        return None
+    if header.get("encoding", "gzip") != "gzip":
         return None
     stored_at = _number(header["stored_at"], MAX_EPOCH)
     ttl = _number(header["ttl"], MAX_LIFETIME)
@@ -123,7 +142,12 @@ def _parse(raw: bytes) -> CacheEntry | None:
     body = raw[end + 1 :]
     if len(body) > MAX_BODY_BYTES:
         return None
-    return CacheEntry(body, content_type, stored_at, ttl, stale)
+    if "encoding" not in header:
+        return CacheEntry(body, content_type, stored_at, ttl, stale)
+    plain = gunzip(body, MAX_BODY_BYTES)
+    if plain is None:
+        return None
+    return CacheEntry(plain, content_type, stored_at, ttl, stale, gzip=body)
 
 
 def _number(value: Any, maximum: float) -> float | None:
@@ -159,11 +183,12 @@ class RedisCacheStore:
     ``get``, ``put`` and ``purge_campaign`` raise ``BackendUnavailable`` when Redis fails.
     """
 
-    def __init__(self, client: aioredis.Redis, *, clock: Clock) -> None:
+    def __init__(self, client: aioredis.Redis, *, clock: Clock, channel: str = "") -> None:
         if client.connection_pool.connection_kwargs.get("decode_responses"):
             raise ValueError("RedisCacheStore needs a client without decode_responses")
         self._client = client
         self._clock = clock
+        self.channel = channel  # where writes announce themselves; "" = nowhere
         self._put = client.register_script(_PUT)
         self._purge = client.register_script(_PURGE)
 
@@ -198,14 +223,16 @@ class RedisCacheStore:
         remaining = min(lifetime, entry.stored_at + lifetime - self._clock.time())
         px = max(1, math.ceil(remaining * 1000))
         with _redis_errors("put"):
-            await self._put(keys=[key, index], args=[value, px])
+            await self._put(keys=[key, index], args=[value, px, self.channel])
 
     async def close(self) -> None:
         """Nothing runs in the background; the shared client is closed by the app."""
 
     async def purge_campaign(self, vdn_id: int, campaign_id: int) -> int:
         """Unlink one campaign's entries and its index; returns how many entries existed."""
-        index = campaign_prefix(vdn_id, campaign_id) + INDEX_SUFFIX
+        prefix = campaign_prefix(vdn_id, campaign_id)
         with _redis_errors("purge"):
-            removed = await self._purge(keys=[index], args=[_UNLINK_BATCH])
+            removed = await self._purge(
+                keys=[prefix + INDEX_SUFFIX], args=[_UNLINK_BATCH, self.channel, prefix]
+            )
         return int(removed)

@@ -8,6 +8,7 @@ the handler's ``RequestIdFilter`` copies it onto each record.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -16,6 +17,8 @@ from contextvars import ContextVar, Token
 from datetime import UTC, datetime
 from typing import Any, Final, TextIO
 
+from gateway.access_log import AccessLog, escape_text, logfmt
+
 FORMATS: Final = ("text", "json")
 # Attributes every LogRecord has; anything else was passed with ``extra=`` and is kept.
 _STANDARD: Final = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
@@ -23,6 +26,9 @@ _STANDARD: Final = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))
     "asctime",
 }
 _request_id: ContextVar[str | None] = ContextVar("gateway_request_id", default=None)
+# The process's access log once ``setup_logging`` ran; before that (tests that build an app
+# without it) access lines go through the ``gateway.access`` logger.
+_access: AccessLog | None = None
 
 
 def bind_request_id(request_id: str) -> Token[str | None]:
@@ -97,19 +103,17 @@ class JsonFormatter(logging.Formatter):
         return line
 
 
-def _logfmt(value: Any) -> str:
-    text = str(value)
-    if not text or any(c in text for c in ' "=\\\n\r\t'):
-        return json.dumps(text, ensure_ascii=False)
-    return text
-
-
 class TextFormatter(logging.Formatter):
-    """``<ts> <LEVEL> <logger> <message> key=value ...``: the extras in logfmt, for people."""
+    """``<ts> <LEVEL> <logger> <message> key=value ...``: the extras in logfmt, for people.
+
+    Control characters in the message and the values are escaped; only a traceback, which
+    follows, spans lines.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
-        head = f"{_timestamp(record)} {record.levelname:<7} {record.name} {record.getMessage()}"
-        fields = " ".join(f"{k}={_logfmt(v)}" for k, v in _extras(record).items())
+        message = escape_text(record.getMessage())  # a value cannot start a forged line
+        head = f"{_timestamp(record)} {record.levelname:<7} {record.name} {message}"
+        fields = " ".join(f"{k}={logfmt(v)}" for k, v in _extras(record).items())
         line = f"{head} {fields}" if fields else head
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
@@ -123,9 +127,11 @@ def setup_logging(
 ) -> logging.Handler:
     """Send every logger's lines to ``stream`` (stderr) in ``fmt``, from ``level`` up.
 
-    Replaces the root logger's handlers and returns the one installed. Raises
-    ``ValueError`` for an unknown format or level.
+    Replaces the root logger's handlers and returns the one installed; access lines go to the
+    same stream through an ``AccessLog`` (see ``access_log``). Raises ``ValueError`` for an
+    unknown format or level.
     """
+    global _access
     if fmt not in FORMATS:
         raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     handler = logging.StreamHandler(sys.stderr if stream is None else stream)
@@ -136,4 +142,34 @@ def setup_logging(
     root.handlers[:] = [handler]
     # aiohttp's own access log would duplicate ours.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    if _access is not None:
+        _access.close()
+    _access = AccessLog(
+        handler.stream,
+        fmt,
+        level=logging.getLogger("gateway.access").getEffectiveLevel(),
+        lock=handler.lock or None,
+    )
     return handler
+
+
+def access_log() -> AccessLog | None:
+    """The access log ``setup_logging`` installed, or None before it ran."""
+    return _access
+
+
+def flush_access_log() -> None:
+    """Wait until every access line so far is written (tests, shutdown)."""
+    if _access is not None:
+        _access.flush()
+
+
+def close_access_log() -> None:
+    """Flush and stop the access log; later access lines go through ``logging`` again."""
+    global _access
+    if _access is not None:
+        _access.close()
+        _access = None
+
+
+atexit.register(close_access_log)

@@ -51,6 +51,7 @@ class Answer:
     warning: str | None = None
     # COALESCED: the X-Request-ID of the request that made the upstream call.
     source_request_id: str | None = None
+    gzip: bytes | None = None  # the same body gzip-compressed, when the cache kept it so
 
 
 class CallResultService:
@@ -117,7 +118,7 @@ class CallResultService:
                     if self._popularity is not None and self._popularity.hit(key, entry, now):
                         self._refresh_ahead(query, key, locale, entry)
                     age = age_seconds(entry, now)
-                    return Answer(200, entry.body, entry.content_type, "HIT", age)
+                    return Answer(200, entry.body, entry.content_type, "HIT", age, gzip=entry.gzip)
                 if entry is not None and state is Freshness.STALE:
                     stale = entry
                 self._metrics.cache_lookups_by["stale" if stale else "miss"].inc()
@@ -153,7 +154,7 @@ class CallResultService:
         self._metrics.stale_served.labels(reason).inc()
         age = age_seconds(entry, self._clock.time())
         warning = f'110 isales-gateway "Response is stale: {why}"'
-        return Answer(200, entry.body, entry.content_type, "STALE", age, warning)
+        return Answer(200, entry.body, entry.content_type, "STALE", age, warning, gzip=entry.gzip)
 
     def _revalidate(
         self, query: CallResultQuery, key: str, locale: str | None, caller: str

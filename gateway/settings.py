@@ -9,6 +9,7 @@ annotations, so adding a field needs no parser; the rules that go beyond types l
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -77,6 +78,7 @@ _BOUNDS: Final[dict[str, tuple[float, float]]] = {
     "cache.refresh_min_hits": (1, math.inf),
     "cache.refresh_ahead_s": (0, math.inf),
     "cache.refresh_max_share": (0, 1),
+    "cache.local_max_bytes": (0, 2**40),
 }
 
 
@@ -87,6 +89,7 @@ class ServerSettings:
     max_body_bytes: int = 8192
     shutdown_timeout_s: float = 15.0
     backlog: int = 1024
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +171,7 @@ class CacheSettings:
     refresh_min_hits: int = 3
     refresh_ahead_s: float = 5.0
     refresh_max_share: float = 0.2
+    local_max_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,6 +440,13 @@ def _validate(s: Settings, *, require_upstream: bool) -> list[ConfigError]:
                 "permit for when it cannot reach Redis",
             )
         )
+    for proxy in s.server.trusted_proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            problems.append(
+                ConfigError("server.trusted_proxies", f"not an IP address or network: {proxy!r}")
+            )
     if s.log.level not in LOG_LEVELS:
         problems.append(ConfigError("log.level", f"must be one of {', '.join(LOG_LEVELS)}"))
     if s.log.format not in LOG_FORMATS:

@@ -5,6 +5,7 @@ Redis store promises (native TTLs, a campaign index, crafted values as misses, f
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import os
 import pickle  # only to build a hostile payload: nothing here unpickles
@@ -382,6 +383,16 @@ def test_an_empty_body_round_trips() -> None:
         pytest.param(value(header(content_type="a\r\nSet-Cookie: x")), id="crlf-content-type"),
         pytest.param(value(header(content_type="x" * 300)), id="long-content-type"),
         pytest.param(value(header(), b"x" * (MAX_BODY_BYTES + 1)), id="absurd-body"),
+        pytest.param(value(header(encoding="br"), gzip.compress(BODY)), id="unknown-encoding"),
+        pytest.param(value(header(encoding="gzip"), BODY), id="not-gzip"),
+        pytest.param(value(header(encoding="gzip"), gzip.compress(BODY)[:-3]), id="cut-gzip"),
+        pytest.param(
+            value(header(encoding="gzip"), gzip.compress(BODY) + b"tail"), id="gzip-then-junk"
+        ),
+        pytest.param(
+            value(header(encoding="gzip"), gzip.compress(bytes(MAX_BODY_BYTES + 1), 1)),
+            id="gzip-bomb",
+        ),
     ],
 )
 def test_decode_rejects_anything_encode_would_not_write(raw: bytes) -> None:
@@ -400,3 +411,55 @@ def test_decode_rejects_anything_encode_would_not_write(raw: bytes) -> None:
 def test_encode_refuses_an_entry_decode_would_reject(entry: CacheEntry) -> None:
     with pytest.raises(ValueError):  # noqa: PT011 - json's and ours both say ValueError
         encode_entry(entry)
+
+
+# --- compressed entries --------------------------------------------------------------------
+
+
+def large_body(rows: int = 500) -> bytes:
+    """A vendor-shaped answer of ``rows`` rows: large, and as repetitive as real ones."""
+    row = '{"subscriberId":"%d","callResult":"%d","callTime":"2026-11-%02d 10:%02d:00"}'
+    text = ",".join(row % (13_800_000_000 + i, i % 7, 1 + i % 28, i % 60) for i in range(rows))
+    return b'{"resultCode":"0200000","resultDesc":"ok","data":[' + text.encode() + b"]}"
+
+
+async def test_a_large_answer_is_kept_compressed_and_read_back_byte_for_byte(
+    backend: Backend,
+) -> None:
+    body = large_body()
+    entry = make_entry(backend.clock, body=body)
+    await backend.store.put(key_for(11, 3), entry)
+    got = await backend.store.get(key_for(11, 3))
+    assert got is not None
+    assert got.body == body
+    assert got.gzip is not None
+    assert gzip.decompress(got.gzip) == body
+    assert (got.content_type, got.stored_at, got.ttl, got.stale) == (
+        entry.content_type,
+        entry.stored_at,
+        entry.ttl,
+        entry.stale,
+    )
+    if backend.redis is not None:
+        stored = await backend.redis.strlen(key_for(11, 3))
+        assert stored <= 0.3 * len(body), (stored, len(body))
+
+
+async def test_a_small_or_incompressible_answer_is_kept_as_it_is(backend: Backend) -> None:
+    for n, body in enumerate((BODY, os.urandom(8192))):
+        await backend.store.put(key_for(11, 3, page=n + 1), make_entry(backend.clock, body=body))
+        got = await backend.store.get(key_for(11, 3, page=n + 1))
+        assert got is not None
+        assert (got.body, got.gzip) == (body, None)
+
+
+def test_a_compressed_value_is_the_header_with_its_encoding_then_the_gzip_member() -> None:
+    entry = CacheEntry(large_body(), "application/json", 1_700_000_000.0, 30.0, 0.0)
+    raw = encode_entry(entry)
+    head, _, packed = raw[len(MAGIC) :].partition(b"\n")
+    assert json.loads(head)["encoding"] == "gzip"
+    assert gzip.decompress(packed) == entry.body
+    decoded = decode_entry(raw)
+    assert decoded is not None
+    assert decoded.body == entry.body
+    assert decoded.gzip == packed

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import time
 from datetime import date
 
+import aiohttp
 import pytest
 
 from gateway.cache_policy import CacheEntry, CachePolicy, Freshness, cache_key, fresh_ttl, freshness
 from gateway.clock import ManualClock
+from gateway.handlers import accepts_gzip
 from gateway.validation import CallResultQuery
 from tests.conftest import StartGateway, StartSimulator, Upstream, gateway_settings
+from tests.support.processes import RedisServer
 
 PATH = "/rest/isales/v1/openapi/campaigns/11/callresult/3"
 JSON = {"Content-Type": "application/json; charset=UTF-8"}
@@ -135,3 +139,70 @@ async def test_identical_concurrent_queries_reach_the_upstream_once(
     assert upstream.requests == 1
     assert labels == ["COALESCED"] * 49 + ["MISS"]
     assert len({await r.read() for r in responses}) == 1
+
+
+@pytest.mark.parametrize("mode", ["embedded", "redis"])
+async def test_a_large_hit_is_the_original_bytes_or_the_same_bytes_gzipped_on_request(
+    mode: str,
+    upstream: Upstream,
+    start_gateway: StartGateway,
+    redis_server: RedisServer,
+) -> None:
+    redis_server.flush()
+    extra = {"redis__url": redis_server.url} if mode == "redis" else {}
+    gateway = await start_gateway(gateway_settings(upstream.url, **extra))
+    url = gateway.make_url(PATH)
+    big = {"pageSize": 500, "pageNum": 1}
+    plain = {**JSON, "Accept-Encoding": "identity"}
+    zipped = {**JSON, "Accept-Encoding": "br;q=1, gzip;q=0.8"}
+    refused = {**JSON, "Accept-Encoding": "gzip;q=0, identity"}
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        async with session.post(url, json=big, headers=plain) as first:
+            original = await first.read()
+            assert (first.headers["X-Cache"], first.headers.get("Content-Encoding")) == (
+                "MISS",
+                None,
+            )
+        assert len(original) > 10_000, "pageSize 500 is a large answer"
+        answers = {}
+        for name, headers in (("plain", plain), ("gzip", zipped), ("refused", refused)):
+            async with session.post(url, json=big, headers=headers) as hit:
+                assert hit.headers["X-Cache"] == "HIT"
+                assert hit.headers["Vary"] == "Accept-Encoding"
+                answers[name] = (hit.headers.get("Content-Encoding"), await hit.read())
+    assert answers["plain"] == (None, original)
+    assert answers["refused"] == (None, original)
+    encoding, packed = answers["gzip"]
+    assert encoding == "gzip"
+    assert len(packed) < len(original) * 0.3
+    assert gzip.decompress(packed) == original
+    assert upstream.requests == 1
+
+
+async def test_a_small_hit_is_never_compressed(
+    upstream: Upstream, start_gateway: StartGateway
+) -> None:
+    gateway = await start_gateway(gateway_settings(upstream.url))
+    headers = {**JSON, "Accept-Encoding": "gzip"}
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        url = gateway.make_url(PATH)
+        for expected in ("MISS", "HIT"):
+            async with session.post(url, json={"pageSize": 1}, headers=headers) as answer:
+                assert answer.headers["X-Cache"] == expected
+                assert "Content-Encoding" not in answer.headers
+                assert "Vary" not in answer.headers
+                assert (await answer.json())["resultCode"] == "0200000"
+
+
+def test_accept_encoding_is_read_as_http_defines_it() -> None:
+    assert accepts_gzip("gzip")
+    assert accepts_gzip("deflate, GZIP;q=0.5")
+    assert accepts_gzip("x-gzip")
+    assert not accepts_gzip("")
+    assert not accepts_gzip("identity")
+    assert not accepts_gzip("gzip;q=0")
+    assert not accepts_gzip("gzip; q=0.000")
+    assert not accepts_gzip("gzip;q=junk")
+    assert not accepts_gzip("gzipx, br")
+    assert accepts_gzip("gzip;level=1;q=0.5")
+    assert not accepts_gzip("gzip; level=1; q=0")

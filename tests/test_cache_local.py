@@ -5,12 +5,19 @@ invalidations cannot be received."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.cache_local import LocalCopies, TieredCacheStore
+from gateway.cache_local import (
+    CHANNEL,
+    ENTRY_OVERHEAD,
+    LocalCopies,
+    TieredCacheStore,
+    entry_size,
+)
 from gateway.cache_policy import CacheEntry, cache_key
 from gateway.cache_redis import RedisCacheStore
 from gateway.clock import ManualClock, SystemClock
@@ -49,15 +56,20 @@ class Counting:
         return await self.store.purge_campaign(vdn_id, campaign_id)
 
 
-@pytest.fixture
+@pytest.fixture(params=["script", "tier"])
 async def replicas(
-    redis_client: aioredis.Redis,
+    request: pytest.FixtureRequest, redis_client: aioredis.Redis
 ) -> AsyncIterator[list[tuple[TieredCacheStore, Counting]]]:
-    """Two replicas' tiers over one Redis, each subscribed before the test starts."""
+    """Two replicas' tiers over one Redis, each subscribed before the test starts; the
+    invalidations published by the store's write scripts (as served) or by the tier."""
     built = []
+    by_script = request.param == "script"
     for _ in range(2):
-        shared = Counting(RedisCacheStore(redis_client, clock=SystemClock()))
-        tier = TieredCacheStore(shared, redis_client, clock=SystemClock())
+        store = RedisCacheStore(redis_client, clock=SystemClock(), channel=CHANNEL * by_script)
+        shared = Counting(store)
+        tier = TieredCacheStore(
+            shared, redis_client, clock=SystemClock(), shared_publishes=by_script
+        )
         await tier.get("isales:v1:{0:0}:warm-up")  # starts the listener
         await until(lambda tier=tier: tier.coherent)
         built.append((tier, shared))
@@ -66,19 +78,28 @@ async def replicas(
         await tier.close()
 
 
-def test_the_copies_are_bounded_in_entries_and_bytes_and_expire() -> None:
-    copies = LocalCopies(max_entries=2, max_bytes=800)
-    for name in "abc":
+def test_the_copies_are_bounded_in_bytes_overhead_included_and_expire() -> None:
+    size = entry_size("a", entry(b"x" * 10))
+    assert size > 10 + ENTRY_OVERHEAD - 1
+    copies = LocalCopies(max_bytes=8 * size)
+    for name in "abcdefghi":
         copies.keep(name, entry(b"x" * 10), until=5.0)
-    assert len(copies) == 2
-    assert copies.get("a", now=0.0) is None
-    copies.keep("big", entry(b"x" * 101), until=5.0)  # over an eighth of the byte bound
+    assert len(copies) == 8
+    assert copies.bytes == 8 * size
+    assert copies.get("a", now=0.0) is None  # the least recently used left
+    copies.keep("big", entry(b"x" * (size + 1)), until=5.0)  # over an eighth of the bound
     assert copies.get("big", now=0.0) is None
     assert copies.get("c", now=5.0) is None  # held until 5.0, not at 5.0
 
 
+def test_a_copy_counts_its_compressed_bytes_too() -> None:
+    plain = entry(b"x" * 100)
+    both = CacheEntry(plain.body, plain.content_type, 0.0, 30.0, 60.0, gzip=b"z" * 40)
+    assert entry_size("k", both) == entry_size("k", plain) + 40
+
+
 def test_a_campaign_prefix_drops_that_campaigns_copies_only() -> None:
-    copies = LocalCopies(max_entries=10, max_bytes=10_000)
+    copies = LocalCopies(max_bytes=10_000)
     copies.keep(KEY, entry(), until=9.0)
     copies.keep(OTHER_CAMPAIGN, entry(), until=9.0)
     copies.drop_prefix(KEY.rsplit(":", 1)[0] + ":")
@@ -166,3 +187,85 @@ async def test_a_copy_is_held_no_longer_than_its_hold_time(redis_client: aioredi
         assert shared.gets == before + 1
     finally:
         await tier.close()
+
+
+async def test_a_hot_set_far_beyond_a_thousand_entries_is_answered_locally(
+    redis_client: aioredis.Redis,
+) -> None:
+    shared = Counting(RedisCacheStore(redis_client, clock=SystemClock(), channel=CHANNEL))
+    announced: list[str] = []
+    tier = TieredCacheStore(
+        shared,
+        redis_client,
+        clock=SystemClock(),
+        shared_publishes=True,
+        on_invalidate=announced.append,
+    )
+    now = SystemClock().time()
+    keys = [cache_key(CallResultQuery(11, 3, page_num=n)) for n in range(1, 5001)]
+    try:
+        await tier.get(KEY)
+        await until(lambda: tier.coherent)
+        for key in keys:
+            await shared.put(key, entry(b'{"resultCode":"0200000","n":"%d"}' % len(key), now))
+        # every write's invalidation has arrived: none can drop a copy kept below
+        await until(lambda: len(announced) == len(keys), within=10.0)
+        for key in keys:
+            assert await tier.get(key) is not None
+        before = shared.gets
+        for key in keys:
+            assert await tier.get(key) is not None
+        assert shared.gets == before
+        assert len(tier.copies) == len(keys)
+    finally:
+        await tier.close()
+
+
+async def test_a_silent_subscription_stops_the_copies_until_redis_answers_again(
+    redis_client: aioredis.Redis,
+) -> None:
+    clock = ManualClock(start=SystemClock().time())
+    shared = Counting(RedisCacheStore(redis_client, clock=SystemClock(), channel=CHANNEL))
+    tier = TieredCacheStore(shared, redis_client, clock=clock, shared_publishes=True)
+    try:
+        await tier.put(KEY, entry(stored_at=clock.time()))
+        await tier.get(KEY)
+        await until(lambda: tier.coherent)
+        await asyncio.sleep(0.05)
+        await tier.get(KEY)
+        before = shared.gets
+        await tier.get(KEY)
+        assert shared.gets == before
+        clock.advance(10.0)  # nothing heard for 10 s: a stalled link may be holding messages
+        assert not tier.coherent
+        await tier.get(KEY)
+        assert shared.gets == before + 1
+        await until(lambda: tier.coherent, within=3.0)  # the listener's PING is answered
+        await tier.get(KEY)
+        before = shared.gets
+        await tier.get(KEY)
+        assert shared.gets == before
+    finally:
+        await tier.close()
+
+
+async def test_a_compressed_entry_replaced_on_one_replica_is_replaced_on_the_other(
+    replicas: list[tuple[TieredCacheStore, Counting]],
+) -> None:
+    (a, _), (b, _) = replicas
+    now = SystemClock().time()
+    first = b'{"resultCode":"0200000","rows":"' + b"v1 " * 2000 + b'"}'
+    second = b'{"resultCode":"0200000","rows":"' + b"v2 " * 2000 + b'"}'
+    await a.put(KEY, entry(first, now))
+    await asyncio.sleep(0.05)
+    held = await b.get(KEY)
+    assert held is not None
+    assert held.gzip is not None
+    assert (held.body, gzip.decompress(held.gzip)) == (first, first)
+    assert b.copies.get(KEY, now=0.0) is not None
+    await a.put(KEY, entry(second, now))
+    await until(lambda: b.copies.get(KEY, now=0.0) is None)
+    fresh = await b.get(KEY)
+    assert fresh is not None
+    assert fresh.gzip is not None
+    assert (fresh.body, gzip.decompress(fresh.gzip)) == (second, second)

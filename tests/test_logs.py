@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
+import re
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from aiohttp import ClientSession
 
-from gateway.logs import bind_request_id, reset_request_id, setup_logging
+from gateway import __version__
+from gateway.access_log import ACCESS_FIELDS
+from gateway.logs import (
+    bind_request_id,
+    close_access_log,
+    flush_access_log,
+    reset_request_id,
+    setup_logging,
+)
+from gateway.middleware import RequestIds, client_address
 from tests.conftest import SIM, StartGateway, Upstream, gateway_settings
 from tests.support.processes import Process, free_port
 
 PATH = "/rest/isales/v1/openapi/campaigns/11/callresult/3"
+LOGFMT_NAME = re.compile(r' ([a-z_]+)=(?:"(?:[^"\\]|\\.)*"|\S*)')  # each key=value's key
 
 
 @pytest.fixture
@@ -24,6 +36,7 @@ def log_stream() -> Iterator[io.StringIO]:
     root = logging.getLogger()
     saved = root.handlers[:], root.level, logging.getLogger("aiohttp.access").level
     yield io.StringIO()
+    close_access_log()
     root.handlers[:], level, access_level = saved
     root.setLevel(level)
     logging.getLogger("aiohttp.access").setLevel(access_level)
@@ -38,6 +51,16 @@ def strict_json(line: str) -> dict[str, Any]:
     entry = json.loads(line, parse_constant=refuse)
     assert isinstance(entry, dict), line
     return entry
+
+
+async def output_containing(process: Process, text: str) -> str:
+    """The process's output once it holds ``text`` (access lines are written within 50 ms)."""
+    for _ in range(100):
+        output = process.output()
+        if text in output:
+            return output
+        await asyncio.sleep(0.05)
+    return process.output()
 
 
 def json_lines(stream: io.StringIO) -> list[dict[str, Any]]:
@@ -129,6 +152,7 @@ async def test_every_log_line_of_a_request_is_json_and_carries_its_request_id(
             PATH, json={"pageSize": 5}, headers={"X-Request-ID": request_id}
         )
         assert response.status == 200
+    flush_access_log()
 
     lines = [entry for entry in json_lines(log_stream) if entry["logger"].startswith("gateway")]
     assert lines, "the gateway logged nothing for two requests"
@@ -170,7 +194,7 @@ async def test_the_served_process_writes_only_json_lines_in_json_mode(upstream: 
             headers = {"X-Request-ID": "req-process-1"}
             async with session.post(gateway.url + PATH, json={}, headers=headers) as response:
                 assert response.status == 200
-        output = gateway.output()
+        output = await output_containing(gateway, "req-process-1")
     finally:
         gateway.stop()
 
@@ -179,3 +203,136 @@ async def test_the_served_process_writes_only_json_lines_in_json_mode(upstream: 
     for fact in ("embedded", upstream.url, "limit 10 "):
         assert fact in startup, startup
     assert any(entry.get("request_id") == "req-process-1" for entry in entries)
+
+
+async def test_a_newline_in_the_path_cannot_forge_a_text_line(
+    upstream: Upstream, start_gateway: StartGateway, log_stream: io.StringIO
+) -> None:
+    gateway = await start_gateway(gateway_settings(upstream.url))
+    setup_logging("INFO", "text", stream=log_stream)
+    forged = "2030-01-01T00:00:00.000Z INFO    gateway.access POST /forged 200 HIT"
+    response = await gateway.get("/x%0A" + forged.replace(" ", "%20") + "%0D%1B[31m")
+    assert response.status == 404
+    logging.getLogger("gateway.test").info("a value %s", "with\nnewline\u2028inside")
+    flush_access_log()
+
+    lines = log_stream.getvalue().splitlines()
+    assert len(lines) == 2, lines
+    assert not any(line.startswith("2030-") for line in lines)
+    access = next(line for line in lines if "gateway.access" in line)
+    assert "\\x0a2030-01-01" in access
+    assert "\\x1b[31m" in access
+    assert "\x1b" not in access
+    other = next(line for line in lines if "gateway.test" in line)
+    assert "with\\x0anewline\\u2028inside" in other
+
+
+async def test_the_access_line_names_client_agent_size_service_and_version(
+    upstream: Upstream, start_gateway: StartGateway, log_stream: io.StringIO
+) -> None:
+    gateway = await start_gateway(gateway_settings(upstream.url))
+    setup_logging("INFO", "json", stream=log_stream)
+    response = await gateway.post(PATH, json={"pageSize": 5}, headers={"User-Agent": "crm/2.1"})
+    body = await response.read()
+    flush_access_log()
+
+    (entry,) = [e for e in json_lines(log_stream) if e["logger"] == "gateway.access"]
+    assert entry["client"] == "127.0.0.1"
+    assert entry["user_agent"] == "crm/2.1"
+    assert entry["bytes"] == len(body) > 0
+    assert entry["service"] == "isales-gateway"
+    assert entry["version"] == __version__
+    assert entry["request_id"] == response.headers["X-Request-ID"]
+
+
+async def test_x_forwarded_for_is_believed_only_from_a_trusted_proxy(
+    upstream: Upstream, start_gateway: StartGateway, log_stream: io.StringIO
+) -> None:
+    trusting = await start_gateway(
+        gateway_settings(upstream.url, server__trusted_proxies="10.0.0.0/8,127.0.0.1")
+    )
+    plain = await start_gateway(gateway_settings(upstream.url))
+    setup_logging("INFO", "json", stream=log_stream)
+    chain = {"X-Forwarded-For": "6.6.6.6, 203.0.113.7, 10.1.2.3"}
+    for gateway in (trusting, plain):
+        assert (await gateway.get("/nowhere", headers=chain)).status == 404
+    flush_access_log()
+
+    clients = [e["client"] for e in json_lines(log_stream) if e["logger"] == "gateway.access"]
+    assert clients == ["203.0.113.7", "127.0.0.1"]
+
+
+def test_the_client_is_the_nearest_untrusted_hop_and_a_bad_hop_stops_the_walk() -> None:
+    trusted = ("10.0.0.0/8",)
+    assert client_address("10.0.0.1", "1.2.3.4, 10.9.9.9", trusted) == "1.2.3.4"
+    assert client_address("10.0.0.1", "10.2.2.2, 10.9.9.9", trusted) == "10.2.2.2"
+    assert client_address("10.0.0.1", "1.2.3.4, junk, 10.9.9.9", trusted) == "10.9.9.9"
+    assert client_address("10.0.0.1", "2001:db8::1", trusted) == "2001:db8::1"
+    assert client_address("192.0.2.1", "1.2.3.4", trusted) == "192.0.2.1"
+    assert client_address("10.0.0.1", None, trusted) == "10.0.0.1"
+    assert client_address("10.0.0.1", "1.2.3.4", ()) == "10.0.0.1"
+
+
+@pytest.mark.parametrize(("level", "logged"), [("INFO", False), ("DEBUG", True)])
+async def test_probes_and_scrapes_are_access_logged_only_at_debug(
+    level: str,
+    logged: bool,
+    upstream: Upstream,
+    start_gateway: StartGateway,
+    log_stream: io.StringIO,
+) -> None:
+    gateway = await start_gateway(gateway_settings(upstream.url))
+    setup_logging(level, "json", stream=log_stream)
+    for probe in ("/healthz", "/readyz", "/metrics"):
+        assert (await gateway.get(probe)).status == 200
+    assert (await gateway.post(PATH, json={"pageSize": 5})).status == 200
+    flush_access_log()
+
+    access = [e for e in json_lines(log_stream) if e["logger"] == "gateway.access"]
+    paths = [e["path"] for e in access]
+    assert paths == (["/healthz", "/readyz", "/metrics", PATH] if logged else [PATH])
+    assert [e["level"] for e in access] == ["DEBUG"] * 3 * logged + ["INFO"]
+
+
+def test_request_ids_are_unique_and_each_process_draws_its_own_prefix() -> None:
+    first, second = RequestIds(), RequestIds()
+    ids = [first.next() for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    assert len({i[:16] for i in ids}) == 1
+    assert second.next()[:16] != ids[0][:16]
+
+
+async def test_without_setup_the_access_line_goes_through_the_logging_module(
+    upstream: Upstream, start_gateway: StartGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    gateway = await start_gateway(gateway_settings(upstream.url))
+    with caplog.at_level(logging.INFO, logger="gateway.access"):
+        assert (await gateway.post(PATH, json={"pageSize": 5})).status == 200
+
+    (record,) = [r for r in caplog.records if r.name == "gateway.access"]
+    assert record.getMessage().startswith(f"POST {PATH} 200 MISS ")
+    assert record.__dict__["client"] == "127.0.0.1"
+
+
+async def test_text_and_json_access_lines_carry_the_same_fields_in_the_same_order(
+    upstream: Upstream, start_gateway: StartGateway, log_stream: io.StringIO
+) -> None:
+    gateway = await start_gateway(gateway_settings(upstream.url))
+    names = {}
+    for fmt in ("json", "text"):
+        stream = io.StringIO()
+        setup_logging("INFO", fmt, stream=stream)
+        headers = {"User-Agent": 'a "quoted" agent=1'}
+        assert (await gateway.post(PATH, json={"pageSize": 5}, headers=headers)).status == 200
+        flush_access_log()
+        (line,) = [x for x in stream.getvalue().splitlines() if "gateway.access" in x]
+        if fmt == "json":
+            entry = strict_json(line)
+            names[fmt] = [k for k in entry if k not in ("ts", "level", "logger", "msg")]
+            assert entry["user_agent"] == 'a "quoted" agent=1'
+        else:
+            fields = line.split(" request_id=", 1)[1]
+            names[fmt] = ["request_id", *LOGFMT_NAME.findall(fields)]
+            assert r'user_agent="a \"quoted\" agent=1"' in line
+    assert names["json"] == names["text"] == list(ACCESS_FIELDS)
