@@ -83,6 +83,7 @@ ACCESS_FIELDS: Final = (
     "path",
     "status",
     "cache",
+    "source_request_id",
     "bytes",
     "vdn_id",
     "campaign_id",
@@ -95,7 +96,7 @@ ACCESS_FIELDS: Final = (
     "version",
 )
 AccessValues = tuple[
-    str, str | None, str, str, str, int, str, int | None, int | None, int | None,
+    str, str | None, str, str, str, int, str, str | None, int | None, int | None, int | None,
     float | None, float | None, int, float, str | None, str, str,
 ]  # fmt: skip
 
@@ -143,12 +144,13 @@ class AccessLog:
         if not self._is_text:
             self._buffer(self._json(level, message, dict(zip(ACCESS_FIELDS, values, strict=True))))
             return
-        (rid, caller, client, method, path, status, cache, size, vdn, campaign, queue_ms,
-         upstream_ms, attempts, duration, agent, service, version) = values  # fmt: skip
+        (rid, caller, client, method, path, status, cache, source, size, vdn, campaign,
+         queue_ms, upstream_ms, attempts, duration, agent, service, version) = values  # fmt: skip
         self._buffer(
             f"{self._head(level, message)} request_id={rid} caller={logfmt(caller)}"
             f" client={logfmt(client)} method={method} path={logfmt(path)} status={status}"
-            f" cache={logfmt(cache)} bytes={size} vdn_id={vdn} campaign_id={campaign}"
+            f" cache={logfmt(cache)} source_request_id={logfmt(source)} bytes={size}"
+            f" vdn_id={vdn} campaign_id={campaign}"
             f" queue_wait_ms={queue_ms} upstream_ms={upstream_ms} upstream_attempts={attempts}"
             f" duration_ms={duration} user_agent={logfmt(agent)} service={service}"
             f" version={logfmt(version)}"

@@ -190,6 +190,7 @@ def _access_line(
         path,
         status,
         cache,
+        trace.source_request_id,  # COALESCED: the request whose upstream call answered
         size,
         trace.vdn_id,
         trace.campaign_id,

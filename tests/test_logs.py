@@ -23,7 +23,7 @@ from gateway.logs import (
     setup_logging,
 )
 from gateway.middleware import RequestIds, client_address
-from tests.conftest import SIM, StartGateway, Upstream, gateway_settings
+from tests.conftest import SIM, StartGateway, StartSimulator, Upstream, gateway_settings
 from tests.support.processes import Process, free_port
 
 PATH = "/rest/isales/v1/openapi/campaigns/11/callresult/3"
@@ -336,3 +336,23 @@ async def test_text_and_json_access_lines_carry_the_same_fields_in_the_same_orde
             names[fmt] = ["request_id", *LOGFMT_NAME.findall(fields)]
             assert r'user_agent="a \"quoted\" agent=1"' in line
     assert names["json"] == names["text"] == list(ACCESS_FIELDS)
+
+
+async def test_a_coalesced_answers_access_line_names_the_request_that_called_upstream(
+    start_simulator: StartSimulator, start_gateway: StartGateway, log_stream: io.StringIO
+) -> None:
+    upstream = await start_simulator(latency_ms=300)
+    gateway = await start_gateway(gateway_settings(upstream.url))
+    setup_logging("INFO", "json", stream=log_stream)
+    leader = asyncio.ensure_future(
+        gateway.post(PATH, json={"pageSize": 5}, headers={"X-Request-ID": "leader-1"})
+    )
+    await asyncio.sleep(0.1)  # the leader's call is at the upstream
+    follower = await gateway.post(PATH, json={"pageSize": 5}, headers={"X-Request-ID": "follow-1"})
+    assert follower.headers["X-Cache"] == "COALESCED"
+    assert (await leader).headers["X-Cache"] == "MISS"
+    flush_access_log()
+
+    access = {e["request_id"]: e for e in json_lines(log_stream) if e["logger"] == "gateway.access"}
+    assert access["follow-1"]["source_request_id"] == "leader-1"
+    assert access["leader-1"]["source_request_id"] is None
