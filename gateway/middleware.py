@@ -57,13 +57,15 @@ def error_body(code: str, message: str) -> bytes:
     ).encode()
 
 
+# The vendor's own Content-Type, byte for byte: a client matching it sees the same on ours.
+VENDOR_JSON = "application/json;charset=UTF-8"
+
+
 def error_response(exc: GatewayError) -> web.Response:
     return web.Response(
         status=exc.status,
         body=error_body(exc.result_code, exc.message),
-        content_type="application/json",
-        charset="utf-8",
-        headers=exc.headers(),
+        headers={"Content-Type": VENDOR_JSON, **exc.headers()},
     )
 
 

@@ -123,7 +123,7 @@ def assert_gateway_error(reply: Reply, status: int, code: str) -> None:
     """The README's contract for an error the gateway answers itself."""
     assert (reply.status, reply.headers.get("content-type")) == (
         status,
-        "application/json; charset=utf-8",
+        "application/json;charset=UTF-8",  # the vendor's own, byte for byte
     ), reply
     body = reply.json()
     assert set(body) == {"resultCode", "resultDesc", "returnCode", "returnDesc"}, body
