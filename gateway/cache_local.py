@@ -37,12 +37,12 @@ from collections.abc import Callable
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
-from redis.exceptions import RedisError
 
 from gateway.cache import CacheStore
 from gateway.cache_policy import CacheEntry, campaign_prefix
 from gateway.cache_redis import RedisCacheStore
 from gateway.clock import Clock
+from gateway.redis_client import REDIS_FAILURES
 
 log = logging.getLogger("gateway.cache")
 
@@ -228,7 +228,7 @@ class TieredCacheStore:
     async def _publish(self, name: str) -> None:
         try:
             await self._client.publish(CHANNEL, name)
-        except (RedisError, OSError):
+        except REDIS_FAILURES:
             # Other replicas may keep an old copy up to hold_s: say so, and trust none here.
             log.warning("cache: publishing an invalidation failed", exc_info=True)
             self._lose_coherence()
@@ -258,12 +258,12 @@ class TieredCacheStore:
                         data = message.get("data")
                         if isinstance(data, bytes):
                             self._invalidate(data.decode("utf-8", "replace"))
-            except (RedisError, OSError, TimeoutError):
+            except REDIS_FAILURES:
                 log.warning("cache: invalidation listener failed; local copies off for now")
             finally:
                 self._lose_coherence()
                 if pubsub is not None:
-                    with contextlib.suppress(RedisError, OSError):
+                    with contextlib.suppress(*REDIS_FAILURES):
                         await pubsub.aclose()  # type: ignore[no-untyped-call]
             await self._clock.sleep(_RETRY_S)
 

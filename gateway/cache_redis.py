@@ -26,17 +26,14 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from gateway.cache import gunzip, with_gzip
 from gateway.cache_policy import KEY_PREFIX, CacheEntry, campaign_prefix
 from gateway.clock import Clock
-from gateway.errors import BackendUnavailable
+from gateway.redis_client import redis_errors
 
 log = logging.getLogger("gateway.cache")
 
@@ -168,15 +165,6 @@ def index_key(entry_key: str) -> str:
     return KEY_PREFIX + match.group(1) + INDEX_SUFFIX
 
 
-@contextmanager
-def _redis_errors(action: str) -> Iterator[None]:
-    """The one place a Redis failure (error, timeout, refused connection) is translated."""
-    try:
-        yield
-    except (RedisError, OSError) as exc:  # OSError covers the builtin Connection/TimeoutError
-        raise BackendUnavailable(f"Shared cache unavailable ({action}).") from exc
-
-
 class RedisCacheStore:
     """``CacheStore`` on a shared Redis; the client must return bytes (no decode_responses).
 
@@ -194,7 +182,7 @@ class RedisCacheStore:
 
     async def get(self, key: str) -> CacheEntry | None:
         """The entry, fresh or stale; None if absent, past its retention or not ours."""
-        with _redis_errors("get"):
+        with redis_errors("cache get"):
             raw = await self._client.get(key)
         if raw is None:
             return None
@@ -222,7 +210,7 @@ class RedisCacheStore:
         lifetime = entry.ttl + entry.stale
         remaining = min(lifetime, entry.stored_at + lifetime - self._clock.time())
         px = max(1, math.ceil(remaining * 1000))
-        with _redis_errors("put"):
+        with redis_errors("cache put"):
             await self._put(keys=[key, index], args=[value, px, self.channel])
 
     async def close(self) -> None:
@@ -231,7 +219,7 @@ class RedisCacheStore:
     async def purge_campaign(self, vdn_id: int, campaign_id: int) -> int:
         """Unlink one campaign's entries and its index; returns how many entries existed."""
         prefix = campaign_prefix(vdn_id, campaign_id)
-        with _redis_errors("purge"):
+        with redis_errors("cache purge"):
             removed = await self._purge(
                 keys=[prefix + INDEX_SUFFIX], args=[_UNLINK_BATCH, self.channel, prefix]
             )

@@ -29,18 +29,17 @@ import logging
 import math
 import secrets
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
-from redis.exceptions import RedisError
 
 from gateway import errors
 from gateway.clock import Clock
 from gateway.coalesce import InProcessCoalescer
 from gateway.errors import BackendUnavailable, GatewayError, Overloaded, QueueTimeout
+from gateway.redis_client import redis_errors
 from gateway.upstream import UpstreamResponse
 
 log = logging.getLogger("gateway.coalesce")
@@ -155,14 +154,6 @@ def decode_outcome(data: object) -> Outcome | None:
     return Outcome(error=cls(message))
 
 
-@contextmanager
-def _redis_errors(what: str) -> Iterator[None]:
-    try:
-        yield
-    except (RedisError, OSError) as exc:
-        raise BackendUnavailable(f"Redis coalescing failed ({what}).") from exc
-
-
 class _Inbox:
     """Outcome messages for one local round, buffered so none is lost between waits."""
 
@@ -249,7 +240,7 @@ class RedisCoalescer:
         if pubsub is None:
             return
         try:
-            with _redis_errors("close"):
+            with redis_errors("coalescing close"):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
         except BackendUnavailable:
             log.warning("coalescer: closing the pub/sub connection failed", exc_info=True)
@@ -293,7 +284,7 @@ class RedisCoalescer:
             while inbox.items:  # a message that came while we looked elsewhere
                 if (outcome := decode_outcome(inbox.items.popleft())) is not None:
                     return outcome, False
-            with _redis_errors("acquire"):
+            with redis_errors("coalescing acquire"):
                 reply = await self._acquire(
                     keys=[lock_key(key), *rounds], args=[token, self._lease_ms]
                 )
@@ -334,7 +325,7 @@ class RedisCoalescer:
 
     async def _end(self, base: str, token: str, message: bytes, keep_ms: int) -> None:
         try:
-            with _redis_errors("finish"):
+            with redis_errors("coalescing finish"):
                 await self._finish(
                     keys=[base + ":lock", base + ":outcome:" + token],
                     args=[token, message, keep_ms, CHANNEL_PREFIX + base],
@@ -346,7 +337,7 @@ class RedisCoalescer:
         while True:
             await self._clock.sleep(self._lease_s / 3)
             try:
-                with _redis_errors("renew"):
+                with redis_errors("coalescing renew"):
                     if not await self._extend(keys=[lock], args=[token, self._lease_ms]):
                         log.warning("coalescer: lock lost while fetching; another may lead")
                         return
@@ -361,7 +352,7 @@ class RedisCoalescer:
             if self._pubsub is not None:  # the reader died: start over on a fresh connection
                 await self._close_pubsub()
             pubsub = self._pubsub = self._client.pubsub()
-            with _redis_errors("subscribe"):
+            with redis_errors("coalescing subscribe"):
                 await pubsub.psubscribe(CHANNEL_PREFIX + "*")
                 async with asyncio.timeout(self._lease_s):
                     while (await pubsub.get_message(timeout=self._lease_s)) is None:
@@ -371,7 +362,7 @@ class RedisCoalescer:
     async def _read(self, pubsub: PubSub) -> None:
         while True:
             try:
-                with _redis_errors("listen"):
+                with redis_errors("coalescing listen"):
                     message = await pubsub.get_message(
                         ignore_subscribe_messages=True, timeout=_LISTEN_POLL_S
                     )

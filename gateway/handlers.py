@@ -16,7 +16,6 @@ from typing import Any
 from aiohttp import HttpVersion11, hdrs, web
 from aiohttp.web_urldispatcher import MatchInfoError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from redis.exceptions import RedisError
 
 from gateway.auth import Caller, Callers, presented_key, require_admin
 from gateway.cache_policy import LOCALES
@@ -33,6 +32,7 @@ from gateway.errors import (
 from gateway.health import readiness, redis_answers
 from gateway.limiter import ANONYMOUS
 from gateway.metrics import PARAMETER_CODE
+from gateway.redis_client import REDIS_FAILURES
 from gateway.state import BREAKER, CALLER, PARTS, REQUEST_ID, SERVICE, Parts
 from gateway.trace import current as current_trace
 from gateway.traceparent import outgoing_traceparent
@@ -254,7 +254,7 @@ async def admin_stats(request: web.Request) -> web.Response:
     if parts.redis is not None:
         try:
             cache["redis_keys"] = await parts.redis.dbsize()  # cache, locks and limiter keys
-        except (RedisError, OSError):
+        except REDIS_FAILURES:
             parts.metrics.redis_errors.labels("ping").inc()
             cache["redis_keys"] = None
     breaker = request.app.get(BREAKER)

@@ -15,12 +15,12 @@ from collections.abc import Callable
 
 from prometheus_client import Gauge
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from gateway.breaker import BreakerState, CircuitBreaker
 from gateway.clock import Clock
 from gateway.limiter import Limiter
 from gateway.limiter_failover import FailoverLimiter, Mode
+from gateway.redis_client import REDIS_FAILURES
 
 PING_TIMEOUT_S = 1.0
 
@@ -29,7 +29,7 @@ async def redis_answers(redis: Redis, timeout_s: float = PING_TIMEOUT_S) -> bool
     try:
         async with asyncio.timeout(timeout_s):
             return bool(await redis.ping())
-    except (RedisError, OSError, TimeoutError):
+    except REDIS_FAILURES:
         return False
 
 

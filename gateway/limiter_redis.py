@@ -72,7 +72,6 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from gateway.clock import Clock
 from gateway.errors import BackendUnavailable, PermitLost, QueueFull, QueueTimeout
@@ -86,6 +85,7 @@ from gateway.limiter_scripts import (
     WITHDRAW,
     LimiterKeys,
 )
+from gateway.redis_client import REDIS_FAILURES, redis_errors
 from gateway.scheduler import CallerPolicy, FairScheduler
 
 log = logging.getLogger("gateway.limiter")
@@ -516,7 +516,7 @@ class RedisLimiter:
             except BackendUnavailable as exc:
                 log.log(self._level, "limiter wake-ups lost, waiting on hints: %s", exc.__cause__)
             finally:
-                with contextlib.suppress(RedisError, OSError):
+                with contextlib.suppress(*REDIS_FAILURES):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             await self._clock.sleep(_RESUBSCRIBE_S)
 
@@ -535,12 +535,15 @@ class RedisLimiter:
         return failure
 
     async def _redis(self, action: str, call: Awaitable[T]) -> T:
-        """The one place Redis errors become ``BackendUnavailable``."""
+        """A Redis call, bounded; its failure reported to ``on_failure`` and raised."""
         try:
-            async with asyncio.timeout(_OP_BOUND_S):
-                return await call
-        except (RedisError, OSError) as exc:  # OSError: builtin Connection/TimeoutError too
-            raise self._failure(action, exc) from exc
+            with redis_errors(f"limiter {action}"):
+                async with asyncio.timeout(_OP_BOUND_S):
+                    return await call
+        except BackendUnavailable as exc:
+            if self._on_failure is not None:
+                self._on_failure(exc)
+            raise
 
 
 def _one_more(rule: CallerPolicy) -> CallerPolicy:

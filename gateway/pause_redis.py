@@ -16,10 +16,10 @@ import math
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from gateway.cache_policy import KEY_PREFIX
 from gateway.clock import Clock
+from gateway.redis_client import REDIS_FAILURES
 
 log = logging.getLogger("gateway.pause")
 
@@ -55,7 +55,7 @@ class RedisPause:
         life_ms = max(1, math.ceil(seconds * 1000))
         try:
             await self._extend(keys=[PAUSE_KEY], args=[repr(until), life_ms])
-        except (RedisError, OSError):
+        except REDIS_FAILURES:
             self._failed("set")
 
     async def remaining(self) -> float:
@@ -64,7 +64,7 @@ class RedisPause:
             return self._until - now  # known here: no round trip
         try:
             value = await self._redis.get(PAUSE_KEY)
-        except (RedisError, OSError):
+        except REDIS_FAILURES:
             self._failed("read")
             return 0.0
         try:

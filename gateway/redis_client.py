@@ -13,7 +13,9 @@ but the pub/sub and the client type have not been made to work on a cluster.
 from __future__ import annotations
 
 import logging
-from typing import Any, cast
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Final, cast
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
@@ -22,10 +24,25 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from gateway.errors import ConfigError
+from gateway.errors import BackendUnavailable, ConfigError
 from gateway.settings import RedisSettings
 
 log = logging.getLogger("gateway")
+
+# Whatever a Redis call can raise when Redis fails: an error reply, a timeout, a refused or
+# dropped connection (OSError covers the builtin ConnectionError and TimeoutError).
+REDIS_FAILURES: Final = (RedisError, OSError)
+
+
+@contextmanager
+def redis_errors(what: str) -> Iterator[None]:
+    """The one place a Redis failure becomes the gateway's ``BackendUnavailable`` (raised
+    from it); ``what`` names the backend and operation for the log.
+    """
+    try:
+        yield
+    except REDIS_FAILURES as exc:
+        raise BackendUnavailable(f"Redis unavailable ({what}).") from exc
 
 
 def _common(settings: RedisSettings) -> dict[str, Any]:
@@ -78,7 +95,7 @@ async def check_eviction_policy(client: aioredis.Redis) -> None:
     """
     try:
         reply = await client.config_get("maxmemory-policy")
-    except (RedisError, OSError) as exc:
+    except REDIS_FAILURES as exc:
         log.warning("cannot read Redis maxmemory-policy (%s); it must not be allkeys-*", exc)
         return
     policy = reply.get("maxmemory-policy", "")
