@@ -69,7 +69,8 @@ def _call_budget_s(settings: Settings) -> float:
     return (settings.limit.max_wait_ms + settings.upstream.timeout_ms) / 1000 + 1
 
 
-# A granted permit is sent within this long of its grant, or taken afresh (``Permit.check``).
+# A granted permit is sent within this long of its grant (plus the connect time), or taken
+# afresh (``Permit.check``).
 PERMIT_FENCE_S = 1.0
 
 
@@ -138,7 +139,8 @@ def build_limiter(
         lease_s=limiter_lease_s(settings),
         clock=clock,
         replicas=lim.replicas,
-        fence_s=PERMIT_FENCE_S,
+        # Checked again once connected: the allowance covers the connection's set-up.
+        fence_s=PERMIT_FENCE_S + settings.upstream.connect_timeout_ms / 1000,
         skew_s=lim.clock_skew_ms / 1000,
         policy=policy,
         background_max=background_permits(settings),

@@ -52,8 +52,10 @@ class Fetcher(Protocol):
         query: CallResultQuery,
         locale: str | None = None,
         on_sent: Callable[[], Awaitable[None]] | None = None,
+        ready: Callable[[], None] | None = None,
     ) -> UpstreamResponse:
-        """The upstream's answer; ``on_sent`` is awaited as the request goes out (at most once)."""
+        """The upstream's answer; ``on_sent`` is awaited as the request goes out (at most once);
+        ``ready`` is called just before it does, and what it raises stops the request unsent."""
         ...
 
 
@@ -195,9 +197,11 @@ class UpstreamCaller:
                     went_out.set()
                     await permit.sent()
 
-                call = asyncio.ensure_future(self._fetch(query, locale, on_sent))
+                call = asyncio.ensure_future(self._fetch(query, locale, on_sent, permit.check))
                 try:
                     return await asyncio.shield(call)
+                except PermitLost:
+                    continue  # checked again on the ready connection: stale, nothing was sent
                 except asyncio.CancelledError:
                     # Every caller left, but the request is already at the upstream: it still
                     # holds its permit until the answer is in, so the limit stays exact.
@@ -244,11 +248,15 @@ class UpstreamCaller:
             raise
 
     async def _fetch(
-        self, query: CallResultQuery, locale: str | None, on_sent: Callable[[], Awaitable[None]]
+        self,
+        query: CallResultQuery,
+        locale: str | None,
+        on_sent: Callable[[], Awaitable[None]],
+        ready: Callable[[], None],
     ) -> tuple[UpstreamResponse, str | None]:
         started = self._clock.monotonic()
         try:
-            response = await self._upstream.fetch(query, locale, on_sent=on_sent)
+            response = await self._upstream.fetch(query, locale, on_sent=on_sent, ready=ready)
         except UpstreamError as exc:
             self._metrics.upstream_requests.labels(upstream_outcome(exc), "none").inc()
             if isinstance(exc, UpstreamRateLimited):

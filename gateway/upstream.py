@@ -92,9 +92,13 @@ def ssl_context(settings: UpstreamSettings) -> ssl.SSLContext | bool:
 
 @dataclass(frozen=True, slots=True)
 class _SendHook:
-    """The ``trace_request_ctx`` of one fetch: what to await once its headers go out."""
+    """The ``trace_request_ctx`` of one fetch: what to await once its headers go out, and
+    what to call once its connection is ready, just before they are written (``ready`` may
+    raise to stop the request there: e.g. a permit that lapsed while the process was frozen).
+    """
 
     on_sent: OnSent
+    ready: Callable[[], None] | None = None
 
 
 class SendTrace(aiohttp.TraceConfig):
@@ -103,6 +107,16 @@ class SendTrace(aiohttp.TraceConfig):
     def __init__(self) -> None:
         super().__init__()
         self.on_request_headers_sent.append(self._headers_sent)
+        self.on_connection_create_end.append(self._connection_ready)
+        self.on_connection_reuseconn.append(self._connection_ready)
+
+    @staticmethod
+    async def _connection_ready(
+        session: aiohttp.ClientSession, context: SimpleNamespace, params: object
+    ) -> None:
+        hook = context.trace_request_ctx
+        if isinstance(hook, _SendHook) and hook.ready is not None:
+            hook.ready()
 
     @staticmethod
     async def _headers_sent(
@@ -178,11 +192,17 @@ class UpstreamClient:
         return headers, trace.request_id
 
     async def fetch(
-        self, query: CallResultQuery, locale: str | None = None, on_sent: OnSent | None = None
+        self,
+        query: CallResultQuery,
+        locale: str | None = None,
+        on_sent: OnSent | None = None,
+        ready: Callable[[], None] | None = None,
     ) -> UpstreamResponse:
         """The vendor's answer, sent with ``locale`` if given (the caller resolves the setting);
         ``on_sent`` is awaited as the request headers go out, so only if the request got that
-        far (a redirect is never followed: at most once).
+        far (a redirect is never followed: at most once). ``ready`` is called once the
+        connection is ready, just before the headers are written; what it raises stops the
+        request unsent.
         """
         body = query.body_bytes()
         url = URL(self._base + query.path)
@@ -197,7 +217,7 @@ class UpstreamClient:
                 headers.update(stack.enter_context(spans.upstream_call(waited)))
                 if trace is not None:
                     trace.traceparent = headers.get("traceparent", trace.traceparent)
-            return await self._send(url, body, headers, on_sent, request_id)
+            return await self._send(url, body, headers, on_sent, ready, request_id)
 
     async def _send(
         self,
@@ -205,10 +225,13 @@ class UpstreamClient:
         body: bytes,
         headers: dict[str, str],
         on_sent: OnSent | None,
+        ready: Callable[[], None] | None,
         request_id: str | None,
     ) -> UpstreamResponse:
-        hook = None if on_sent is None else _SendHook(on_sent)
+        hook = None if on_sent is None else _SendHook(on_sent, ready)
         if hook is not None and not self._traced:
+            if ready is not None:
+                ready()
             await hook.on_sent()
         try:
             async with self._session.post(

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.breaker import CircuitBreaker
 from gateway.clock import SystemClock
-from gateway.errors import UpstreamUnavailable
+from gateway.errors import PermitLost, UpstreamUnavailable
 from gateway.limiter import (
     ANONYMOUS,
     InMemoryLimiter,
@@ -34,7 +34,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.retry import RetryPolicy, UpstreamCaller
 from gateway.upstream import UpstreamClient, send_trace
 from gateway.validation import parse_request
-from tests.conftest import StartGateway, gateway_settings
+from tests.conftest import StartGateway, StartSimulator, gateway_settings
 from tests.support.fleet import sim_stats, start_simulator_process
 from tests.support.processes import Process, free_port
 
@@ -116,13 +116,20 @@ async def test_starts_delayed_past_the_margin_after_their_grant_stay_within_the_
 
 @dataclass
 class NotingPermit:
-    """A permit that notes in ``flags[index]`` that it was told its request went out."""
+    """A permit that notes in ``flags[index]`` that it was told its request went out, and
+    that, if ``lapse_at_check`` says so, lapses at that call of ``check`` (as a permit does
+    whose holder froze past its lease)."""
 
     inner: Permit
     flags: list[bool]
     index: int
+    lapse_at_check: int = 0
+    checks: int = 0
 
     def check(self) -> None:
+        self.checks += 1
+        if self.checks == self.lapse_at_check:
+            raise PermitLost("frozen past its lease")
         self.inner.check()
 
     async def sent(self) -> None:
@@ -133,9 +140,10 @@ class NotingPermit:
 class SendWatchingLimiter:
     """The embedded limiter, noting for each permit whether its request went out."""
 
-    def __init__(self, inner: InMemoryLimiter) -> None:
+    def __init__(self, inner: InMemoryLimiter, lapse_first_at_check: int = 0) -> None:
         self.inner = inner
         self.sent: list[bool] = []
+        self.lapse_first_at_check = lapse_first_at_check
 
     @asynccontextmanager
     async def permit(
@@ -143,7 +151,8 @@ class SendWatchingLimiter:
     ) -> AsyncIterator[Permit]:
         async with self.inner.permit(caller, background=background) as permit:
             self.sent.append(False)
-            yield NotingPermit(permit, self.sent, len(self.sent) - 1)
+            lapse = self.lapse_first_at_check if len(self.sent) == 1 else 0
+            yield NotingPermit(permit, self.sent, len(self.sent) - 1, lapse)
 
     def snapshot(self) -> LimiterSnapshot:
         return self.inner.snapshot()
@@ -175,3 +184,24 @@ async def test_a_request_that_never_reached_the_upstream_is_not_marked_sent(
     )
     assert response.status == UpstreamUnavailable.status
     assert watching.sent == [False]
+
+
+async def test_a_permit_found_lapsed_on_the_ready_connection_sends_nothing_and_is_taken_afresh(
+    start_simulator: StartSimulator, start_gateway: StartGateway
+) -> None:
+    # The permit passes its check before the fetch, then the holder "freezes" while the
+    # connection is set up: checked again on the ready connection, it has lapsed.
+    upstream = await start_simulator()
+    watching = SendWatchingLimiter(
+        InMemoryLimiter(
+            max_concurrent=10, window_s=1.1, max_queue=10, max_wait_s=5.0, clock=SystemClock()
+        ),
+        lapse_first_at_check=2,
+    )
+    gateway = await start_gateway(gateway_settings(upstream.url), limiter=watching)
+    response = await gateway.post(
+        "/rest/isales/v1/openapi/campaigns/11/callresult/5", data=b"{}", headers=JSON
+    )
+    assert response.status == 200
+    assert watching.sent == [False, True]  # the lapsed one never went out; a fresh one did
+    assert upstream.requests == 1
