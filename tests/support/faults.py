@@ -1,0 +1,385 @@
+"""The fault matrix's harness: a fleet, a pausable TCP proxy, a load of distinct misses, a judge.
+
+The gateway is judged only from outside: what the simulator (a process of its own, measuring
+on its own clock, on arrival) saw, and what callers got. Every load is bounded in requests and
+in time, and talks to localhost only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Collection, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector
+
+from tests.support.fleet import (
+    JSON,
+    path,
+    replica_environ,
+    sim_stats,
+    start_replica,
+    start_simulator_process,
+)
+from tests.support.processes import Process, free_port
+
+T = TypeVar("T")
+
+# Short enough that a fault's stall (timeout + abandoned hold + heartbeats + a window) fits
+# in a test; long enough that callers queue through it instead of getting 503.
+FLEET_SETTINGS = {
+    "upstream__timeout_ms": "1500",
+    "limit__replicas": "3",
+    "limit__max_wait_ms": "30000",
+}
+# Settings issue 9 adds; a gateway without them refuses to start when given them, so to run
+# the matrix against an older gateway empty this dict locally.
+NEW_SETTINGS = {"upstream__abandoned_hold_ms": "1500"}
+SIM_LATENCY = ("--latency-ms", "200")
+LIMIT = 10  # the simulator's default max_concurrent per window_ms (1000)
+
+# What a caller may get while a fault lasts; 502/504 only where the vendor itself hangs.
+FAULT_STATUSES = frozenset({200, 503})
+HANG_STATUSES = frozenset({200, 502, 503, 504})
+
+
+@dataclass
+class Fleet:
+    upstream: Process
+    replicas: list[Process]
+
+
+def start_fleet(redis_urls: Sequence[str], *sim_flags: str, **settings: str) -> Fleet:
+    """The simulator (200 ms, limits only counted) and one replica per Redis URL.
+
+    Processes are stopped after the test by conftest, also when it fails.
+    """
+    upstream = start_simulator_process(*SIM_LATENCY, *sim_flags)
+    env = {**FLEET_SETTINGS, **NEW_SETTINGS, **settings}
+    return Fleet(upstream, [start_replica(upstream, url, **env) for url in redis_urls])
+
+
+def serve_until_exit(
+    upstream: Process, redis_url: str, timeout_s: float = 10.0, **settings: str
+) -> tuple[int | None, str]:
+    """Run ``serve`` as a replica would and wait for it to exit: (exit code, output).
+
+    The exit code is None if it was still running after ``timeout_s`` (then it is killed).
+    """
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.update(replica_environ(port, upstream.url, redis_url, **settings))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+        return proc.returncode, out.decode(errors="replace")
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        return None, out.decode(errors="replace")
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:``port`` to 127.0.0.1:``target_port``; can cut the link on demand.
+
+    It runs its own event loop in a thread, so the test's load does not slow it down.
+    ``blackhole()``: no byte moves either way and connections stay open (new ones are accepted
+    by the kernel, then hang), as in a network partition; ``heal()`` lets the held bytes
+    through, as TCP retransmission would. ``reset()``: every connection, and every new one
+    until ``heal()``, is closed with a TCP RST.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._open = asyncio.Event()
+        self._refusing = False
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.Server | None = None
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> TcpProxy:
+        self._thread.start()
+        self._run(self._start())
+        return self
+
+    def blackhole(self) -> None:
+        self._run(self._set(open_=False, refusing=False))
+
+    def reset(self) -> None:
+        self._run(self._set(open_=True, refusing=True))
+
+    def heal(self) -> None:
+        self._run(self._set(open_=True, refusing=False))
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._run(self._stop())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+        self._loop.close()
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=10)
+
+    async def _start(self) -> None:
+        self._open.set()
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+
+    async def _stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._writers):
+            _abort(writer)
+
+    async def _set(self, *, open_: bool, refusing: bool) -> None:
+        self._refusing = refusing
+        if refusing:
+            for writer in list(self._writers):
+                _abort(writer)
+        if open_:
+            self._open.set()
+        else:
+            self._open.clear()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._refusing:
+            _abort(writer)
+            return
+        self._writers.add(writer)
+        try:
+            await self._open.wait()  # a blackholed link: the connection hangs
+            if self._refusing:
+                _abort(writer)
+                return
+            try:
+                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+            except OSError:
+                _abort(writer)
+                return
+            self._writers.add(up_writer)
+            try:
+                await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
+            finally:
+                self._writers.discard(up_writer)
+        finally:
+            self._writers.discard(writer)
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                await self._open.wait()
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+
+def _abort(writer: asyncio.StreamWriter) -> None:
+    """Close with a TCP RST (SO_LINGER 0), not a polite FIN."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One caller request: which replica, when (monotonic s), and what came back.
+
+    ``status`` 0: no HTTP answer at all (connection refused or reset, client timeout).
+    """
+
+    replica: int
+    sent: float
+    done: float
+    status: int
+    retry_after: bool = False
+
+
+class MissLoad:
+    """``callers`` concurrent callers asking distinct questions (every one a miss), each sent to
+    the next replica not marked ``down``; until stopped, ``max_requests`` sent or ``max_s``.
+
+    ``page_size`` 500 makes large answers. Query n: campaign 1 + n % 1000 under vdnId
+    100 + n // 1000, so no two are alike and every campaign exists.
+    """
+
+    def __init__(
+        self,
+        session: ClientSession,
+        replicas: Sequence[Process],
+        *,
+        callers: int = 30,
+        page_size: int = 10,
+        max_requests: int = 3000,
+        max_s: float = 90.0,
+    ) -> None:
+        self.replicas = replicas
+        self.down: set[int] = set()
+        self.outcomes: list[Outcome] = []
+        self._session = session
+        self._page_size = page_size
+        self._max_requests = max_requests
+        self._numbers = itertools.count()
+        self._turn = itertools.count()
+        self._stopping = False
+        deadline = time.monotonic() + max_s
+        self._tasks = [asyncio.create_task(self._caller(deadline)) for _ in range(callers)]
+
+    async def stop(self, cancel: bool = False) -> None:
+        """No new requests; the ones under way finish (or are cancelled)."""
+        self._stopping = True
+        if cancel:
+            for task in self._tasks:
+                task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=cancel)
+
+    async def fresh_batch(self, per_replica: int = 8) -> list[Outcome]:
+        """``per_replica`` new distinct misses to every replica not down, all at once."""
+        alive = [i for i in range(len(self.replicas)) if i not in self.down]
+        return await asyncio.gather(*(self.ask(i) for i in alive for _ in range(per_replica)))
+
+    async def ask(self, replica: int) -> Outcome:
+        n = next(self._numbers)
+        url = self.replicas[replica].url + path(1 + n % 1000, vdn=100 + n // 1000)
+        body = b'{"pageSize":%d}' % self._page_size
+        sent = time.monotonic()
+        try:
+            async with self._session.post(url, data=body, headers=JSON) as response:
+                await response.read()
+                status, retry_after = response.status, "Retry-After" in response.headers
+        except (ClientError, TimeoutError):
+            status, retry_after = 0, False
+        return Outcome(replica, sent, time.monotonic(), status, retry_after)
+
+    async def _caller(self, deadline: float) -> None:
+        while not self._stopping and time.monotonic() < deadline:
+            if len(self.outcomes) >= self._max_requests:
+                return
+            alive = [i for i in range(len(self.replicas)) if i not in self.down]
+            outcome = await self.ask(alive[next(self._turn) % len(alive)])
+            self.outcomes.append(outcome)
+            if outcome.status == 0:
+                await asyncio.sleep(0.1)  # no hot loop against a dead replica
+
+
+@contextlib.asynccontextmanager
+async def miss_load(replicas: Sequence[Process], **options: Any) -> AsyncIterator[MissLoad]:
+    """``async with miss_load(fleet.replicas) as load:`` the load runs from here until
+    ``judge`` (or the block's end; cancelled if the block fails)."""
+    async with ClientSession(
+        connector=TCPConnector(limit=0), timeout=ClientTimeout(total=60)
+    ) as session:
+        load = MissLoad(session, replicas, **options)
+        try:
+            yield load
+        except BaseException:
+            await load.stop(cancel=True)
+            raise
+        await load.stop()
+
+
+def served(
+    outcomes: Collection[Outcome], since: float, until: float, replicas: Collection[int] = ()
+) -> int:
+    """Misses answered 200 that finished in (since, until), by ``replicas`` (default: any)."""
+    return sum(
+        1
+        for o in outcomes
+        if o.status == 200 and since < o.done < until and (not replicas or o.replica in replicas)
+    )
+
+
+@dataclass
+class Window:
+    """A stretch of a fault in which misses must still be answered (by ``replicas``)."""
+
+    label: str
+    since: float
+    until: float
+    replicas: Collection[int] = ()
+
+
+async def judge(
+    fleet: Fleet,
+    load: MissLoad,
+    *,
+    allowed: Collection[int] = FAULT_STATUSES,
+    served_in: Sequence[Window] = (),
+    lost: Collection[int] = (),
+) -> None:
+    """The end of every row of the matrix; one AssertionError naming every promise broken.
+
+    The load stops; a fresh batch of distinct misses (to every replica not ``down``) must all
+    be 200. The simulator must have seen no violation, at most 10 in flight and 10 starts in a
+    window. Callers must have had only ``allowed`` statuses: never a 500, a 503 always with
+    Retry-After, no answer at all only from a replica marked down or in ``lost``. Each
+    ``served_in`` window must hold some 200s.
+    """
+    await load.stop()
+    fresh = await load.fresh_batch()
+    stats = await sim_stats(fleet.upstream)
+    problems = []
+    seen = {k: int(str(stats[k])) for k in ("violations", "max_in_flight", "max_starts_in_window")}
+    if seen["violations"] != 0 or max(seen.values()) > LIMIT:
+        problems.append(f"the simulator saw the limit broken: {seen}")
+    if int(str(stats["requests_total"])) < 50:
+        problems.append(f"too little load to judge: {stats['requests_total']} requests")
+    fresh_statuses = sorted(o.status for o in fresh)
+    if set(fresh_statuses) != {200}:
+        problems.append(f"fresh misses after the fault: {_count(fresh_statuses)}")
+    excused = {*load.down, *lost}
+    bad = [
+        o.status
+        for o in load.outcomes
+        if o.status not in allowed and not (o.status == 0 and o.replica in excused)
+    ]
+    if bad:
+        every = _count(o.status for o in load.outcomes)
+        problems.append(f"callers got {_count(bad)} (all: {every})")
+    if any(o.status == 503 and not o.retry_after for o in load.outcomes):
+        problems.append("a 503 without Retry-After")
+    for window in served_in:
+        if served(load.outcomes, window.since, window.until, window.replicas) == 0:
+            problems.append(f"no miss answered {window.label}")
+    assert not problems, "; ".join(problems)
+
+
+def _count(statuses: Any) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for status in statuses:
+        counts[status] = counts.get(status, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+async def set_behaviour(upstream: Process, **behaviour: float) -> None:
+    """Change the running simulator's behaviour (``/__sim/behaviour``)."""
+    async with (
+        ClientSession() as session,
+        session.post(upstream.url + "/__sim/behaviour", json=behaviour) as response,
+    ):
+        assert response.status == 200, await response.text()
