@@ -19,6 +19,9 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tests.support.faults import (
     HANG_STATUSES,
@@ -48,6 +51,27 @@ def redis() -> Iterator[RedisServer]:
     server.close()
 
 
+@pytest.mark.timeout(30)
+def test_the_proxy_cuts_a_redis_link_as_a_partition_would(redis: RedisServer) -> None:
+    proxy = TcpProxy(redis.port).start()
+    client = Redis(port=proxy.port, socket_timeout=0.3, socket_connect_timeout=0.3, retry=None)
+    try:
+        assert client.ping()
+        proxy.blackhole()
+        with pytest.raises(RedisTimeoutError):
+            client.ping()
+        proxy.heal()
+        assert client.ping()
+        proxy.reset()
+        with pytest.raises(RedisConnectionError):
+            client.ping()
+        proxy.heal()
+        assert client.ping()
+    finally:
+        client.close()
+        proxy.close()
+
+
 async def test_redis_restarted_empty_twice_under_load(redis: RedisServer) -> None:
     fleet = start_fleet([redis.url] * 3)
     async with miss_load(fleet.replicas) as load:
@@ -62,11 +86,10 @@ async def test_flushall_three_times_under_load(redis: RedisServer) -> None:
     fleet = start_fleet([redis.url] * 3)
     async with miss_load(fleet.replicas) as load:
         await asyncio.sleep(WARM_S)
-        client = redis.client()
-        for _ in range(3):
-            client.flushall()
-            await asyncio.sleep(5)
-        client.close()
+        with redis.client() as client:
+            for _ in range(3):
+                client.flushall()
+                await asyncio.sleep(5)
         await judge(fleet, load)
 
 
@@ -98,12 +121,11 @@ async def test_redis_turned_read_only_replica_then_promoted_again(redis: RedisSe
         fleet = start_fleet([redis.url] * 3)
         async with miss_load(fleet.replicas) as load:
             await asyncio.sleep(WARM_S)
-            client = redis.client()
-            client.replicaof("127.0.0.1", master.port)  # READONLY, and its data replaced
-            began = time.monotonic()
-            await asyncio.sleep(14)
-            client.replicaof("NO", "ONE")
-            client.close()
+            with redis.client() as client:
+                client.replicaof("127.0.0.1", master.port)  # READONLY, and its data replaced
+                began = time.monotonic()
+                await asyncio.sleep(14)
+                client.replicaof("NO", "ONE")
             during = Window("while Redis was read-only", began + SETTLE_S, time.monotonic())
             await judge(fleet, load, served_in=[during])
     finally:
@@ -114,12 +136,11 @@ async def test_client_pause_write_under_load(redis: RedisServer) -> None:
     fleet = start_fleet([redis.url] * 3)
     async with miss_load(fleet.replicas) as load:
         await asyncio.sleep(WARM_S)
-        client = redis.client()
-        client.execute_command("CLIENT", "PAUSE", 60000, "WRITE")
-        began = time.monotonic()
-        await asyncio.sleep(14)
-        client.execute_command("CLIENT", "UNPAUSE")
-        client.close()
+        with redis.client() as client:
+            client.execute_command("CLIENT", "PAUSE", 60000, "WRITE")
+            began = time.monotonic()
+            await asyncio.sleep(14)
+            client.execute_command("CLIENT", "UNPAUSE")
         during = Window("while Redis refused writes", began + SETTLE_S, time.monotonic())
         await judge(fleet, load, served_in=[during])
 

@@ -39,6 +39,7 @@ T = TypeVar("T")
 # in a test; long enough that callers queue through it instead of getting 503.
 FLEET_SETTINGS = {
     "upstream__timeout_ms": "1500",
+    "upstream__connect_timeout_ms": "500",
     "limit__replicas": "3",
     "limit__max_wait_ms": "30000",
 }
@@ -149,8 +150,10 @@ class TcpProxy:
     async def _stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        for writer in list(self._writers):
-            _abort(writer)
+        await self._set(open_=True, refusing=True)  # every connection ends by itself now
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if others:
+            await asyncio.wait(others, timeout=2)
 
     async def _set(self, *, open_: bool, refusing: bool) -> None:
         self._refusing = refusing
