@@ -101,6 +101,15 @@ class RedisServer:
             self.proc.wait(timeout=10)
         self.proc = None
 
+    def flush(self) -> None:
+        client = redis.Redis(port=self.port)
+        client.flushall()
+        client.close()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
     def restart_empty(self) -> None:
         """Killed and started again on the same port, with no data (nothing is persisted)."""
         self.stop(signal.SIGKILL)
@@ -118,15 +127,6 @@ class RedisServer:
     def client(self) -> redis.Redis:
         """A plain client of this server, for a test's own commands; close it after use."""
         return redis.Redis(port=self.port)
-
-    def flush(self) -> None:
-        client = redis.Redis(port=self.port)
-        client.flushall()
-        client.close()
-
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class Process:
