@@ -74,9 +74,10 @@ def test_the_proxy_cuts_a_redis_link_as_a_partition_would(redis: RedisServer) ->
 
 async def test_redis_restarted_empty_twice_under_load(redis: RedisServer) -> None:
     fleet = start_fleet([redis.url] * 3)
-    async with miss_load(fleet.replicas) as load:
+    async with miss_load(fleet) as load:
         await asyncio.sleep(WARM_S)
         for _ in range(2):
+            load.mark("Redis restarted empty")
             redis.restart_empty()
             await asyncio.sleep(8)
         await judge(fleet, load)
@@ -84,10 +85,11 @@ async def test_redis_restarted_empty_twice_under_load(redis: RedisServer) -> Non
 
 async def test_flushall_three_times_under_load(redis: RedisServer) -> None:
     fleet = start_fleet([redis.url] * 3)
-    async with miss_load(fleet.replicas) as load:
+    async with miss_load(fleet) as load:
         await asyncio.sleep(WARM_S)
         with redis.client() as client:
             for _ in range(3):
+                load.mark("FLUSHALL")
                 client.flushall()
                 await asyncio.sleep(5)
         await judge(fleet, load)
@@ -108,7 +110,7 @@ async def test_eviction_pressure_with_large_answers_keeps_the_limit() -> None:
     redis = RedisServer(maxmemory="4mb", policy="volatile-lru").start()
     try:
         fleet = start_fleet([redis.url] * 3)
-        async with miss_load(fleet.replicas, page_size=500) as load:
+        async with miss_load(fleet, page_size=500) as load:
             await asyncio.sleep(20)  # ~9 answers of ~100 KB a second: Redis evicts within 5 s
             await judge(fleet, load)
     finally:
@@ -119,14 +121,15 @@ async def test_redis_turned_read_only_replica_then_promoted_again(redis: RedisSe
     master = RedisServer().start()
     try:
         fleet = start_fleet([redis.url] * 3)
-        async with miss_load(fleet.replicas) as load:
+        async with miss_load(fleet) as load:
             await asyncio.sleep(WARM_S)
             with redis.client() as client:
                 client.replicaof("127.0.0.1", master.port)  # READONLY, and its data replaced
-                began = time.monotonic()
+                began = load.mark("REPLICAOF")
                 await asyncio.sleep(14)
                 client.replicaof("NO", "ONE")
-            during = Window("while Redis was read-only", began + SETTLE_S, time.monotonic())
+                healed = load.mark("REPLICAOF NO ONE")
+            during = Window("while Redis was read-only", began + SETTLE_S, healed)
             await judge(fleet, load, served_in=[during])
     finally:
         master.close()
@@ -134,14 +137,15 @@ async def test_redis_turned_read_only_replica_then_promoted_again(redis: RedisSe
 
 async def test_client_pause_write_under_load(redis: RedisServer) -> None:
     fleet = start_fleet([redis.url] * 3)
-    async with miss_load(fleet.replicas) as load:
+    async with miss_load(fleet) as load:
         await asyncio.sleep(WARM_S)
         with redis.client() as client:
             client.execute_command("CLIENT", "PAUSE", 60000, "WRITE")
-            began = time.monotonic()
+            began = load.mark("CLIENT PAUSE WRITE")
             await asyncio.sleep(14)
             client.execute_command("CLIENT", "UNPAUSE")
-        during = Window("while Redis refused writes", began + SETTLE_S, time.monotonic())
+            healed = load.mark("CLIENT UNPAUSE")
+        during = Window("while Redis refused writes", began + SETTLE_S, healed)
         await judge(fleet, load, served_in=[during])
 
 
@@ -152,16 +156,16 @@ async def test_one_replica_partitioned_from_redis_longer_than_the_settle_time(
     proxy = TcpProxy(redis.port).start()
     try:
         fleet = start_fleet([redis.url, redis.url, proxy.redis_url])
-        async with miss_load(fleet.replicas) as load:
+        async with miss_load(fleet) as load:
             await asyncio.sleep(WARM_S)
             if cut == "blackhole":
                 proxy.blackhole()
             else:
                 proxy.reset()
-            began = time.monotonic()
+            began = load.mark(f"partition ({cut})")
             await asyncio.sleep(15)
             proxy.heal()
-            healed = time.monotonic()
+            healed = load.mark("healed")
             await asyncio.sleep(3)
             windows = [
                 Window("by the partitioned replica", began + SETTLE_S, healed, {2}),
@@ -180,23 +184,24 @@ async def test_the_vendor_keeps_working_on_requests_the_gateway_abandoned(
     hold = {"upstream__abandoned_hold_ms": "4000"} if NEW_SETTINGS else {}
     hangs = ("--timeout-rate", "0.3", "--hang-s", "4")
     fleet = start_fleet([redis.url] * 3, *hangs, upstream__timeout_ms="1000", **hold)
-    async with miss_load(fleet.replicas) as load:
+    async with miss_load(fleet) as load:
         await asyncio.sleep(20)
-        await set_behaviour(fleet.upstream, timeout_rate=0.0)  # healed for the fresh batch
+        await set_behaviour(fleet.upstream, timeout_rate=0.0)
+        load.mark("hangs off")  # healed for the fresh batch
         await judge(fleet, load, allowed=HANG_STATUSES)
 
 
 async def test_a_replica_frozen_for_12_s_then_resumed(redis: RedisServer) -> None:
     fleet = start_fleet([redis.url] * 3)
-    async with miss_load(fleet.replicas) as load:
+    async with miss_load(fleet) as load:
         await asyncio.sleep(WARM_S)
         load.down.add(2)  # a load balancer stops sending to it; what it holds stays
         fleet.replicas[2].signal(signal.SIGSTOP)
-        began = time.monotonic()
+        began = load.mark("replica SIGSTOP")
         await asyncio.sleep(12)
         fleet.replicas[2].signal(signal.SIGCONT)
         load.down.discard(2)
-        resumed = time.monotonic()
+        resumed = load.mark("replica SIGCONT")
         await asyncio.sleep(4)
         during = Window("by the others while one was frozen", began + SETTLE_S, resumed, {0, 1})
         await judge(fleet, load, served_in=[during])
@@ -204,11 +209,11 @@ async def test_a_replica_frozen_for_12_s_then_resumed(redis: RedisServer) -> Non
 
 async def test_a_replica_killed_under_load(redis: RedisServer) -> None:
     fleet = start_fleet([redis.url] * 3)
-    async with miss_load(fleet.replicas) as load:
+    async with miss_load(fleet) as load:
         await asyncio.sleep(WARM_S)
         load.down.add(2)
         fleet.replicas[2].signal(signal.SIGKILL)
-        began = time.monotonic()
+        began = load.mark("replica SIGKILL")
         await asyncio.sleep(12)
         after = Window("by the others after the kill", began + SETTLE_S, time.monotonic(), {0, 1})
         await judge(fleet, load, served_in=[after])
@@ -216,10 +221,12 @@ async def test_a_replica_killed_under_load(redis: RedisServer) -> None:
 
 async def test_redis_frozen_for_5_s_under_load(redis: RedisServer) -> None:
     fleet = start_fleet([redis.url] * 3)
-    async with miss_load(fleet.replicas) as load:
+    async with miss_load(fleet) as load:
         await asyncio.sleep(WARM_S)
         redis.freeze()
+        load.mark("Redis SIGSTOP")
         await asyncio.sleep(5)
         redis.thaw()
+        load.mark("Redis SIGCONT")
         await asyncio.sleep(6)
         await judge(fleet, load)

@@ -234,16 +234,19 @@ class MissLoad:
     def __init__(
         self,
         session: ClientSession,
-        replicas: Sequence[Process],
+        fleet: Fleet,
         *,
         callers: int = 30,
         page_size: int = 10,
         max_requests: int = 3000,
         max_s: float = 90.0,
     ) -> None:
-        self.replicas = replicas
+        self.fleet = fleet
+        self.replicas = fleet.replicas
         self.down: set[int] = set()
         self.outcomes: list[Outcome] = []
+        self.began = time.monotonic()
+        self.events: list[tuple[float, str]] = []  # marks and new violations, for the report
         self._session = session
         self._page_size = page_size
         self._max_requests = max_requests
@@ -252,6 +255,17 @@ class MissLoad:
         self._stopping = False
         deadline = time.monotonic() + max_s
         self._tasks = [asyncio.create_task(self._caller(deadline)) for _ in range(callers)]
+        self._watch = asyncio.create_task(self._watch_violations())
+
+    def mark(self, label: str) -> float:
+        """Note a fault's step for the report; its time (monotonic s)."""
+        now = time.monotonic()
+        self.events.append((now, label))
+        return now
+
+    def timeline(self) -> str:
+        """Marks and new violations, in seconds since the load began."""
+        return ", ".join(f"{t - self.began:.1f}s {label}" for t, label in sorted(self.events))
 
     async def stop(self, cancel: bool = False) -> None:
         """No new requests; the ones under way finish (or are cancelled)."""
@@ -260,6 +274,11 @@ class MissLoad:
             for task in self._tasks:
                 task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=cancel)
+
+    async def close(self) -> None:
+        await self.stop(cancel=True)
+        self._watch.cancel()
+        await asyncio.gather(self._watch, return_exceptions=True)
 
     async def fresh_batch(self, per_replica: int = 8) -> list[Outcome]:
         """``per_replica`` new distinct misses to every replica not down, all at once."""
@@ -279,6 +298,17 @@ class MissLoad:
             status, retry_after = 0, False
         return Outcome(replica, sent, time.monotonic(), status, retry_after)
 
+    async def _watch_violations(self) -> None:
+        seen = 0
+        while True:
+            await asyncio.sleep(0.5)
+            with contextlib.suppress(ClientError, TimeoutError):
+                stats = await sim_stats(self.fleet.upstream)
+                violations = int(str(stats["violations"]))
+                if violations > seen:
+                    self.events.append((time.monotonic(), f"{violations - seen} violations"))
+                    seen = violations
+
     async def _caller(self, deadline: float) -> None:
         while not self._stopping and time.monotonic() < deadline:
             if len(self.outcomes) >= self._max_requests:
@@ -291,19 +321,17 @@ class MissLoad:
 
 
 @contextlib.asynccontextmanager
-async def miss_load(replicas: Sequence[Process], **options: Any) -> AsyncIterator[MissLoad]:
-    """``async with miss_load(fleet.replicas) as load:`` the load runs from here until
-    ``judge`` (or the block's end; cancelled if the block fails)."""
+async def miss_load(fleet: Fleet, **options: Any) -> AsyncIterator[MissLoad]:
+    """``async with miss_load(fleet) as load:`` the load runs from here until ``judge`` (or
+    the block's end; cancelled if the block fails)."""
     async with ClientSession(
         connector=TCPConnector(limit=0), timeout=ClientTimeout(total=60)
     ) as session:
-        load = MissLoad(session, replicas, **options)
+        load = MissLoad(session, fleet, **options)
         try:
             yield load
-        except BaseException:
-            await load.stop(cancel=True)
-            raise
-        await load.stop()
+        finally:
+            await load.close()
 
 
 def served(
@@ -344,7 +372,10 @@ async def judge(
     ``served_in`` window must hold some 200s.
     """
     await load.stop()
+    load.mark("load stopped; fresh batch")
     fresh = await load.fresh_batch()
+    load.mark("fresh batch answered")
+    await asyncio.sleep(0.6)  # the watcher's last look
     stats = await sim_stats(fleet.upstream)
     problems = []
     seen = {k: int(str(stats[k])) for k in ("violations", "max_in_flight", "max_starts_in_window")}
@@ -369,7 +400,7 @@ async def judge(
     for window in served_in:
         if served(load.outcomes, window.since, window.until, window.replicas) == 0:
             problems.append(f"no miss answered {window.label}")
-    assert not problems, "; ".join(problems)
+    assert not problems, "; ".join([*problems, f"timeline: {load.timeline()}"])
 
 
 def _count(statuses: Any) -> dict[int, int]:
