@@ -75,6 +75,14 @@ def test_the_proxy_cuts_a_redis_link_as_a_partition_would(redis: RedisServer) ->
         proxy.close()
 
 
+async def test_without_a_fault_the_fleet_keeps_the_limit(redis: RedisServer) -> None:
+    # The baseline: if this row fails, the others' verdicts say nothing about their faults.
+    fleet = start_fleet([redis.url] * 3)
+    async with miss_load(fleet) as load:
+        await asyncio.sleep(15)
+        await judge(fleet, load, served_in=[Window("under load", load.began, time.monotonic())])
+
+
 async def test_redis_restarted_empty_twice_under_load(redis: RedisServer) -> None:
     fleet = start_fleet([redis.url] * 3)
     async with miss_load(fleet) as load:

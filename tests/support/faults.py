@@ -400,7 +400,20 @@ async def judge(
     for window in served_in:
         if served(load.outcomes, window.since, window.until, window.replicas) == 0:
             problems.append(f"no miss answered {window.label}")
-    assert not problems, "; ".join([*problems, f"timeline: {load.timeline()}"])
+    assert not problems, "; ".join([*problems, f"timeline: {load.timeline()}", _warnings(fleet)])
+
+
+def _warnings(fleet: Fleet, last: int = 4) -> str:
+    """The replicas' last warnings (but the start-up one about caller auth), for a verdict."""
+    parts = []
+    for index, replica in enumerate(fleet.replicas):
+        lines = [
+            line[:240]
+            for line in replica.output().splitlines()
+            if (" WARNING " in line or " ERROR " in line) and "auth.enabled" not in line
+        ]
+        parts.append(f"replica {index}: {len(lines)} warnings, last: {lines[-last:]}")
+    return "; ".join(parts)
 
 
 def _count(statuses: Any) -> dict[int, int]:
