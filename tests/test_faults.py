@@ -26,7 +26,6 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from tests.support.faults import (
     HANG_STATUSES,
     NEW_SETTINGS,
-    TcpProxy,
     Window,
     judge,
     miss_load,
@@ -36,6 +35,7 @@ from tests.support.faults import (
 )
 from tests.support.fleet import start_simulator_process
 from tests.support.processes import RedisServer
+from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
