@@ -44,12 +44,24 @@ def wait_for_port(
 
 
 class RedisServer:
-    """A private redis-server (never one someone else started), stoppable and restartable."""
+    """A private redis-server (never one someone else started), stoppable and restartable.
 
-    def __init__(self, port: int | None = None) -> None:
+    It never persists anything: a restart comes back empty. ``maxmemory`` and ``policy``
+    (``maxmemory-policy``) are Redis's own option values.
+    """
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        maxmemory: str = "256mb",
+        policy: str = "volatile-lru",
+    ) -> None:
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not on PATH; .ci/run installs it")
         self.port = port or free_port()
+        self.maxmemory = maxmemory
+        self.policy = policy
         self.dir = tempfile.mkdtemp(prefix="gw-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -66,8 +78,8 @@ class RedisServer:
                 "--save", "",
                 "--appendonly", "no",
                 "--dir", self.dir,
-                "--maxmemory", "256mb",
-                "--maxmemory-policy", "volatile-lru",
+                "--maxmemory", self.maxmemory,
+                "--maxmemory-policy", self.policy,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -89,6 +101,7 @@ class RedisServer:
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
+            self.proc.send_signal(signal.SIGCONT)  # a frozen server must see its signal too
             self.proc.wait(timeout=10)
         self.proc = None
 
@@ -104,6 +117,24 @@ class RedisServer:
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def restart_empty(self) -> None:
+        """Killed and started again on the same port, with no data (nothing is persisted)."""
+        self.stop(signal.SIGKILL)
+        self.start()
+
+    def freeze(self) -> None:
+        """SIGSTOP: connections stay open, nothing is answered until ``thaw``."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def client(self) -> redis.Redis:
+        """A plain client of this server, for a test's own commands; close it after use."""
+        return redis.Redis(port=self.port)
 
 
 class Process:
@@ -154,6 +185,7 @@ class Process:
         if self.stopped:
             return self.proc.wait()
         self.signal(signal.SIGTERM)
+        self.signal(signal.SIGCONT)  # a frozen (SIGSTOP) process must see its SIGTERM too
         try:
             return self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
