@@ -35,7 +35,8 @@ class CachePolicy:
 @dataclass(frozen=True, slots=True)
 class CacheEntry:
     """An upstream answer as stored: its raw bytes and when it was stored (epoch seconds);
-    ``gzip``: the same bytes gzip-compressed, when the store keeps them so (large answers)."""
+    ``gzip``: the same bytes gzip-compressed, when the store keeps them so (large answers);
+    ``request_id``: the X-Request-ID of the request whose upstream call stored it."""
 
     body: bytes
     content_type: str
@@ -43,6 +44,7 @@ class CacheEntry:
     ttl: float
     stale: float
     gzip: bytes | None = None
+    request_id: str | None = None
 
 
 class Freshness(Enum):

@@ -1,7 +1,8 @@
 """The shared cache store: upstream answers in Redis, expired by Redis, purgeable per campaign.
 
 Value format (never pickle): ``b"ISGW1\\n"``, a compact JSON header
-``{"stored_at", "ttl", "stale", "content_type"}`` plus ``"encoding": "gzip"`` when the body
+``{"stored_at", "ttl", "stale", "content_type"}`` plus ``"request_id"`` (the request whose
+call stored it) and ``"encoding": "gzip"`` when the body
 follows gzip-compressed (large answers, see ``cache.with_gzip``), ``b"\\n"``, then the body.
 ``decode_entry`` validates strictly (the gzip member included), so a value someone else wrote
 is a miss, never run and never a crash. A replica older than the "encoding" field reads a
@@ -45,7 +46,8 @@ MAX_EPOCH = 32_503_680_000.0  # year 3000
 MAX_LIFETIME = 10 * 365 * 86400.0
 INDEX_SUFFIX = "index"
 _HEADER_FIELDS = frozenset({"stored_at", "ttl", "stale", "content_type"})
-_GZIP_FIELDS = _HEADER_FIELDS | {"encoding"}
+_OPTIONAL_FIELDS = frozenset({"encoding", "request_id"})
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # as the middleware accepts one
 _CONTENT_TYPE = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,254}")  # printable ASCII: a header value
 # A non-empty hash tag, else Redis Cluster would hash the whole key and split entry from index.
 _ENTRY_KEY = re.compile(re.escape(KEY_PREFIX) + r"(:\{[^{}]+\}:)(.+)", re.DOTALL)
@@ -100,6 +102,8 @@ def encode_entry(entry: CacheEntry) -> bytes:
     }
     if entry.gzip is not None:
         fields["encoding"] = "gzip"
+    if entry.request_id is not None:
+        fields["request_id"] = entry.request_id
     header = json.dumps(fields, separators=(",", ":"), allow_nan=False).encode()
     raw = MAGIC + header + b"\n" + (entry.body if entry.gzip is None else entry.gzip)
     if len(entry.body) > MAX_BODY_BYTES or _parse(raw) is None:
@@ -124,7 +128,14 @@ def _parse(raw: bytes) -> CacheEntry | None:
         header = json.loads(raw[len(MAGIC) : end])
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
-    if not isinstance(header, dict) or header.keys() not in (_HEADER_FIELDS, _GZIP_FIELDS):
+    if not isinstance(header, dict) or not header.keys() >= _HEADER_FIELDS:
+        return None
+    if not header.keys() <= _HEADER_FIELDS | _OPTIONAL_FIELDS:
+        return None
+    request_id = header.get("request_id")
+    if request_id is not None and not (
+        isinstance(request_id, str) and _REQUEST_ID.fullmatch(request_id)
+    ):
         return None
     if header.get("encoding", "gzip") != "gzip":
         return None
@@ -140,11 +151,11 @@ def _parse(raw: bytes) -> CacheEntry | None:
     if len(body) > MAX_BODY_BYTES:
         return None
     if "encoding" not in header:
-        return CacheEntry(body, content_type, stored_at, ttl, stale)
+        return CacheEntry(body, content_type, stored_at, ttl, stale, request_id=request_id)
     plain = gunzip(body, MAX_BODY_BYTES)
     if plain is None:
         return None
-    return CacheEntry(plain, content_type, stored_at, ttl, stale, gzip=body)
+    return CacheEntry(plain, content_type, stored_at, ttl, stale, body, request_id)
 
 
 def _number(value: Any, maximum: float) -> float | None:

@@ -106,7 +106,9 @@ def encode_outcome(outcome: Outcome) -> bytes:
     """The published/stored form: JSON header line + raw body (errors: gateway code + message)."""
     if outcome.response is not None:
         r = outcome.response
-        header = {"v": 1, "status": r.status, "content_type": r.content_type}
+        header: dict[str, object] = {"v": 1, "status": r.status, "content_type": r.content_type}
+        if r.request_id is not None:
+            header["request_id"] = r.request_id  # followers' access lines name the leader
         return json.dumps(header).encode() + b"\n" + r.body
     exc = outcome.error
     if isinstance(exc, GatewayError):
@@ -132,7 +134,9 @@ def decode_outcome(data: object) -> Outcome | None:
         return None
     status, ctype = header.get("status"), header.get("content_type")
     if type(status) is int and 100 <= status <= 599 and isinstance(ctype, str):
-        return Outcome(response=UpstreamResponse(status, body, ctype))
+        leader = header.get("request_id")
+        leader = leader if isinstance(leader, str) and len(leader) <= 128 else None
+        return Outcome(response=UpstreamResponse(status, body, ctype, request_id=leader))
     code, name, message = header.get("code"), header.get("error"), header.get("message")
     if not (isinstance(code, str) or isinstance(name, str)):
         return None

@@ -118,7 +118,15 @@ class CallResultService:
                     if self._popularity is not None and self._popularity.hit(key, entry, now):
                         self._refresh_ahead(query, key, locale, entry)
                     age = age_seconds(entry, now)
-                    return Answer(200, entry.body, entry.content_type, "HIT", age, gzip=entry.gzip)
+                    return Answer(
+                        200,
+                        entry.body,
+                        entry.content_type,
+                        "HIT",
+                        age,
+                        source_request_id=entry.request_id,  # whose upstream call stored it
+                        gzip=entry.gzip,
+                    )
                 if entry is not None and state is Freshness.STALE:
                     stale = entry
                 self._metrics.cache_lookups_by["stale" if stale else "miss"].inc()
@@ -231,7 +239,14 @@ class CallResultService:
         now = self._clock.time()
         ttl = fresh_ttl(query, code, _utc_date(now), self._policy)
         if self._cache is not None and ttl > 0:
-            entry = CacheEntry(response.body, response.content_type, now, ttl, self._policy.stale)
+            entry = CacheEntry(
+                response.body,
+                response.content_type,
+                now,
+                ttl,
+                self._policy.stale,
+                request_id=response.request_id,
+            )
             try:
                 await self._cache.put(key, entry)
             except BackendUnavailable:  # fails open: the answer still goes out

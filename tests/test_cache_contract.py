@@ -5,6 +5,7 @@ Redis store promises (native TTLs, a campaign index, crafted values as misses, f
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gzip
 import json
 import os
@@ -351,6 +352,16 @@ def test_an_encoded_entry_is_the_header_then_the_raw_body_and_decodes_to_itself(
     assert decode_entry(raw) == entry
 
 
+def test_the_request_that_stored_an_entry_round_trips_with_it() -> None:
+    entry = CacheEntry(BODY, "application/json", 1_700_000_000.0, 30.0, 0.0, request_id="r-1:a")
+    assert decode_entry(encode_entry(entry)) == entry
+    packed = CacheEntry(large_body(), "application/json", 1_700_000_000.0, 30.0, 0.0)
+    packed = dataclasses.replace(packed, request_id="r-2")
+    decoded = decode_entry(encode_entry(packed))
+    assert decoded is not None
+    assert (decoded.body, decoded.request_id) == (packed.body, "r-2")
+
+
 def test_an_empty_body_round_trips() -> None:
     entry = CacheEntry(b"", "application/json", 1_700_000_000.0, 1.0, 1.0)
     assert decode_entry(encode_entry(entry)) == entry
@@ -382,6 +393,9 @@ def test_an_empty_body_round_trips() -> None:
         pytest.param(value(header(content_type="")), id="empty-content-type"),
         pytest.param(value(header(content_type="a\r\nSet-Cookie: x")), id="crlf-content-type"),
         pytest.param(value(header(content_type="x" * 300)), id="long-content-type"),
+        pytest.param(value(header(request_id=7)), id="number-request-id"),
+        pytest.param(value(header(request_id="a\nb")), id="newline-request-id"),
+        pytest.param(value(header(request_id="r" * 129)), id="long-request-id"),
         pytest.param(value(header(), b"x" * (MAX_BODY_BYTES + 1)), id="absurd-body"),
         pytest.param(value(header(encoding="br"), gzip.compress(BODY)), id="unknown-encoding"),
         pytest.param(value(header(encoding="gzip"), BODY), id="not-gzip"),

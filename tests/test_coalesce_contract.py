@@ -351,6 +351,14 @@ def test_an_error_outcome_decodes_to_its_gateway_class(
         assert decoded.error.retry_after == 3.0
 
 
+def test_a_response_outcome_names_the_request_that_made_the_call() -> None:
+    response = UpstreamResponse(200, b"{}", "application/json", request_id="leader-7")
+    decoded = decode_outcome(encode_outcome(Outcome(response=response)))
+    assert decoded is not None
+    assert decoded.response is not None
+    assert decoded.response.request_id == "leader-7"
+
+
 def test_a_response_outcome_round_trips_its_raw_bytes() -> None:
     response = UpstreamResponse(200, b'\x00{"a":1}\n\xff', "application/json; charset=UTF-8")
     assert decode_outcome(encode_outcome(Outcome(response=response))) == Outcome(response=response)

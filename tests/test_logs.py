@@ -356,3 +356,20 @@ async def test_a_coalesced_answers_access_line_names_the_request_that_called_ups
     access = {e["request_id"]: e for e in json_lines(log_stream) if e["logger"] == "gateway.access"}
     assert access["follow-1"]["source_request_id"] == "leader-1"
     assert access["leader-1"]["source_request_id"] is None
+
+
+async def test_a_hits_access_line_names_the_request_whose_call_stored_the_answer(
+    upstream: Upstream, start_gateway: StartGateway, log_stream: io.StringIO
+) -> None:
+    gateway = await start_gateway(gateway_settings(upstream.url))
+    setup_logging("INFO", "json", stream=log_stream)
+    for request_id in ("stored-by-1", "hit-2"):
+        response = await gateway.post(
+            PATH, json={"pageSize": 5}, headers={"X-Request-ID": request_id}
+        )
+        assert response.status == 200
+    flush_access_log()
+
+    access = {e["request_id"]: e for e in json_lines(log_stream) if e["logger"] == "gateway.access"}
+    assert access["hit-2"]["cache"] == "HIT"
+    assert access["hit-2"]["source_request_id"] == "stored-by-1"
