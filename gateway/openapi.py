@@ -339,6 +339,22 @@ def _purge() -> dict[str, Any]:
     }
 
 
+def _admin_get(operation_id: str, summary: str) -> dict[str, Any]:
+    """An admin-key GET answering a JSON object (its fields are described in the README)."""
+    return {
+        "get": {
+            "operationId": operation_id,
+            "summary": summary,
+            "security": [{"adminKey": []}],
+            "responses": {
+                "200": _ok("The document.", _json_body({"type": "object"})),
+                "401": _ref(_RESPONSES, "Unauthenticated"),
+                "403": _ref(_RESPONSES, "Forbidden"),
+            },
+        }
+    }
+
+
 def _simple_get(operation_id: str, summary: str, ok: dict[str, Any]) -> dict[str, Any]:
     return {"get": {"operationId": operation_id, "summary": summary, "responses": ok}}
 
@@ -371,6 +387,12 @@ def openapi_spec(version: str) -> dict[str, Any]:
         "paths": {
             "/rest/isales/v1/openapi/campaigns/{vdnId}/callresult/{campaignId}": _callresult(),
             "/admin/cache/campaigns/{vdnId}/{campaignId}": _purge(),
+            "/admin/config": _admin_get(
+                "adminConfig", "Admin: the effective settings, secrets redacted."
+            ),
+            "/admin/stats": _admin_get(
+                "adminStats", "Admin: cache entries, the queue by caller, limiter and breaker."
+            ),
             "/healthz": _simple_get(
                 "healthz",
                 "Alive: the process answers.",

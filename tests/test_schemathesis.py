@@ -125,6 +125,8 @@ def test_every_gateway_endpoint_is_described() -> None:
     assert set(OPERATIONS) == {
         CALLRESULT,
         PURGE,
+        "GET /admin/config",
+        "GET /admin/stats",
         "GET /healthz",
         "GET /readyz",
         "GET /metrics",
