@@ -48,6 +48,10 @@ from gateway.upstream import UpstreamClient, UpstreamResponse, send_trace, ssl_c
 log = logging.getLogger("gateway")
 
 
+def _known(count: int | None) -> float:
+    return math.nan if count is None else count
+
+
 def cache_policy(settings: Settings) -> CachePolicy:
     c = settings.cache
     return CachePolicy(
@@ -228,6 +232,8 @@ def create_app(
         (lim.window_ms + lim.margin_ms) / 1000,
         in_flight=lambda: limiter.snapshot().in_flight,
         queued=lambda: limiter.snapshot().queued,
+        fleet_in_flight=lambda: _known(limiter.snapshot().fleet_in_flight),
+        fleet_starts=lambda: _known(limiter.snapshot().fleet_starts),
     )
     app = web.Application(
         middlewares=[observe_middleware, error_middleware],

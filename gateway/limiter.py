@@ -39,6 +39,10 @@ class LimiterSnapshot:
     queued: int
     # By caller, for metrics; left out of equality so a snapshot compares as (held, queued).
     queued_by_caller: Mapping[str, int] = field(default_factory=dict, compare=False)
+    # What proves compliance: the whole fleet's permits in flight and starts in the current
+    # window as the limiter counts them (None: not known now, e.g. cut off from Redis).
+    fleet_in_flight: int | None = field(default=None, compare=False)
+    fleet_starts: int | None = field(default=None, compare=False)
 
 
 def shutting_down() -> QueueFull:
@@ -136,6 +140,12 @@ class WindowBudget:
         self.pending -= 1
         self.record(now)
 
+    def starts_in_window(self, now: float) -> int:
+        """Starts counted in the window at ``now``, pending ones included."""
+        while self._starts and self._starts[0] <= now - self.window:
+            self._starts.popleft()
+        return len(self._starts) + self.pending
+
     def record(self, now: float) -> None:
         """A start at ``now`` that this budget did not grant (it counts all the same)."""
         self._starts.append(now)
@@ -205,8 +215,13 @@ class InMemoryLimiter:
         self._shedding = False
 
     def snapshot(self) -> LimiterSnapshot:
+        in_flight = self._budget.in_flight
         return LimiterSnapshot(
-            self._budget.in_flight, self._scheduler.queued(), self._scheduler.queued_by_caller()
+            in_flight,
+            self._scheduler.queued(),
+            self._scheduler.queued_by_caller(),
+            fleet_in_flight=in_flight,  # one process: it is the fleet
+            fleet_starts=self._budget.starts_in_window(self._clock.monotonic()),
         )
 
     def start(self) -> None:

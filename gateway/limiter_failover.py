@@ -176,10 +176,13 @@ class FailoverLimiter:
         by_caller = dict(shared.queued_by_caller)
         for caller, count in self._queue.queued_by_caller().items():
             by_caller[caller] = by_caller.get(caller, 0) + count
+        known = self._mode is Mode.GLOBAL  # cut off, the fleet's count is not known here
         return LimiterSnapshot(
             shared.in_flight + self._budget.in_flight,
             shared.queued + self._queue.queued(),
             by_caller,
+            fleet_in_flight=shared.fleet_in_flight if known else None,
+            fleet_starts=shared.fleet_starts if known else None,
         )
 
     def shed(self) -> None:

@@ -193,6 +193,7 @@ class RedisLimiter:
         self.beating = True  # heartbeats claim membership; the failover stops them
         self.claimed_at = -float("inf")  # when the latest heartbeat was sent (monotonic)
         self.members = 0  # replicas counted at the latest heartbeat
+        self.fleet: tuple[int, int] | None = None  # in flight, starts: the latest heartbeat
         self._wake: asyncio.Future[None] | None = None
         self._dispatcher: asyncio.Task[None] | None = None
         self._beater: asyncio.Task[None] | None = None
@@ -207,7 +208,14 @@ class RedisLimiter:
         return self._lease_s + self._window_s
 
     def snapshot(self) -> LimiterSnapshot:
-        return LimiterSnapshot(len(self._held), self._queued(), self._queue.queued_by_caller())
+        fleet_in_flight, fleet_starts = self.fleet or (None, None)
+        return LimiterSnapshot(
+            len(self._held),
+            self._queued(),
+            self._queue.queued_by_caller(),
+            fleet_in_flight=fleet_in_flight,
+            fleet_starts=fleet_starts,
+        )
 
     def start(self) -> None:
         """Start claiming membership (heartbeats); ``permit()`` starts it too."""
@@ -272,6 +280,7 @@ class RedisLimiter:
         ttl_ms = round(_MEMBER_BEATS * self.beat_s * 1000)
         args: list[str | int] = [self._epoch, self.replica, ttl_ms, not_after]
         args += [round(self._lease_s * 1000), round(self.hold_s * 1000)]
+        args.append(round(self._window_s * 1000))
         args += [lease for lease, p in self._held.items() if p.grant.generation == self._generation]
         k = self.keys
         heartbeat = self._scripts["heartbeat"]([k.meta, k.leases, k.starts, k.members], args)
@@ -279,9 +288,10 @@ class RedisLimiter:
         if int(reply[0]) < 0:
             raise self._failure("heartbeat", TimeoutError("the heartbeat reached Redis too late"))
         members, epoch = int(reply[0]), _text(reply[1])
+        self.fleet = (int(reply[2]), int(reply[3]))
         if epoch != self._epoch:
             self._new_epoch(epoch)
-        for lease in map(_text, reply[2:]):
+        for lease in map(_text, reply[4:]):
             if lease in self._held:
                 log.error("limiter lease %s lapsed while held; the limit may be exceeded", lease)
         if members > self._replicas and self.members <= self._replicas:

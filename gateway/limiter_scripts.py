@@ -17,8 +17,9 @@ surely lapsed (``hold``: the longest lease plus a window). A caller naming anoth
                -> {granted, 0, epoch, caller, n, caller, n...} or {0, hint ms, epoch}
     HEARTBEAT  KEYS meta leases starts members
                ARGV epoch ('' to join any), replica, member ttl ms, not after (unix ms), lease
-                    ms, hold ms, leases...
-               -> {live members, epoch, lost leases...}; {-2} if it arrived after ``not after``
+                    ms, hold ms, window ms, leases...
+               -> {live members, epoch, leases in flight, starts in window, lost leases...};
+                  {-2} if it arrived after ``not after``
     SENT       KEYS starts; ARGV lease. Records its start now (XX: a lapsed one is not revived).
     RELEASE    KEYS leases starts; ARGV channel, lease, 1 to record its start now (never sent).
     WITHDRAW   KEYS demand wants since; ARGV channel, replica, callers... This replica's demand for
@@ -199,9 +200,11 @@ local lease_ms = tonumber(ARGV[5])
 local epoch = generation(KEYS[1], now, tonumber(ARGV[6]))
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
 redis.call('ZADD', KEYS[4], now + tonumber(ARGV[3]), ARGV[2])
-local reply = {redis.call('ZCARD', KEYS[4]), epoch}
+local in_flight = redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf')
+local starts = redis.call('ZCOUNT', KEYS[3], '(' .. (now - tonumber(ARGV[7])), '+inf')
+local reply = {redis.call('ZCARD', KEYS[4]), epoch, in_flight, starts}
 if epoch ~= ARGV[1] then return reply end  -- held leases belong to a lost epoch: nothing to renew
-for i = 7, #ARGV do
+for i = 8, #ARGV do
   if redis.call('ZSCORE', KEYS[2], ARGV[i]) then
     redis.call('ZADD', KEYS[2], now + lease_ms, ARGV[i])
   else

@@ -209,6 +209,18 @@ class GatewayMetrics:
             "Callers of this replica waiting for an upstream permit.",
             registry=registry,
         )
+        self.fleet_permits_in_flight = Gauge(
+            "isales_gateway_fleet_permits_in_flight",
+            "Upstream permits in flight in the whole fleet, as the limiter counts them (NaN "
+            "while this replica cannot read it).",
+            registry=registry,
+        )
+        self.fleet_starts_in_window = Gauge(
+            "isales_gateway_fleet_upstream_starts_in_window",
+            "Upstream starts in the current window + margin in the whole fleet, as the limiter "
+            "counts them (pending ones included; NaN while this replica cannot read it).",
+            registry=registry,
+        )
         self.queue_wait = Histogram(
             "isales_gateway_queue_wait_seconds",
             "Time a miss waited for its upstream permit.",
@@ -352,12 +364,16 @@ class GatewayMetrics:
         window_s: float,
         in_flight: Callable[[], float],
         queued: Callable[[], float],
+        fleet_in_flight: Callable[[], float],
+        fleet_starts: Callable[[], float],
     ) -> None:
         """Read the limiter's gauges at scrape time instead of tracking every change."""
         self.permits_max.set(max_concurrent)
         self.limit_window.set(window_s)
         self.permits_in_flight.set_function(in_flight)
         self.queue_depth.set_function(queued)
+        self.fleet_permits_in_flight.set_function(fleet_in_flight)
+        self.fleet_starts_in_window.set_function(fleet_starts)
 
 
 def result_code_label(code: str | None) -> str:

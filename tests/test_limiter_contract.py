@@ -778,3 +778,29 @@ async def test_losing_redis_while_holding_a_permit_still_frees_the_local_slot() 
         await limiter.close()
         await client.aclose()
         server.close()
+
+
+async def test_every_replica_reads_the_fleets_permits_in_flight_and_starts_in_the_window(
+    redis_client: aioredis.Redis, second_client: aioredis.Redis, closing: list[RedisLimiter]
+) -> None:
+    holding, reading = redis_limiter(redis_client), redis_limiter(second_client)
+    closing.extend([holding, reading])
+    holders = [Holder(holding) for _ in range(2)]
+    await until(lambda: all(h.sent_at > 0 for h in holders))
+    await asyncio.sleep(0.05)  # the starts' records land
+    await reading.beat()
+    snapshot = reading.snapshot()
+    assert (snapshot.in_flight, snapshot.fleet_in_flight, snapshot.fleet_starts) == (0, 2, 2)
+    await finish(*holders)
+    await reading.beat()
+    assert reading.snapshot().fleet_in_flight == 0
+    assert reading.snapshot().fleet_starts == 2  # still in the window
+
+
+async def test_the_embedded_limiter_counts_itself_as_the_whole_fleet() -> None:
+    limiter = InMemoryLimiter(**limiter_options())
+    holder = Holder(limiter)
+    await until(lambda: holder.sent_at > 0)
+    assert (limiter.snapshot().fleet_in_flight, limiter.snapshot().fleet_starts) == (1, 1)
+    await finish(holder)
+    assert (limiter.snapshot().fleet_in_flight, limiter.snapshot().fleet_starts) == (0, 1)
