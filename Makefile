@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench clean image lock
+.PHONY: demo test test-fast lint bench clean image lock
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ lint: $(BIN)/.installed
 
 test: lint
 	$(BIN)/pytest
+
+# The inner loop: everything but the load and fault tests (marked slow), a few minutes less.
+test-fast: lint
+	$(BIN)/pytest -m "not slow"
 
 # README "Performance": a few minutes; needs wrk and redis-server on PATH. BENCH_ARGS=--quick
 # for a smoke run.
