@@ -10,12 +10,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from aiohttp import ClientSession, ClientTimeout
+from aiohttp import ClientSession, ClientTimeout, web
+from aiohttp.test_utils import TestClient
 
-from tests.conftest import StartGateway, StartSimulator, gateway_settings
+from tests.conftest import StartGateway, StartSimulator, Upstream, gateway_settings
 from tests.support.fleet import JSON, path
 
 HANG_S = 2.0  # longer than the window: the next start is allowed before it ends
+
+
+async def hanging_vendor(
+    start_simulator: StartSimulator, start_gateway: StartGateway, *, hold_ms: int, retries: int
+) -> tuple[Upstream, TestClient[web.Request, web.Application]]:
+    """A vendor that hangs on every request (and keeps working on it after a hang-up), behind a
+    gateway of one permit that gives up after 200 ms and holds the permit ``hold_ms`` more."""
+    upstream = await start_simulator(timeout_rate=1.0, hang_s=HANG_S)
+    settings = gateway_settings(
+        upstream.url,
+        limit__max_concurrent=1,
+        upstream__connect_timeout_ms=100,
+        upstream__timeout_ms=200,
+        upstream__abandoned_hold_ms=hold_ms,
+        upstream__retries=retries,
+    )
+    return upstream, await start_gateway(settings)
 
 
 async def test_a_request_whose_client_hung_up_keeps_running_at_the_simulator(
@@ -34,16 +52,9 @@ async def test_a_request_whose_client_hung_up_keeps_running_at_the_simulator(
 async def test_a_timed_out_call_keeps_its_permit_while_the_vendor_may_still_work_on_it(
     start_simulator: StartSimulator, start_gateway: StartGateway
 ) -> None:
-    upstream = await start_simulator(timeout_rate=1.0, hang_s=HANG_S)
-    settings = gateway_settings(
-        upstream.url,
-        limit__max_concurrent=1,
-        upstream__connect_timeout_ms=100,
-        upstream__timeout_ms=200,
-        upstream__abandoned_hold_ms=round(HANG_S * 1000) + 200,
-        upstream__retries=1,
+    upstream, gateway = await hanging_vendor(
+        start_simulator, start_gateway, hold_ms=round(HANG_S * 1000) + 200, retries=1
     )
-    gateway = await start_gateway(settings)
     answers = await asyncio.gather(
         *(gateway.post(path(campaign), data=b"{}", headers=JSON) for campaign in (1, 2))
     )
@@ -60,16 +71,7 @@ async def test_without_a_hold_the_vendor_would_see_the_next_call_on_top_of_the_a
 ) -> None:
     # The control: the same calls with no hold break the limit at the simulator, so the test
     # above measures the hold, not luck.
-    upstream = await start_simulator(timeout_rate=1.0, hang_s=HANG_S)
-    settings = gateway_settings(
-        upstream.url,
-        limit__max_concurrent=1,
-        upstream__connect_timeout_ms=100,
-        upstream__timeout_ms=200,
-        upstream__abandoned_hold_ms=0,
-        upstream__retries=0,
-    )
-    gateway = await start_gateway(settings)
+    upstream, gateway = await hanging_vendor(start_simulator, start_gateway, hold_ms=0, retries=0)
     for campaign in (1, 2):
         answer = await gateway.post(path(campaign), data=b"{}", headers=JSON)
         assert answer.status == 504
