@@ -12,9 +12,9 @@ import redis.asyncio as aioredis
 
 from bench import client
 from bench.client import Pool, Result, post_bytes
-from gateway.cache_local import CHANNEL
 from gateway.cache_policy import CacheEntry, cache_key
 from gateway.cache_redis import RedisCacheStore
+from gateway.cache_tiered import CHANNEL
 from gateway.clock import SystemClock
 from gateway.validation import parse_request
 

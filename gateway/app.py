@@ -20,15 +20,17 @@ from redis.asyncio import Redis
 from gateway.auth import AccessKeys, Callers, KeyRing, load_callers
 from gateway.breaker import CircuitBreaker
 from gateway.cache import CacheStore, InMemoryCacheStore
-from gateway.cache_local import shared_cache
 from gateway.cache_policy import CachePolicy
+from gateway.cache_tiered import shared_cache
 from gateway.clock import Clock, SystemClock
 from gateway.coalesce import Coalescer, InProcessCoalescer
 from gateway.coalesce_redis import RedisCoalescer
 from gateway.handlers import add_routes, on_response_prepare
 from gateway.health import probe_redis_at_start
-from gateway.limiter import InMemoryLimiter, Limiter
-from gateway.limiter_failover import FailoverLimiter
+from gateway.limiter import Limiter
+from gateway.limiter.failover import FailoverLimiter
+from gateway.limiter.memory import InMemoryLimiter
+from gateway.limiter.scheduler import DEFAULT_POLICY, CallerPolicy
 from gateway.metrics import BREAKER_STATES, GatewayMetrics
 from gateway.middleware import error_middleware, observe_middleware
 from gateway.openapi import add_openapi_route
@@ -38,12 +40,11 @@ from gateway.pause_redis import RedisPause
 from gateway.popularity import Popularity, RefreshRule
 from gateway.redis_client import check_eviction_policy, connect
 from gateway.reload import KeyReloader
-from gateway.retry import RetryPolicy, UpstreamCaller
-from gateway.scheduler import DEFAULT_POLICY, CallerPolicy
 from gateway.service import CallResultService
 from gateway.settings import Settings, load_settings
 from gateway.state import BREAKER, PARTS, SERVICE, Parts
 from gateway.upstream import UpstreamClient, UpstreamResponse, send_trace, ssl_context
+from gateway.upstream_call import RetryPolicy, UpstreamCaller
 
 log = logging.getLogger("gateway")
 
@@ -307,7 +308,10 @@ def create_app(
             yield
             await service.close()
 
-    async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    async def backends_ctx(app: web.Application) -> AsyncIterator[None]:
+        # Every backend's lifetime, Redis or not. At exit the order matters: the limiter first
+        # (it gives back what it holds, through Redis), then the coalescer and the cache (their
+        # subscriptions), and the shared Redis client last, once nothing uses it.
         if redis is not None:
             await check_eviction_policy(redis)  # raises ConfigError for allkeys-*
         limiter.start()
@@ -349,7 +353,7 @@ def create_app(
         # calls already at the vendor, well within server.shutdown_timeout_s.
         limiter.shed()
 
-    app.cleanup_ctx.append(redis_ctx)
+    app.cleanup_ctx.append(backends_ctx)
     app.cleanup_ctx.append(upstream_ctx)
     app.cleanup_ctx.append(reload_ctx)
     app.on_shutdown.append(draining)

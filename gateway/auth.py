@@ -56,7 +56,7 @@ class Caller:
     name: str
     key_sha256: str
     vdn_ids: frozenset[int] | None  # None: every vdnId
-    # Its share of the upstream budget (gateway/scheduler.py): relative weight, and optional
+    # Its share of the upstream budget (gateway/limiter/scheduler.py): relative weight, and optional
     # caps on permits held at once and on requests waiting (None: the limit.max_queue bound).
     weight: float = 1.0
     max_in_flight: int | None = None

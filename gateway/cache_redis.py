@@ -10,7 +10,7 @@ compressed value as foreign (a miss), never as a wrong answer.
 
 When built with ``channel``, both scripts publish what they changed (the key, or the campaign
 prefix) on it in the same atomic step as the write: no replica can miss an invalidation
-because a write succeeded and a separate publish did not (``cache_local``).
+because a write succeeded and a separate publish did not (``cache_tiered``).
 
 Each entry is ``SET ... PX`` with its remaining life (``stored_at + ttl + stale`` minus now), so
 Redis expires it and ``maxmemory`` eviction works per entry. A per-campaign index, a sorted set

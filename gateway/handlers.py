@@ -33,8 +33,8 @@ from gateway.health import readiness, redis_answers
 from gateway.limiter import ANONYMOUS
 from gateway.metrics import PARAMETER_CODE
 from gateway.redis_client import REDIS_FAILURES
+from gateway.request_trace import current as current_trace
 from gateway.state import BREAKER, CALLER, PARTS, REQUEST_ID, SERVICE, Parts
-from gateway.trace import current as current_trace
 from gateway.traceparent import outgoing_traceparent
 from gateway.validation import MAX_INT, CallResultQuery, parse_path_id, parse_request
 

@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from gateway.breaker import BreakerState, CircuitBreaker
 from gateway.clock import Clock
 from gateway.limiter import Limiter
-from gateway.limiter_failover import FailoverLimiter, Mode
+from gateway.limiter.failover import FailoverLimiter, Mode
 from gateway.redis_client import REDIS_FAILURES
 
 PING_TIMEOUT_S = 1.0

@@ -27,7 +27,7 @@ from prometheus_client import (
 from gateway import __version__
 from gateway.build import revision
 from gateway.errors import GatewayError
-from gateway.trace import current as current_trace
+from gateway.request_trace import current as current_trace
 
 # From a sub-millisecond cache hit to the upstream timeout.
 LATENCY_BUCKETS = (
@@ -55,7 +55,7 @@ RESULT_CODES = (
 # The coalescer's Redis failures are logged by it, not counted: it falls back in-process.
 REDIS_OPERATIONS = ("cache_get", "cache_put", "purge", "limiter", "ping")
 STALE_REASONS = ("upstream_error", "overload", "revalidate")
-# Callers every gateway has besides the configured ones (gateway/limiter.py, handlers.py).
+# Callers every gateway has besides the configured ones (gateway/limiter/memory.py, handlers.py).
 BUILTIN_CALLERS = ("anonymous", "other", "background")
 REFRESH_RESULTS = ("ok", "skipped", "error")
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}

@@ -32,9 +32,9 @@ from gateway.errors import (
     NotFound,
 )
 from gateway.logs import access_log, bind_request_id, reset_request_id
+from gateway.request_trace import RequestTrace
+from gateway.request_trace import current as current_trace
 from gateway.state import CALLER, PARTS, REQUEST_ID
-from gateway.trace import RequestTrace
-from gateway.trace import current as current_trace
 
 access_logger = logging.getLogger("gateway.access")
 log = logging.getLogger("gateway")

@@ -34,8 +34,8 @@ from gateway.errors import (
 from gateway.limiter import ANONYMOUS, BACKGROUND
 from gateway.metrics import GatewayMetrics
 from gateway.popularity import Popularity
-from gateway.retry import UpstreamCaller
 from gateway.upstream import UpstreamResponse
+from gateway.upstream_call import UpstreamCaller
 from gateway.validation import CallResultQuery, refuse_undocumented
 
 

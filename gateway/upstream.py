@@ -39,9 +39,9 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.pause import pause_seconds
+from gateway.request_trace import current as current_trace
 from gateway.settings import UpstreamSettings
 from gateway.signing import authorization, format_timestamp
-from gateway.trace import current as current_trace
 from gateway.validation import CallResultQuery
 
 REQUEST_CONTENT_TYPE = "application/json; charset=UTF-8"

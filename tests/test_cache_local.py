@@ -11,15 +11,15 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.cache_local import (
+from gateway.cache_policy import CacheEntry, cache_key
+from gateway.cache_redis import RedisCacheStore
+from gateway.cache_tiered import (
     CHANNEL,
     ENTRY_OVERHEAD,
     LocalCopies,
     TieredCacheStore,
     entry_size,
 )
-from gateway.cache_policy import CacheEntry, cache_key
-from gateway.cache_redis import RedisCacheStore
 from gateway.clock import ManualClock, SystemClock
 from gateway.validation import CallResultQuery
 from tests.support.processes import RedisServer

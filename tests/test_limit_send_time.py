@@ -22,17 +22,12 @@ from prometheus_client import CollectorRegistry
 from gateway.breaker import CircuitBreaker
 from gateway.clock import SystemClock
 from gateway.errors import PermitLost, UpstreamUnavailable
-from gateway.limiter import (
-    ANONYMOUS,
-    InMemoryLimiter,
-    Limiter,
-    LimiterSnapshot,
-    Permit,
-)
-from gateway.limiter_failover import FailoverLimiter
+from gateway.limiter import ANONYMOUS, Limiter, LimiterSnapshot, Permit
+from gateway.limiter.failover import FailoverLimiter
+from gateway.limiter.memory import InMemoryLimiter
 from gateway.metrics import GatewayMetrics
-from gateway.retry import RetryPolicy, UpstreamCaller
 from gateway.upstream import UpstreamClient, send_trace
+from gateway.upstream_call import RetryPolicy, UpstreamCaller
 from gateway.validation import parse_request
 from tests.conftest import StartGateway, StartSimulator, gateway_settings
 from tests.support.fleet import sim_stats, start_simulator_process

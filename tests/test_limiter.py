@@ -13,8 +13,9 @@ import pytest
 
 from gateway.clock import ManualClock
 from gateway.errors import QueueFull, QueueTimeout
-from gateway.limiter import ANONYMOUS, InMemoryLimiter, Permit, WindowBudget
-from gateway.scheduler import CallerPolicy
+from gateway.limiter import ANONYMOUS, Permit
+from gateway.limiter.memory import InMemoryLimiter, WindowBudget
+from gateway.limiter.scheduler import CallerPolicy
 
 
 def make_limiter(

@@ -23,10 +23,11 @@ from redis.crc import key_slot
 
 from gateway.clock import SystemClock
 from gateway.errors import BackendUnavailable, QueueFull, QueueTimeout
-from gateway.limiter import ANONYMOUS, InMemoryLimiter, Limiter, LimiterSnapshot, Permit
-from gateway.limiter_failover import FailoverLimiter
-from gateway.limiter_redis import RedisLimiter
-from gateway.scheduler import CallerPolicy
+from gateway.limiter import ANONYMOUS, Limiter, LimiterSnapshot, Permit
+from gateway.limiter.failover import FailoverLimiter
+from gateway.limiter.memory import InMemoryLimiter
+from gateway.limiter.redis_limiter import RedisLimiter
+from gateway.limiter.scheduler import CallerPolicy
 from tests.support.processes import RedisServer, free_port
 
 SKEW = 0.015
@@ -533,8 +534,8 @@ CRASHING_REPLICA = """
 import asyncio, sys
 import redis.asyncio as aioredis
 from gateway.clock import SystemClock
-from gateway.limiter_redis import RedisLimiter
-from gateway.scheduler import CallerPolicy
+from gateway.limiter.redis_limiter import RedisLimiter
+from gateway.limiter.scheduler import CallerPolicy
 
 async def main() -> None:
     limiter = RedisLimiter(

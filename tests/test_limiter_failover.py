@@ -28,8 +28,8 @@ from gateway.app import limiter_lease_s
 from gateway.clock import SystemClock
 from gateway.errors import PermitLost, QueueTimeout
 from gateway.limiter import LimiterSnapshot
-from gateway.limiter_failover import FailoverLimiter, Mode, settle_time
-from gateway.limiter_redis import RedisLimiter
+from gateway.limiter.failover import FailoverLimiter, Mode, settle_time
+from gateway.limiter.redis_limiter import RedisLimiter
 from gateway.metrics import GatewayMetrics
 from gateway.settings import load_settings
 from tests.support.processes import RedisServer

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.breaker import CircuitBreaker
 from gateway.clock import ManualClock
 from gateway.health import readiness
-from gateway.limiter import InMemoryLimiter
+from gateway.limiter.memory import InMemoryLimiter
 from tests.conftest import StartGateway, Upstream, gateway_settings
 from tests.support.fleet import path
 from tests.support.processes import RedisServer, free_port

@@ -8,7 +8,7 @@ import time
 from aiohttp import ClientSession
 
 from gateway.clock import ManualClock
-from gateway.retry import RetryPolicy, backoff_delay
+from gateway.upstream_call import RetryPolicy, backoff_delay
 from tests.conftest import StartGateway, StartSimulator, Upstream, gateway_settings
 from tests.support.processes import free_port
 

@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 
 from gateway.errors import QueueFull
-from gateway.scheduler import CallerPolicy, FairScheduler, Turn
+from gateway.limiter.scheduler import CallerPolicy, FairScheduler, Turn
 
 
 def make(

@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import redis
 
-from gateway.limiter_scripts import LimiterKeys
+from gateway.limiter.redis_scripts import LimiterKeys
 
 LIMITER_KEYS = LimiterKeys.for_namespace("isales:v1")
 

@@ -31,7 +31,7 @@ Safety never rests on Redis keeping its data (README "The vendor's limit"):
   all (``check``): a holder frozen between grant and send never sends on a lapsed lease.
 - Membership. Each replica claims membership by heartbeat every ``beat_s`` (member for
   ``3 * beat_s``). The fleet grants out of ``max - share * (replicas - members)``: a replica not
-  heard from may be on its fallback share (``limiter_failover``), so its share is set aside. A
+  heard from may be on its fallback share (``failover``), so its share is set aside. A
   heartbeat carries a "not after" time (``claim_s`` past its sending, on the wall clock): one
   that waited in a paused or cut-off Redis is ignored, so a stale claim never counts a replica
   as a member while it is on its fallback share.
@@ -39,7 +39,7 @@ Safety never rests on Redis keeping its data (README "The vendor's limit"):
 Fairness. The budget is shared between callers, not replicas: each replica keeps its waiters
 in a ``FairScheduler`` (per-caller queues, each bounded) and tells Redis how many of each
 caller wait there; the acquire script hands out the free permits by start-time fair queuing
-over every caller waiting anywhere in the fleet (the rule of ``gateway.scheduler``, with each
+over every caller waiting anywhere in the fleet (the rule of ``scheduler``, with each
 caller's finish tag in Redis), so a caller spread over three replicas gets one share, not
 three. A permit that falls to a caller waiting on another replica is left for that replica
 (it is woken by the "spare" message); a dead replica's demand lapses after ``_demand_ttl_ms``.
@@ -76,7 +76,7 @@ import redis.asyncio as aioredis
 from gateway.clock import Clock
 from gateway.errors import BackendUnavailable, PermitLost, QueueFull, QueueTimeout
 from gateway.limiter import ANONYMOUS, BACKGROUND, LimiterSnapshot, shutting_down
-from gateway.limiter_scripts import (
+from gateway.limiter.redis_scripts import (
     ACQUIRE,
     HEARTBEAT,
     PROBE,
@@ -85,8 +85,8 @@ from gateway.limiter_scripts import (
     WITHDRAW,
     LimiterKeys,
 )
+from gateway.limiter.scheduler import CallerPolicy, FairScheduler
 from gateway.redis_client import REDIS_FAILURES, redis_errors
-from gateway.scheduler import CallerPolicy, FairScheduler
 
 log = logging.getLogger("gateway.limiter")
 T = TypeVar("T")

@@ -1,4 +1,4 @@
-"""The Lua scripts of ``RedisLimiter`` and the names of its keys (see ``limiter_redis``).
+"""The Lua scripts of ``RedisLimiter`` and the names of its keys (see ``redis_limiter``).
 
 Times are Redis ``TIME`` in ms; every key shares one hash tag (Redis Cluster). No key carries a
 TTL: under a ``volatile-*`` eviction policy Redis never evicts them (``allkeys-*`` is refused
@@ -125,7 +125,7 @@ local function rule(caller)
   end
   return policy[caller]
 end
--- start-time fair queuing between callers, fleet-wide (as gateway.scheduler): each permit
+-- start-time fair queuing between callers, fleet-wide (as gateway.limiter.scheduler): each permit
 -- goes to the smallest start tag max(v, finish); a grant moves its finish by 1 / weight
 local v = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
 local finish, first, alloc = {}, {}, {}

@@ -41,7 +41,7 @@ from gateway.errors import (
 from gateway.limiter import ANONYMOUS, Limiter, Permit
 from gateway.metrics import GatewayMetrics, result_code_label
 from gateway.pause import InMemoryPause, UpstreamPause
-from gateway.trace import current as current_trace
+from gateway.request_trace import current as current_trace
 from gateway.upstream import UpstreamResponse
 from gateway.validation import CallResultQuery
 

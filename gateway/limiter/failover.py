@@ -36,13 +36,14 @@ import redis.asyncio as aioredis
 
 from gateway.clock import Clock, Rearm
 from gateway.errors import BackendUnavailable, QueueFull, QueueTimeout
-from gateway.limiter import ANONYMOUS, LimiterSnapshot, Permit, WindowBudget, shutting_down
-from gateway.limiter_redis import RedisLimiter, RedisPermit
-from gateway.scheduler import CallerPolicy, FairScheduler
+from gateway.limiter.memory import WindowBudget
+from gateway.limiter.protocol import ANONYMOUS, LimiterSnapshot, Permit, shutting_down
+from gateway.limiter.redis_limiter import RedisLimiter, RedisPermit
+from gateway.limiter.scheduler import CallerPolicy, FairScheduler
 
 log = logging.getLogger("gateway.limiter")
 
-_MEMBER_BEATS = 3  # as ``limiter_redis``: a member counts three heartbeat periods
+_MEMBER_BEATS = 3  # as ``redis_limiter``: a member counts three heartbeat periods
 
 
 def settle_time(

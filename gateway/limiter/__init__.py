@@ -1,0 +1,15 @@
+"""The upstream limit, one room: the contract (``protocol``), the fair turn order
+(``scheduler``), and the backends (``memory``, ``redis_limiter`` with its Lua in
+``redis_scripts``, ``failover``). See ``protocol`` for the map.
+"""
+
+from gateway.limiter.protocol import (
+    ANONYMOUS,
+    BACKGROUND,
+    Limiter,
+    LimiterSnapshot,
+    Permit,
+    shutting_down,
+)
+
+__all__ = ["ANONYMOUS", "BACKGROUND", "Limiter", "LimiterSnapshot", "Permit", "shutting_down"]
