@@ -517,6 +517,33 @@ ALERT_CASES = [
         severity="critical",
     ),
     _fires(
+        "IsalesGatewayUpstreamRateLimited",
+        "5m",
+        [
+            OK,
+            _series(
+                "isales_gateway_upstream_requests_total",
+                "0 1 2 3 3 3",
+                outcome="rate_limited",
+                code="none",
+            ),
+        ],
+        severity="warning",
+    ),
+    _quiet(  # one 429 now and then is the vendor's right; the fleet pauses and goes on
+        "IsalesGatewayUpstreamRateLimited",
+        "10m",
+        [
+            OK,
+            _series(
+                "isales_gateway_upstream_requests_total",
+                "0 1 1 1 1 1 1 1 1 1 1",
+                outcome="rate_limited",
+                code="none",
+            ),
+        ],
+    ),
+    _fires(
         "IsalesGatewayBudgetSaturated",
         "10m",
         [
