@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -23,6 +23,7 @@ from gateway.cache_tiered import (
 from gateway.clock import ManualClock, SystemClock
 from gateway.validation import CallResultQuery
 from tests.support.processes import RedisServer
+from tests.support.waiting import until
 
 KEY = cache_key(CallResultQuery(11, 3, page_num=1))
 OTHER_CAMPAIGN = cache_key(CallResultQuery(11, 4, page_num=1))
@@ -30,12 +31,6 @@ OTHER_CAMPAIGN = cache_key(CallResultQuery(11, 4, page_num=1))
 
 def entry(body: bytes = b'{"resultCode":"0200000"}', stored_at: float = 0.0) -> CacheEntry:
     return CacheEntry(body, "application/json", stored_at, 30.0, 60.0)
-
-
-async def until(check: Callable[[], bool], within: float = 2.0) -> None:
-    async with asyncio.timeout(within):
-        while not check():  # noqa: ASYNC110 - polls a flag, there is no event
-            await asyncio.sleep(0.005)
 
 
 class Counting:

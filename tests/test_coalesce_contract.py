@@ -34,6 +34,7 @@ from gateway.errors import (
 )
 from gateway.upstream import UpstreamResponse
 from tests.support.processes import RedisServer, free_port
+from tests.support.waiting import until
 
 RESPONSE = UpstreamResponse(200, b'{"resultCode":"0200000","data":[1]}', "application/json")
 OTHER = UpstreamResponse(200, b'{"resultCode":"0200000","data":[2]}', "application/json")
@@ -108,13 +109,6 @@ def coalescer(request: pytest.FixtureRequest, replicas: Replicas) -> Coalescer[U
 
 async def settle(calls: Sequence[Awaitable[tuple[UpstreamResponse, bool]]]) -> list[object]:
     return await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
-
-
-async def until(condition: Callable[[], bool], within: float = 2.0) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 # --- the contract: every implementation -------------------------------------------------------

@@ -29,6 +29,7 @@ from gateway.limiter.memory import InMemoryLimiter
 from gateway.limiter.redis_limiter import RedisLimiter
 from gateway.limiter.scheduler import CallerPolicy
 from tests.support.processes import RedisServer, free_port
+from tests.support.waiting import until
 
 SKEW = 0.015
 IDLE = LimiterSnapshot(in_flight=0, queued=0)
@@ -169,17 +170,6 @@ class Holder:
         await self.send.wait()
         self.sent_at = time.monotonic()
         await permit.sent()
-
-
-async def until(check: Callable[[], bool | Awaitable[bool]], within: float = 2.0) -> None:
-    """Wait until ``check`` holds (sync or async); fail after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        outcome = check()
-        if outcome if isinstance(outcome, bool) else await outcome:
-            return
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 def queued_is(limiter: Limiter, count: int) -> Callable[[], bool]:

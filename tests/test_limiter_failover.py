@@ -33,7 +33,8 @@ from gateway.limiter.redis_limiter import RedisLimiter
 from gateway.metrics import GatewayMetrics
 from gateway.settings import load_settings
 from tests.support.processes import RedisServer
-from tests.test_limiter_contract import IDLE, SKEW, Holder, Recorder, finish, until
+from tests.support.waiting import until
+from tests.test_limiter_contract import IDLE, SKEW, Holder, Recorder, finish
 
 WINDOW, LEASE, BEAT, CLAIM, PROBE, TIMEOUT = 0.3, 0.3, 0.1, 0.2, 0.1, 0.2
 SETTLE = settle_time(claim_s=CLAIM, skew_s=0.0, beat_s=BEAT, lease_s=LEASE, window_s=WINDOW)

@@ -25,6 +25,7 @@ from gateway.logs import (
 from gateway.middleware import RequestIds, client_address
 from tests.conftest import SIM, StartGateway, StartSimulator, Upstream, gateway_settings
 from tests.support.processes import Process, free_port
+from tests.support.waiting import until
 
 PATH = "/rest/isales/v1/openapi/campaigns/11/callresult/3"
 LOGFMT_NAME = re.compile(r' ([a-z_]+)=(?:"(?:[^"\\]|\\.)*"|\S*)')  # each key=value's key
@@ -54,12 +55,8 @@ def strict_json(line: str) -> dict[str, Any]:
 
 
 async def output_containing(process: Process, text: str) -> str:
-    """The process's output once it holds ``text`` (access lines are written within 50 ms)."""
-    for _ in range(100):
-        output = process.output()
-        if text in output:
-            return output
-        await asyncio.sleep(0.05)
+    """The process's output once it holds ``text`` (it writes it a moment after answering)."""
+    await until(lambda: text in process.output(), f"{text!r} in the output", every=0.05)
     return process.output()
 
 

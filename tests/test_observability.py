@@ -29,6 +29,7 @@ from tests.support.prometheus import (
     scraping,
     shipped_config,
 )
+from tests.support.waiting import until
 
 DASHBOARD = ROOT / "config" / "grafana" / "dashboards" / "isales-gateway.json"
 ALERTS = PROMETHEUS_DIR / "alerts.yml"
@@ -670,10 +671,7 @@ async def test_a_real_prometheus_answers_every_dashboard_and_alert_query_with_ga
     lone_begin = {"beginTime": "2026-01-01"}
     statuses.append((await gateway.post(PATH.format(1), json=lone_begin)).status)  # 0200008
     burst = [asyncio.ensure_future(gateway.post(PATH.format(2), json={})) for _ in range(4)]
-    for _ in range(500):  # until the burst's one call holds the second permit
-        if upstream.requests == 2:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: upstream.requests == 2, "the burst's one call holds the second permit")
     statuses.append((await gateway.post(PATH.format(3), json={})).status)  # no permit, no queue
     statuses += [(await response).status for response in burst]  # MISS + 3 COALESCED
     assert statuses == [200, 200, 200, 503, 200, 200, 200, 200]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from gateway.clock import ManualClock
 from gateway.errors import ConfigError, QueueFull
 from gateway.popularity import Popularity, RefreshRule
 from tests.conftest import StartGateway, StartSimulator, Upstream, gateway_settings
+from tests.support.waiting import until
 
 PATH = "/rest/isales/v1/openapi/campaigns/11/callresult/{campaign}"
 NO_CACHE = {"Cache-Control": "no-cache"}
@@ -40,13 +40,6 @@ def callers_file(tmp_path: Path, queue: int = 3, **weights: float) -> str:
 
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
     return registry.get_sample_value(name, labels) or 0.0
-
-
-async def until(check: Callable[[], bool], within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 # --- no-cache -------------------------------------------------------------------------------
