@@ -344,7 +344,7 @@ async def test_a_coalesced_answers_access_line_names_the_request_that_called_ups
     leader = asyncio.ensure_future(
         gateway.post(PATH, json={"pageSize": 5}, headers={"X-Request-ID": "leader-1"})
     )
-    await asyncio.sleep(0.1)  # the leader's call is at the upstream
+    await until(lambda: upstream.requests == 1, "the leader's call is at the upstream")
     follower = await gateway.post(PATH, json={"pageSize": 5}, headers={"X-Request-ID": "follow-1"})
     assert follower.headers["X-Cache"] == "COALESCED"
     assert (await leader).headers["X-Cache"] == "MISS"

@@ -11,6 +11,7 @@ from gateway.clock import ManualClock
 from gateway.upstream_call import RetryPolicy, backoff_delay
 from tests.conftest import StartGateway, StartSimulator, Upstream, gateway_settings
 from tests.support.processes import free_port
+from tests.support.waiting import until
 
 PATH = "/rest/isales/v1/openapi/campaigns/11/callresult/3"
 
@@ -78,7 +79,8 @@ async def test_the_breaker_opens_after_consecutive_failures_and_closes_after_a_p
         upstream__breaker_failures=3,
         upstream__breaker_open_ms=300,
     )
-    gateway = await start_gateway(settings)
+    clock = ManualClock(start=time.time())  # the breaker's open time passes when told to
+    gateway = await start_gateway(settings, clock=clock)
     for campaign in (1, 2, 3):
         await gateway.post(f"/rest/isales/v1/openapi/campaigns/11/callresult/{campaign}", json={})
     fast_fail = await gateway.post(PATH, json={})
@@ -89,7 +91,7 @@ async def test_the_breaker_opens_after_consecutive_failures_and_closes_after_a_p
     assert "isales_gateway_upstream_breaker_state 2.0" in metrics
 
     await set_behaviour(upstream, error_rate=0.0)
-    await asyncio.sleep(0.35)
+    clock.advance(0.35)
     probe = await gateway.post(PATH, json={})
     assert probe.status == 200
     metrics = await (await gateway.get("/metrics")).text()
@@ -128,7 +130,8 @@ async def test_within_the_swr_window_stale_is_served_at_once_and_refreshed_once(
     clock.advance(35)
     answers = await asyncio.gather(*(gateway.post(PATH, json={}) for _ in range(20)))
     assert {a.headers["X-Cache"] for a in answers} == {"STALE"}
-    await asyncio.sleep(0.3)  # the one background refresh lands
+    # The one background refresh lands; a second one would have been sent with it.
+    await until(lambda: upstream.requests >= 2 and upstream.state.observer.in_flight == 0)
     assert upstream.requests == 2
     assert (await gateway.post(PATH, json={})).headers["X-Cache"] == "HIT"
 
@@ -154,7 +157,7 @@ async def test_queue_overflow_serves_stale_copies_instead_of_503(
     busy = asyncio.ensure_future(  # holds the only permit
         gateway.post("/rest/isales/v1/openapi/campaigns/11/callresult/8", json={})
     )
-    await asyncio.sleep(0.05)
+    await until(lambda: upstream.requests == len(cached) + 1, "the busy call holds the permit")
     overflow = await asyncio.gather(*(gateway.post(path, json={}) for path in cached))
     assert [r.status for r in overflow] == [200, 200, 200]
     assert {r.headers["X-Cache"] for r in overflow} == {"STALE"}

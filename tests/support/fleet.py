@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from aiohttp import ClientSession
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.simulator import SimulatorConfig
 from tests.support.processes import Process, free_port
@@ -54,3 +55,16 @@ async def sim_stats(upstream: Process) -> dict[str, object]:
     async with ClientSession() as session, session.get(upstream.url + "/__sim/stats") as r:
         stats: dict[str, object] = await r.json()
         return stats
+
+
+async def replica_metric(replica: Process, sample: str, **labels: str) -> float:
+    """The sum of a replica's ``sample`` values (e.g. ``isales_gateway_queue_depth``) whose
+    labels include ``labels``; 0 if it has none."""
+    async with ClientSession() as session, session.get(replica.url + "/metrics") as r:
+        text = await r.text()
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == sample and labels.items() <= s.labels.items()
+    )
