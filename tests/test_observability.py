@@ -713,12 +713,15 @@ async def panel_values(prometheus: PrometheusServer, title: str, label: str) -> 
 
 async def rules_evaluated_without_error(prometheus: PrometheusServer) -> None:
     """Prometheus loaded every shipped rule and evaluates each one cleanly."""
-    for _ in range(50):
+    rules: list[dict[str, Any]] = []
+
+    async def every_rule_evaluated() -> bool:
+        nonlocal rules
         body = await prometheus.api("rules")
         rules = [rule for group in body["data"]["groups"] for rule in group["rules"]]
-        if rules and all(rule["health"] != "unknown" for rule in rules):
-            break
-        await asyncio.sleep(0.2)
+        return bool(rules) and all(rule["health"] != "unknown" for rule in rules)
+
+    await until(every_rule_evaluated, within=10, every=0.2)
     assert sorted(rule["name"] for rule in rules) == sorted(r["alert"] for r in alert_rules())
     unhealthy = {rule["name"]: rule.get("lastError") for rule in rules if rule["health"] != "ok"}
     assert not unhealthy

@@ -276,9 +276,10 @@ async def test_weights_three_to_one_share_the_upstream_within_ten_percent_over_3
         return sample(registry, "isales_gateway_caller_upstream_calls_total", caller=caller)
 
     loops = [asyncio.create_task(keep_asking(c)) for c in ("heavy", "light") for _ in range(15)]
-    await asyncio.sleep(3.0)  # both queues are full by now: contention from here on
+    # Both callers' queues are full (30 loops, at most 10 in flight): contention from here on.
+    await until(lambda: sample(registry, "isales_gateway_queue_depth") >= 20, "queues full")
     before = {c: calls(c) for c in ("heavy", "light")}
-    await asyncio.sleep(30.0)
+    await asyncio.sleep(30.0)  # the span the shares are measured over
     heavy, light = (calls(c) - before[c] for c in ("heavy", "light"))
     stop.set()
     await asyncio.gather(*loops)
