@@ -7,7 +7,7 @@ from __future__ import annotations
 import gzip
 import itertools
 from collections.abc import AsyncIterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
 import redis.asyncio as aioredis
@@ -187,22 +187,32 @@ async def test_without_a_subscription_every_lookup_goes_to_redis() -> None:
         server.close()
 
 
-async def test_a_copy_is_held_no_longer_than_its_hold_time(redis_client: aioredis.Redis) -> None:
-    clock = ManualClock(start=SystemClock().time())
-    shared = Counting(RedisCacheStore(redis_client, clock=SystemClock()))
+async def holding_a_copy(
+    redis_client: aioredis.Redis, clock: ManualClock, *, channel: str = "", **options: Any
+) -> Replica:
+    """A lone tier (``options`` for ``TieredCacheStore``) that has stored ``KEY``, heard its
+    own write and holds a copy of it: its next read does not reach Redis."""
+    shared = Counting(RedisCacheStore(redis_client, clock=SystemClock(), channel=channel))
     heard: list[str] = []
     tier = TieredCacheStore(
-        shared, redis_client, clock=clock, hold_s=2.0, on_invalidate=heard.append
+        shared, redis_client, clock=clock, on_invalidate=heard.append, **options
     )
+    await tier.put(KEY, entry(stored_at=clock.time()))
+    await tier.get(KEY)  # starts the listener
+    await until(lambda: tier.coherent)
+    await delivered(redis_client, heard)
+    await tier.get(KEY)
+    before = shared.gets
+    await tier.get(KEY)
+    assert shared.gets == before
+    return Replica(tier, shared, heard)
+
+
+async def test_a_copy_is_held_no_longer_than_its_hold_time(redis_client: aioredis.Redis) -> None:
+    clock = ManualClock(start=SystemClock().time())
+    tier, shared, _ = await holding_a_copy(redis_client, clock, hold_s=2.0)
     try:
-        await tier.put(KEY, entry(stored_at=clock.time()))
-        await tier.get(KEY)
-        await until(lambda: tier.coherent)
-        await delivered(redis_client, heard)
-        await tier.get(KEY)
         before = shared.gets
-        await tier.get(KEY)
-        assert shared.gets == before
         clock.advance(2.0)
         await tier.get(KEY)
         assert shared.gets == before + 1
@@ -246,20 +256,11 @@ async def test_a_silent_subscription_stops_the_copies_until_redis_answers_again(
     redis_client: aioredis.Redis,
 ) -> None:
     clock = ManualClock(start=SystemClock().time())
-    shared = Counting(RedisCacheStore(redis_client, clock=SystemClock(), channel=CHANNEL))
-    heard: list[str] = []
-    tier = TieredCacheStore(
-        shared, redis_client, clock=clock, shared_publishes=True, on_invalidate=heard.append
+    tier, shared, _ = await holding_a_copy(
+        redis_client, clock, channel=CHANNEL, shared_publishes=True
     )
     try:
-        await tier.put(KEY, entry(stored_at=clock.time()))
-        await tier.get(KEY)
-        await until(lambda: tier.coherent)
-        await delivered(redis_client, heard)
-        await tier.get(KEY)
         before = shared.gets
-        await tier.get(KEY)
-        assert shared.gets == before
         clock.advance(10.0)  # nothing heard for 10 s: a stalled link may be holding messages
         assert not tier.coherent
         await tier.get(KEY)

@@ -23,7 +23,8 @@ from gateway.logs import (
     setup_logging,
 )
 from gateway.middleware import RequestIds, client_address
-from tests.conftest import SIM, StartGateway, StartSimulator, Upstream, gateway_settings
+from tests.conftest import StartGateway, StartSimulator, Upstream, gateway_settings
+from tests.support.fleet import gateway_environ
 from tests.support.processes import Process, free_port
 from tests.support.waiting import until
 
@@ -172,20 +173,8 @@ async def test_every_log_line_of_a_request_is_json_and_carries_its_request_id(
 
 async def test_the_served_process_writes_only_json_lines_in_json_mode(upstream: Upstream) -> None:
     port = free_port()
-    gateway = Process(
-        ["serve"],
-        port,
-        env={
-            "GATEWAY_SERVER__HOST": "127.0.0.1",
-            "GATEWAY_SERVER__PORT": str(port),
-            "GATEWAY_UPSTREAM__URL": upstream.url,
-            "GATEWAY_UPSTREAM__AK": SIM.ak,
-            "GATEWAY_UPSTREAM__SK": SIM.sk,
-            "GATEWAY_UPSTREAM__ALLOW_HTTP": "true",
-            "GATEWAY_AUTH__ENABLED": "false",
-            "GATEWAY_LOG__FORMAT": "json",
-        },
-    )
+    env = gateway_environ(port, upstream.url, auth__enabled="false", log__format="json")
+    gateway = Process(["serve"], port, env=env)
     try:
         async with ClientSession() as session:
             headers = {"X-Request-ID": "req-process-1"}

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.auth import key_digest
 from tests.conftest import StartGateway, Upstream, gateway_settings
-from tests.support.fleet import JSON, SIM, path, start_simulator_process
+from tests.support.fleet import JSON, gateway_environ, path, start_simulator_process
 from tests.support.processes import Process, free_port
 from tests.support.waiting import until
 
@@ -69,15 +69,9 @@ async def test_sighup_reloads_callers_and_admin_key_keeps_them_on_a_bad_file_and
     config.write_text(config_toml(callers, ADMIN_OLD))
     upstream = start_simulator_process()
     port = free_port()
-    env = {
-        "GATEWAY_SERVER__HOST": "127.0.0.1",
-        "GATEWAY_SERVER__PORT": str(port),
-        "GATEWAY_UPSTREAM__URL": upstream.url,
-        "GATEWAY_UPSTREAM__AK": SIM.ak,
-        "GATEWAY_UPSTREAM__SK": SIM.sk,
-        "GATEWAY_UPSTREAM__ALLOW_HTTP": "true",
-    }
-    gateway = Process(["serve", "--config", str(config)], port, env=env)
+    gateway = Process(
+        ["serve", "--config", str(config)], port, env=gateway_environ(port, upstream.url)
+    )
     try:
         assert await status_with(gateway.url, OLD_KEY) == 200
         assert await status_with(gateway.url, NEW_KEY) == 401
@@ -174,16 +168,12 @@ async def test_a_running_gateway_process_picks_up_a_configmap_swap_without_a_sig
     configmap_volume(tmp_path, callers_toml(OLD_KEY), "..2026_12_01_06_00_00.1")
     upstream = start_simulator_process()
     port = free_port()
-    env = {
-        "GATEWAY_SERVER__HOST": "127.0.0.1",
-        "GATEWAY_SERVER__PORT": str(port),
-        "GATEWAY_UPSTREAM__URL": upstream.url,
-        "GATEWAY_UPSTREAM__AK": SIM.ak,
-        "GATEWAY_UPSTREAM__SK": SIM.sk,
-        "GATEWAY_UPSTREAM__ALLOW_HTTP": "true",
-        "GATEWAY_AUTH__CALLERS_FILE": str(tmp_path / "callers.toml"),
-        "GATEWAY_AUTH__RELOAD_INTERVAL_S": "0.1",
-    }
+    env = gateway_environ(
+        port,
+        upstream.url,
+        auth__callers_file=str(tmp_path / "callers.toml"),
+        auth__reload_interval_s="0.1",
+    )
     gateway = Process(["serve"], port, env=env)
     try:
         assert await status_with(gateway.url, NEW_KEY) == 401

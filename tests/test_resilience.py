@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 from aiohttp import ClientSession
 
@@ -70,7 +69,7 @@ async def test_a_hanging_upstream_gives_504_and_an_absent_one_502(
 
 
 async def test_the_breaker_opens_after_consecutive_failures_and_closes_after_a_probe(
-    start_simulator: StartSimulator, start_gateway: StartGateway
+    start_simulator: StartSimulator, start_gateway: StartGateway, clock: ManualClock
 ) -> None:
     upstream = await start_simulator(error_rate=1.0)
     settings = gateway_settings(
@@ -79,7 +78,6 @@ async def test_the_breaker_opens_after_consecutive_failures_and_closes_after_a_p
         upstream__breaker_failures=3,
         upstream__breaker_open_ms=300,
     )
-    clock = ManualClock(start=time.time())  # the breaker's open time passes when told to
     gateway = await start_gateway(settings, clock=clock)
     for campaign in (1, 2, 3):
         await gateway.post(f"/rest/isales/v1/openapi/campaigns/11/callresult/{campaign}", json={})
@@ -99,10 +97,9 @@ async def test_the_breaker_opens_after_consecutive_failures_and_closes_after_a_p
 
 
 async def test_a_stale_copy_is_served_when_the_upstream_fails(
-    start_simulator: StartSimulator, start_gateway: StartGateway
+    start_simulator: StartSimulator, start_gateway: StartGateway, clock: ManualClock
 ) -> None:
     upstream = await start_simulator()
-    clock = ManualClock(start=time.time())
     settings = gateway_settings(
         upstream.url, cache__ttl_open_s=30, cache__swr_s=0, upstream__retries=0
     )
@@ -120,10 +117,9 @@ async def test_a_stale_copy_is_served_when_the_upstream_fails(
 
 
 async def test_within_the_swr_window_stale_is_served_at_once_and_refreshed_once(
-    start_simulator: StartSimulator, start_gateway: StartGateway
+    start_simulator: StartSimulator, start_gateway: StartGateway, clock: ManualClock
 ) -> None:
     upstream = await start_simulator(latency_ms=100)
-    clock = ManualClock(start=time.time())
     settings = gateway_settings(upstream.url, cache__ttl_open_s=30, cache__swr_s=10)
     gateway = await start_gateway(settings, clock=clock)
     await gateway.post(PATH, json={})
@@ -137,10 +133,9 @@ async def test_within_the_swr_window_stale_is_served_at_once_and_refreshed_once(
 
 
 async def test_queue_overflow_serves_stale_copies_instead_of_503(
-    start_simulator: StartSimulator, start_gateway: StartGateway
+    start_simulator: StartSimulator, start_gateway: StartGateway, clock: ManualClock
 ) -> None:
     upstream = await start_simulator(latency_ms=300)
-    clock = ManualClock(start=time.time())
     settings = gateway_settings(
         upstream.url,
         cache__ttl_open_s=30,

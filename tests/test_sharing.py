@@ -7,7 +7,6 @@ gateway (in-memory limiter) in front of the simulator shows them end to end.
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import pytest
@@ -46,9 +45,8 @@ def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
 
 
 async def test_forty_sequential_no_cache_requests_for_one_query_cost_one_call_per_min_age(
-    upstream: Upstream, start_gateway: StartGateway
+    upstream: Upstream, start_gateway: StartGateway, clock: ManualClock
 ) -> None:
-    clock = ManualClock(start=time.time())  # signatures must look fresh to the upstream
     gateway = await start_gateway(gateway_settings(upstream.url), clock=clock)
     labels = []
     for _ in range(40):
@@ -64,9 +62,8 @@ async def test_forty_sequential_no_cache_requests_for_one_query_cost_one_call_pe
 
 
 async def test_a_no_cache_request_never_takes_an_answer_that_landed_before_the_min_age(
-    upstream: Upstream, start_gateway: StartGateway
+    upstream: Upstream, start_gateway: StartGateway, clock: ManualClock
 ) -> None:
-    clock = ManualClock(start=time.time())  # signatures must look fresh to the upstream
     gateway = await start_gateway(gateway_settings(upstream.url), clock=clock)
     await gateway.post(PATH.format(campaign=3), json={})
     clock.advance(1.5)  # still fresh (30 s), but older than the no-cache minimum age
@@ -188,9 +185,8 @@ def test_popularity_forgets_the_oldest_keys_beyond_its_bound() -> None:
 
 
 async def test_a_popular_open_ended_entry_is_refreshed_before_its_ttl_ends_and_stays_a_hit(
-    upstream: Upstream, start_gateway: StartGateway
+    upstream: Upstream, start_gateway: StartGateway, clock: ManualClock
 ) -> None:
-    clock = ManualClock(start=time.time())  # signatures must look fresh to the upstream
     registry = CollectorRegistry()
     settings = gateway_settings(upstream.url, cache__refresh_min_hits=3, cache__ttl_open_s=30)
     gateway = await start_gateway(settings, clock=clock, registry=registry)
@@ -210,9 +206,8 @@ async def test_a_popular_open_ended_entry_is_refreshed_before_its_ttl_ends_and_s
 
 
 async def test_with_refresh_ahead_off_the_same_entry_expires_and_misses(
-    upstream: Upstream, start_gateway: StartGateway
+    upstream: Upstream, start_gateway: StartGateway, clock: ManualClock
 ) -> None:
-    clock = ManualClock(start=time.time())  # signatures must look fresh to the upstream
     settings = gateway_settings(upstream.url, cache__refresh_ahead_s=0, cache__swr_s=0)
     gateway = await start_gateway(settings, clock=clock)
     path = PATH.format(campaign=3)
@@ -227,9 +222,8 @@ async def test_with_refresh_ahead_off_the_same_entry_expires_and_misses(
 
 @pytest.mark.parametrize("share", [0.0, 0.05])
 async def test_a_share_too_small_for_one_permit_switches_refresh_ahead_off(
-    upstream: Upstream, start_gateway: StartGateway, share: float
+    upstream: Upstream, start_gateway: StartGateway, share: float, clock: ManualClock
 ) -> None:
-    clock = ManualClock(start=time.time())  # signatures must look fresh to the upstream
     registry = CollectorRegistry()
     settings = gateway_settings(upstream.url, cache__refresh_max_share=share, cache__swr_s=0)
     gateway = await start_gateway(settings, clock=clock, registry=registry)

@@ -23,10 +23,8 @@ def start_simulator_process(*flags: str) -> Process:
     return Process(["simulate", "--port", str(port), "--ak", SIM.ak, "--sk", SIM.sk, *flags], port)
 
 
-def replica_environ(
-    port: int, upstream_url: str, redis_url: str, **settings: str
-) -> dict[str, str]:
-    """A replica in Redis mode in front of the simulator, caller auth off (no callers file).
+def gateway_environ(port: int, upstream_url: str, **settings: str) -> dict[str, str]:
+    """A served gateway on ``port`` in front of the simulator at ``upstream_url``.
 
     ``settings`` are extra settings as ``section__key=value``.
     """
@@ -37,11 +35,18 @@ def replica_environ(
         "GATEWAY_UPSTREAM__AK": SIM.ak,
         "GATEWAY_UPSTREAM__SK": SIM.sk,
         "GATEWAY_UPSTREAM__ALLOW_HTTP": "true",
-        "GATEWAY_REDIS__URL": redis_url,
-        "GATEWAY_AUTH__ENABLED": "false",
     }
     env.update({f"GATEWAY_{k.upper()}": v for k, v in settings.items()})
     return env
+
+
+def replica_environ(
+    port: int, upstream_url: str, redis_url: str, **settings: str
+) -> dict[str, str]:
+    """A replica in Redis mode in front of the simulator, caller auth off (no callers file)."""
+    return gateway_environ(
+        port, upstream_url, redis__url=redis_url, auth__enabled="false", **settings
+    )
 
 
 def start_replica(upstream: Process, redis_url: str, **settings: str) -> Process:
