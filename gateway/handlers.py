@@ -40,6 +40,7 @@ from gateway.vendor import CALLRESULT_ROUTE, LOCALE_HEADER, LOCALES, MAX_INT, MA
 
 # The caller of a caller_header value that names no configured caller.
 OTHER = "other"
+CALLRESULT_PATH = CALLRESULT_ROUTE
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -317,7 +318,7 @@ async def on_response_prepare(request: web.Request, response: web.StreamResponse
 
 def add_routes(app: web.Application) -> None:
     app.router.add_post(
-        CALLRESULT_ROUTE, recorded(callresult), name="callresult", expect_handler=expect_continue
+        CALLRESULT_PATH, recorded(callresult), name="callresult", expect_handler=expect_continue
     )
     app.router.add_delete(
         "/admin/cache/campaigns/{vdnId}/{campaignId}", recorded(purge_campaign), name="admin"
