@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from aiohttp import ClientSession
+from aiohttp import ClientSession, web
+from aiohttp.test_utils import TestClient
 
 from gateway import __version__
 from gateway.access_log import ACCESS_FIELDS
@@ -59,6 +60,17 @@ async def output_containing(process: Process, text: str) -> str:
     """The process's output once it holds ``text`` (it writes it a moment after answering)."""
     await until(lambda: text in process.output(), f"{text!r} in the output", every=0.05)
     return process.output()
+
+
+async def ask_in_turn(gateway: TestClient[web.Request, web.Application], *ids: str) -> None:
+    """One query once per request id, one after the other, each answered; the access log
+    flushed."""
+    for request_id in ids:
+        response = await gateway.post(
+            PATH, json={"pageSize": 5}, headers={"X-Request-ID": request_id}
+        )
+        assert response.status == 200
+    flush_access_log()
 
 
 def json_lines(stream: io.StringIO) -> list[dict[str, Any]]:
@@ -145,12 +157,7 @@ async def test_every_log_line_of_a_request_is_json_and_carries_its_request_id(
 ) -> None:
     gateway = await start_gateway(gateway_settings(upstream.url))
     setup_logging("INFO", "json", stream=log_stream)
-    for request_id in ("req-logs-1", "req-logs-2"):
-        response = await gateway.post(
-            PATH, json={"pageSize": 5}, headers={"X-Request-ID": request_id}
-        )
-        assert response.status == 200
-    flush_access_log()
+    await ask_in_turn(gateway, "req-logs-1", "req-logs-2")
 
     lines = [entry for entry in json_lines(log_stream) if entry["logger"].startswith("gateway")]
     assert lines, "the gateway logged nothing for two requests"
@@ -349,12 +356,7 @@ async def test_a_hits_access_line_names_the_request_whose_call_stored_the_answer
 ) -> None:
     gateway = await start_gateway(gateway_settings(upstream.url))
     setup_logging("INFO", "json", stream=log_stream)
-    for request_id in ("stored-by-1", "hit-2"):
-        response = await gateway.post(
-            PATH, json={"pageSize": 5}, headers={"X-Request-ID": request_id}
-        )
-        assert response.status == 200
-    flush_access_log()
+    await ask_in_turn(gateway, "stored-by-1", "hit-2")
 
     access = {e["request_id"]: e for e in json_lines(log_stream) if e["logger"] == "gateway.access"}
     assert access["hit-2"]["cache"] == "HIT"

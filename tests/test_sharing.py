@@ -10,6 +10,8 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 
 from gateway.auth import key_digest
@@ -205,18 +207,27 @@ async def test_a_popular_open_ended_entry_is_refreshed_before_its_ttl_ends_and_s
     assert upstream.requests == 2
 
 
-async def test_with_refresh_ahead_off_the_same_entry_expires_and_misses(
-    upstream: Upstream, start_gateway: StartGateway, clock: ManualClock
-) -> None:
-    settings = gateway_settings(upstream.url, cache__refresh_ahead_s=0, cache__swr_s=0)
-    gateway = await start_gateway(settings, clock=clock)
+async def popular_then_past_its_ttl(
+    gateway: TestClient[web.Request, web.Application], clock: ManualClock
+) -> str:
+    """Ask one open-ended query three times (popular), once within refresh_ahead_s (5 s) of
+    its TTL's end (30 s), then past it: the last answer's X-Cache. A refresh still under way
+    would make it COALESCED, one that landed a HIT."""
     path = PATH.format(campaign=3)
     for _ in range(3):
         await gateway.post(path, json={})
     clock.advance(26.0)
     await gateway.post(path, json={})
     clock.advance(5.0)
-    assert (await gateway.post(path, json={})).headers["X-Cache"] == "MISS"
+    return (await gateway.post(path, json={})).headers["X-Cache"]
+
+
+async def test_with_refresh_ahead_off_the_same_entry_expires_and_misses(
+    upstream: Upstream, start_gateway: StartGateway, clock: ManualClock
+) -> None:
+    settings = gateway_settings(upstream.url, cache__refresh_ahead_s=0, cache__swr_s=0)
+    gateway = await start_gateway(settings, clock=clock)
+    assert await popular_then_past_its_ttl(gateway, clock) == "MISS"
     assert upstream.requests == 2
 
 
@@ -227,13 +238,7 @@ async def test_a_share_too_small_for_one_permit_switches_refresh_ahead_off(
     registry = CollectorRegistry()
     settings = gateway_settings(upstream.url, cache__refresh_max_share=share, cache__swr_s=0)
     gateway = await start_gateway(settings, clock=clock, registry=registry)
-    path = PATH.format(campaign=3)
-    for _ in range(3):
-        await gateway.post(path, json={})
-    clock.advance(26.0)
-    await gateway.post(path, json={})
-    clock.advance(5.0)
-    assert (await gateway.post(path, json={})).headers["X-Cache"] == "MISS"
+    assert await popular_then_past_its_ttl(gateway, clock) == "MISS"
     assert upstream.requests == 2
     assert sample(registry, "isales_gateway_refresh_ahead_total", result="ok") == 0
 
