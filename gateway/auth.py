@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.errors import ConfigError, Forbidden, Unauthenticated
+from gateway.vendor import MAX_VDN_ID, MIN_VDN_ID
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -128,9 +129,11 @@ def _vdn_ids(value: object, where: str) -> frozenset[int] | None:
     if (
         not isinstance(value, list)
         or not value
-        or not all(type(v) is int and 1 <= v <= 9999 for v in value)
+        or not all(type(v) is int and MIN_VDN_ID <= v <= MAX_VDN_ID for v in value)
     ):
-        raise ConfigError(where, 'vdn_ids must be ["*"] or a list of integers 1-9999')
+        raise ConfigError(
+            where, f'vdn_ids must be ["*"] or a list of integers {MIN_VDN_ID}-{MAX_VDN_ID}'
+        )
     return frozenset(value)
 
 

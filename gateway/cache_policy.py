@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from enum import Enum
 
-from gateway.validation import CAMPAIGN_NOT_FOUND, CallResultQuery
+from gateway.validation import CallResultQuery
+from gateway.vendor import CAMPAIGN_NOT_FOUND, DEFAULT_LOCALE, SUCCESS
 
 KEY_PREFIX = "isales:v1"
-SUCCESS = "0200000"
-LOCALES = frozenset({"zh_CN", "en_US"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +70,7 @@ def cache_key(query: CallResultQuery, locale: str | None = None) -> str:
         canonical = "verbatim " + json.dumps(value, sort_keys=True, separators=(",", ":"))
     else:
         canonical = json.dumps(query.body(), sort_keys=True, separators=(",", ":"))
-    material = f"{locale or 'zh_CN'}\n{canonical}".encode()
+    material = f"{locale or DEFAULT_LOCALE}\n{canonical}".encode()
     digest = hashlib.sha256(material).hexdigest()[:32]
     return campaign_prefix(query.vdn_id, query.campaign_id) + digest
 

@@ -27,6 +27,7 @@ from gateway.simulator import (
     run_simulator,
 )
 from gateway.state import PARTS
+from gateway.vendor import REQUEST_CONTENT_TYPE, callresult_path
 
 log = logging.getLogger("gateway")
 
@@ -189,8 +190,8 @@ async def _run_demo(settings: Settings, sim: SimulatorConfig) -> None:
         f"(latency {sim.latency_ms:g} ms, embedded mode, no Redis)\n\n"
         "Ask it (run twice within 30 s: the second answer is a cache HIT; an open-ended "
         "query is kept cache.ttl_open_s = 30 s):\n\n"
-        f"  curl -si -X POST {base}/rest/isales/v1/openapi/campaigns/11/callresult/3 \\\n"
-        "       -H 'Content-Type: application/json; charset=UTF-8' \\\n"
+        f"  curl -si -X POST {base}{callresult_path(11, 3)} \\\n"
+        f"       -H 'Content-Type: {REQUEST_CONTENT_TYPE}' \\\n"
         '       -d \'{"pageSize": 5, "pageNum": 1}\'\n\n'
         f"Metrics: {base}/metrics   Upstream counters: http://{sim.host}:{sim.port}/__sim/stats\n"
         "Ctrl-C stops both.",

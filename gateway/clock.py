@@ -1,7 +1,9 @@
 """Time as an input.
 
-Limiter windows, wait bounds, cache ages and signature timestamps all read a ``Clock`` that
-the app factory injects, so tests move time with ``ManualClock.advance`` instead of sleeping.
+Limiter windows, wait bounds, cache ages, the breaker and signature timestamps all read a
+``Clock`` that the app factory injects, so tests move time with ``ManualClock.advance``
+instead of sleeping. What Redis times (the global limiter's windows and leases on its
+``TIME``, key expiry) runs on Redis's clock: those tests use short real windows.
 """
 
 from __future__ import annotations

@@ -18,7 +18,6 @@ from aiohttp.web_urldispatcher import MatchInfoError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.auth import Caller, Callers, presented_key, require_admin
-from gateway.cache_policy import LOCALES
 from gateway.errors import (
     BackendUnavailable,
     BodyTooLarge,
@@ -36,11 +35,12 @@ from gateway.redis_client import REDIS_FAILURES
 from gateway.request_trace import current as current_trace
 from gateway.state import BREAKER, CALLER, PARTS, REQUEST_ID, SERVICE, Parts
 from gateway.traceparent import outgoing_traceparent
-from gateway.validation import MAX_INT, CallResultQuery, parse_path_id, parse_request
+from gateway.validation import CallResultQuery, parse_path_id, parse_request
+from gateway.vendor import CALLRESULT_ROUTE, LOCALE_HEADER, LOCALES, MAX_INT, MAX_VDN_ID, MIN_VDN_ID
 
 # The caller of a caller_header value that names no configured caller.
 OTHER = "other"
-CALLRESULT_PATH = "/rest/isales/v1/openapi/campaigns/{vdnId}/callresult/{campaignId}"
+CALLRESULT_PATH = CALLRESULT_ROUTE
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -156,7 +156,7 @@ async def _callresult(request: web.Request) -> web.Response:
         trace.traceparent = outgoing_traceparent(request.headers.get("traceparent"))
     if caller is not None:
         Callers.authorize(caller, query.vdn_id)  # before the cache: no peeking at other VDNs
-    locale = request.headers.get("locale")
+    locale = request.headers.get(LOCALE_HEADER)
     refresh = "no-cache" in request.headers.get("Cache-Control", "").lower()
     asked = parts.clock.monotonic()
     answer = await request.app[SERVICE].answer(
@@ -225,7 +225,7 @@ async def purge_campaign(request: web.Request) -> web.Response:
     """Admin: drop every cached answer of one campaign, e.g. after the vendor corrected data."""
     parts = request.app[PARTS]
     require_admin(_key(request), parts.keys.current.admin_sha256)
-    vdn_id = parse_path_id("vdnId", request.match_info["vdnId"], 1, 9999)
+    vdn_id = parse_path_id("vdnId", request.match_info["vdnId"], MIN_VDN_ID, MAX_VDN_ID)
     campaign_id = parse_path_id("campaignId", request.match_info["campaignId"], 1, MAX_INT)
     try:
         purged = 0 if parts.cache is None else await parts.cache.purge_campaign(vdn_id, campaign_id)

@@ -24,7 +24,7 @@ from prometheus_client import (
     ProcessCollector,
 )
 
-from gateway import __version__
+from gateway import __version__, vendor
 from gateway.build import revision
 from gateway.errors import GatewayError
 from gateway.request_trace import current as current_trace
@@ -47,11 +47,7 @@ UPSTREAM_OUTCOMES = (
 REJECTION_REASONS = ("queue_full", "queue_timeout", "breaker_open")
 LOOKUP_RESULTS = ("hit", "stale", "miss", "error")
 # The vendor's documented result codes; anything else is counted as "other".
-RESULT_CODES = (
-    "0200000", "0200001", "0200007", "0200008", "0200009", "0200010", "0200011",
-    "02000001", "02000002", "02000003", "02000004", "02000005", "02000006", "02000007",
-    "02000008", "02000009", "02000010", "02000011", "other", "none",
-)  # fmt: skip
+RESULT_CODES = (*vendor.RESULT_CODES, "other", "none")
 # The coalescer's Redis failures are logged by it, not counted: it falls back in-process.
 REDIS_OPERATIONS = ("cache_get", "cache_put", "purge", "limiter", "ping")
 STALE_REASONS = ("upstream_error", "overload", "revalidate")
@@ -317,7 +313,9 @@ class GatewayMetrics:
             if outcome not in ("ok", "business_error"):
                 self.upstream_requests.labels(outcome, "none")
         for code in RESULT_CODES[:-1]:  # "none" only goes with a failed call
-            self.upstream_requests.labels("ok" if code == "0200000" else "business_error", code)
+            self.upstream_requests.labels(
+                "ok" if code == vendor.SUCCESS else "business_error", code
+            )
         if redis:
             for operation in REDIS_OPERATIONS:
                 self.redis_errors.labels(operation)

@@ -35,6 +35,7 @@ from gateway.logs import access_log, bind_request_id, reset_request_id
 from gateway.request_trace import RequestTrace
 from gateway.request_trace import current as current_trace
 from gateway.state import CALLER, PARTS, REQUEST_ID
+from gateway.vendor import RESPONSE_CONTENT_TYPE
 
 access_logger = logging.getLogger("gateway.access")
 log = logging.getLogger("gateway")
@@ -57,15 +58,11 @@ def error_body(code: str, message: str) -> bytes:
     ).encode()
 
 
-# The vendor's own Content-Type, byte for byte: a client matching it sees the same on ours.
-VENDOR_JSON = "application/json;charset=UTF-8"
-
-
 def error_response(exc: GatewayError) -> web.Response:
     return web.Response(
         status=exc.status,
         body=error_body(exc.result_code, exc.message),
-        headers={"Content-Type": VENDOR_JSON, **exc.headers()},
+        headers={"Content-Type": RESPONSE_CONTENT_TYPE, **exc.headers()},
     )
 
 

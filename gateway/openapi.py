@@ -15,11 +15,26 @@ from typing import Any, Final
 from aiohttp import web
 
 from gateway import __version__
+from gateway.vendor import (
+    CALLRESULT_ROUTE,
+    LOCALE_HEADER,
+    LOCALES,
+    MAX_INT,
+    MAX_PAGE_SIZE,
+    MAX_SESSION_ID,
+    MAX_SPAN_DAYS,
+    MAX_VDN_ID,
+    MIN_VDN_ID,
+    PARAMETER_ERROR,
+    RESULT_CODES,
+    SUCCESS,
+    WRONG_TYPE,
+    WRONG_VALUE,
+)
 
 JSON: Final = "application/json"
-_MAX_INT: Final = 2**31 - 1
-_VDN_ID: Final = {"type": "integer", "minimum": 1, "maximum": 9999}
-_CAMPAIGN_ID: Final = {"type": "integer", "minimum": 1, "maximum": _MAX_INT}
+_VDN_ID: Final = {"type": "integer", "minimum": MIN_VDN_ID, "maximum": MAX_VDN_ID}
+_CAMPAIGN_ID: Final = {"type": "integer", "minimum": 1, "maximum": MAX_INT}
 _SCHEMAS: Final = "#/components/schemas/"
 _RESPONSES: Final = "#/components/responses/"
 
@@ -38,15 +53,16 @@ def _path_parameters() -> list[dict[str, Any]]:
             "name": "vdnId",
             "in": "path",
             "required": True,
-            "description": "The VDN, 1-9999. Anything else is answered 200 with 02000006 "
-            "(not a number) or 02000007 (out of range), like the vendor.",
+            "description": f"The VDN, {MIN_VDN_ID}-{MAX_VDN_ID}. Anything else is answered 200 "
+            f"with {WRONG_TYPE} (not a number) or {WRONG_VALUE} (out of range), like the vendor.",
             "schema": _VDN_ID,
         },
         {
             "name": "campaignId",
             "in": "path",
             "required": True,
-            "description": "The campaign, 1-2147483647; otherwise 200 with 02000006/02000007.",
+            "description": f"The campaign, 1-{MAX_INT}; otherwise 200 with "
+            f"{WRONG_TYPE}/{WRONG_VALUE}.",
             "schema": _CAMPAIGN_ID,
         },
     ]
@@ -105,28 +121,29 @@ def _components() -> dict[str, Any]:
                 "type": "object",
                 "description": "The vendor's request body; every field is optional and `null` "
                 "means absent. The vendor's document is silent on unknown fields: they are "
-                "forwarded (validation.undocumented = forward) or answered 200 with 0200001 "
-                "(reject).",
+                "forwarded (validation.undocumented = forward) or answered 200 with "
+                f"{PARAMETER_ERROR} (reject).",
                 "additionalProperties": False,
                 "properties": {
                     "sessionId": {
                         "type": "string",
                         "minLength": 1,
-                        "maxLength": 32,
+                        "maxLength": MAX_SESSION_ID,
                         "nullable": True,
                     },
                     "customField": {"type": "string", "minLength": 1, "nullable": True},
                     "pageSize": {
                         "type": "integer",
                         "minimum": 1,
-                        "maximum": 500,
+                        "maximum": MAX_PAGE_SIZE[0],
                         "nullable": True,
-                        "description": "1-500; 1-100 when showDetail is 1.",
+                        "description": f"1-{MAX_PAGE_SIZE[0]}; "
+                        f"1-{MAX_PAGE_SIZE[1]} when showDetail is 1.",
                     },
                     "pageNum": {
                         "type": "integer",
                         "minimum": 1,
-                        "maximum": _MAX_INT,
+                        "maximum": MAX_INT,
                         "nullable": True,
                     },
                     "showDetail": {"type": "integer", "enum": [0, 1, None], "nullable": True},
@@ -134,7 +151,8 @@ def _components() -> dict[str, Any]:
                         "type": "string",
                         "format": "date",
                         "nullable": True,
-                        "description": "YYYY-MM-DD, with endTime, earlier, at most 30 days apart.",
+                        "description": "YYYY-MM-DD, with endTime, earlier, at most "
+                        f"{MAX_SPAN_DAYS} days apart.",
                     },
                     "endTime": {"type": "string", "format": "date", "nullable": True},
                 },
@@ -158,8 +176,8 @@ def _components() -> dict[str, Any]:
             "VendorResponse": {
                 "type": "object",
                 "description": "The upstream's body, byte for byte, or a parameter error "
-                "answered locally the same way: resultCode 0200000 is success, any other "
-                "vendor code (0200001, 0200007..0200011, 02000001..02000008) a failure.",
+                f"answered locally the same way: resultCode {SUCCESS} is success, any other "
+                f"vendor code ({', '.join(RESULT_CODES[1:])}) a failure.",
                 "required": ["resultCode", "resultDesc"],
                 "properties": {
                     "resultCode": {"type": "string", "pattern": "^[0-9]{7,8}$"},
@@ -185,7 +203,8 @@ def _components() -> dict[str, Any]:
             },
             "ParameterError": {
                 "type": "object",
-                "description": "A path parameter broke a vendor rule (02000006/02000007).",
+                "description": "A path parameter broke a vendor rule "
+                f"({WRONG_TYPE}/{WRONG_VALUE}).",
                 "required": ["resultCode", "resultDesc", "returnCode", "returnDesc"],
                 "additionalProperties": False,
                 "properties": {
@@ -233,12 +252,12 @@ def _callresult() -> dict[str, Any]:
             "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
         },
         {
-            "name": "locale",
+            "name": LOCALE_HEADER,
             "in": "header",
             "required": False,
             "description": "Forwarded to the upstream and part of the cache key; other values "
             "are ignored.",
-            "schema": {"type": "string", "enum": ["zh_CN", "en_US"]},
+            "schema": {"type": "string", "enum": sorted(LOCALES)},
         },
         {
             "name": "Cache-Control",
@@ -284,7 +303,7 @@ def _callresult() -> dict[str, Any]:
             },
             "responses": {
                 "200": {
-                    "description": "The vendor's answer (0200000 success, or a vendor code), "
+                    "description": f"The vendor's answer ({SUCCESS} success, or a vendor code), "
                     "or a parameter error answered locally with the vendor's code.",
                     "headers": answered,
                     "content": _json_body(_ref(_SCHEMAS, "VendorResponse")),
@@ -385,7 +404,7 @@ def openapi_spec(version: str) -> dict[str, Any]:
             "Gateway errors carry GW codes; parameter errors the vendor's codes (HTTP 200).",
         },
         "paths": {
-            "/rest/isales/v1/openapi/campaigns/{vdnId}/callresult/{campaignId}": _callresult(),
+            CALLRESULT_ROUTE: _callresult(),
             "/admin/cache/campaigns/{vdnId}/{campaignId}": _purge(),
             "/admin/config": _admin_get(
                 "adminConfig", "Admin: the effective settings, secrets redacted."

@@ -43,8 +43,7 @@ from gateway.request_trace import current as current_trace
 from gateway.settings import UpstreamSettings
 from gateway.signing import authorization, format_timestamp
 from gateway.validation import CallResultQuery
-
-REQUEST_CONTENT_TYPE = "application/json; charset=UTF-8"
+from gateway.vendor import LOCALE_HEADER, REQUEST_CONTENT_TYPE
 
 OnSent = Callable[[], Awaitable[None]]
 
@@ -174,7 +173,7 @@ class UpstreamClient:
             signed_headers=self._settings.signed_headers,
         )
         if locale:
-            headers["locale"] = locale
+            headers[LOCALE_HEADER] = locale
         return headers
 
     @staticmethod

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from gateway.breaker import CircuitBreaker
-from gateway.cache_policy import SUCCESS
 from gateway.clock import Clock
 from gateway.errors import (
     Overloaded,
@@ -44,6 +43,7 @@ from gateway.pause import InMemoryPause, UpstreamPause
 from gateway.request_trace import current as current_trace
 from gateway.upstream import UpstreamResponse
 from gateway.validation import CallResultQuery
+from gateway.vendor import SUCCESS
 
 
 class Fetcher(Protocol):

@@ -42,23 +42,25 @@ from datetime import date
 from typing import Any, Final
 
 from gateway.errors import ParameterError
-
-PARAMETER_ERROR: Final = "0200001"
-CAMPAIGN_NOT_FOUND: Final = "0200007"
-TIME_PAIR: Final = "0200008"
-TIME_FORMAT: Final = "0200009"
-TIME_ORDER: Final = "0200010"
-TIME_SPAN: Final = "0200011"
-EMPTY: Final = "02000001"
-TOO_LONG: Final = "02000003"
-WRONG_TYPE: Final = "02000006"
-WRONG_VALUE: Final = "02000007"
-CONVERSION: Final = "02000008"
-
-MAX_INT: Final = 2**31 - 1
-MAX_SESSION_ID: Final = 32
-MAX_PAGE_SIZE: Final = {0: 500, 1: 100}
-MAX_SPAN_DAYS: Final = 30
+from gateway.vendor import (
+    CONVERSION,
+    EMPTY,
+    MAX_INT,
+    MAX_PAGE_SIZE,
+    MAX_SESSION_ID,
+    MAX_SPAN_DAYS,
+    MAX_VDN_ID,
+    MIN_VDN_ID,
+    PARAMETER_ERROR,
+    TIME_FORMAT,
+    TIME_ORDER,
+    TIME_PAIR,
+    TIME_SPAN,
+    TOO_LONG,
+    WRONG_TYPE,
+    WRONG_VALUE,
+    callresult_path,
+)
 
 _DIGITS = re.compile(r"[0-9]+")
 _INT_TEXT = re.compile(r"-?[0-9]+")
@@ -112,7 +114,7 @@ class CallResultQuery:
 
     @property
     def path(self) -> str:
-        return f"/rest/isales/v1/openapi/campaigns/{self.vdn_id}/callresult/{self.campaign_id}"
+        return callresult_path(self.vdn_id, self.campaign_id)
 
 
 def refuse_undocumented(query: CallResultQuery) -> None:
@@ -278,7 +280,9 @@ def validate_query(
         if begin >= end:
             raise ParameterError(TIME_ORDER, "beginTime must be earlier than endTime.")
         if (end - begin).days > MAX_SPAN_DAYS:
-            raise ParameterError(TIME_SPAN, "beginTime and endTime are more than 30 days apart.")
+            raise ParameterError(
+                TIME_SPAN, f"beginTime and endTime are more than {MAX_SPAN_DAYS} days apart."
+            )
 
     return CallResultQuery(
         vdn_id=vdn_id,
@@ -301,7 +305,7 @@ def parse_request(
 
     ``charset``: the request's ``Content-Type`` charset (None: UTF-8, the vendor's).
     """
-    vdn_id = parse_path_id("vdnId", vdn_text, 1, 9999)
+    vdn_id = parse_path_id("vdnId", vdn_text, MIN_VDN_ID, MAX_VDN_ID)
     campaign_id = parse_path_id("campaignId", campaign_text, 0, MAX_INT)
     silent: list[Silent] = []
     if campaign_id == 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -14,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway import signing
 from gateway.app import create_app
+from gateway.clock import ManualClock
 from gateway.settings import Settings, load_settings
 from gateway.simulator import SIM_STATE, SimulatorConfig, create_simulator_app
 from gateway.simulator.state import SimulatorState
@@ -137,6 +139,13 @@ def gateway_settings(upstream_url: str, **env: str | int | float) -> Settings:
 
 
 StartGateway = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    """A manual clock started at the real time: the signatures it stamps look fresh to the
+    simulator, and the gateway's own time moves only when a test advances it."""
+    return ManualClock(start=time.time())
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient
 
 from tests.conftest import StartGateway, StartSimulator, Upstream, gateway_settings
 from tests.support.fleet import JSON, path
+from tests.support.waiting import until
 
 HANG_S = 2.0  # longer than the window: the next start is allowed before it ends
 
@@ -43,10 +44,12 @@ async def test_a_request_whose_client_hung_up_keeps_running_at_the_simulator(
     async with ClientSession(timeout=ClientTimeout(total=0.2)) as session:
         with contextlib.suppress(TimeoutError):
             await session.post(upstream.url + path(1), data=b"{}", headers=JSON)
-    await asyncio.sleep(0.1)
-    assert upstream.state.observer.in_flight == 1  # hung up on, still being worked on
-    await asyncio.sleep(HANG_S)
-    assert upstream.state.observer.in_flight == 0
+    server = upstream.server.runner.server  # aiohttp's, holding the simulator's connections
+    assert server is not None
+    # The simulator's side of the connection is closed (hung up on) ...
+    await until(lambda: [h.transport for h in server.connections] == [None], "the hang-up seen")
+    assert upstream.state.observer.in_flight == 1  # ... and the request still being worked on
+    await until(lambda: upstream.state.observer.in_flight == 0, "the vendor's hang ends")
 
 
 async def test_a_timed_out_call_keeps_its_permit_while_the_vendor_may_still_work_on_it(

@@ -1,5 +1,7 @@
-"""The cache-store contract, run against the in-memory and the Redis store; then what only the
-Redis store promises (native TTLs, a campaign index, crafted values as misses, failures as
+"""The cache-store contract, run against the in-memory store, the Redis store and the tiered
+store Redis mode serves from (``shared_cache``: local copies in front of Redis, subscribed to
+invalidations before the test starts, so copies are in play); then what only the Redis store
+promises (native TTLs, a campaign index, crafted values as misses, failures as
 ``BackendUnavailable``) and the pure value format."""
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import os
 import pickle  # only to build a hostile payload: nothing here unpickles
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +32,12 @@ from gateway.cache_redis import (
     decode_entry,
     encode_entry,
 )
+from gateway.cache_tiered import TieredCacheStore, shared_cache
 from gateway.clock import Clock, ManualClock, SystemClock
 from gateway.errors import BackendUnavailable
 from gateway.validation import CallResultQuery
 from tests.support.processes import free_port
+from tests.support.waiting import until
 
 BODY = b'{"resultCode":"0200000","resultDesc":"ok","returnCode":"0200000"}'
 
@@ -64,17 +69,30 @@ class Backend:
         if isinstance(self.clock, ManualClock):
             self.clock.advance(seconds)
         else:
-            await asyncio.sleep(seconds)
+            await asyncio.sleep(seconds)  # Redis expires keys by its own clock: real time
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture
+async def tier(redis_client: aioredis.Redis) -> AsyncIterator[TieredCacheStore]:
+    """Redis mode's store, subscribed, so that its local copies answer repeated reads."""
+    store = shared_cache(redis_client, clock=SystemClock(), local_max_bytes=1 << 20)
+    assert isinstance(store, TieredCacheStore)
+    await store.get("isales:v1:{0:0}:warm-up")  # starts the listener
+    await until(lambda: store.coherent, "the tier is subscribed")
+    yield store
+    await store.close()
+
+
+@pytest.fixture(params=["memory", "redis", "tiered"])
 def backend(request: pytest.FixtureRequest) -> Backend:
     if request.param == "memory":
         clock = ManualClock()
         return Backend(InMemoryCacheStore(max_entries=100, clock=clock), clock, None)
     client: aioredis.Redis = request.getfixturevalue("redis_client")
     system = SystemClock()
-    return Backend(RedisCacheStore(client, clock=system), system, client)
+    if request.param == "redis":
+        return Backend(RedisCacheStore(client, clock=system), system, client)
+    return Backend(request.getfixturevalue("tier"), system, client)
 
 
 @pytest.fixture
@@ -82,7 +100,7 @@ def redis_store(redis_client: aioredis.Redis) -> RedisCacheStore:
     return RedisCacheStore(redis_client, clock=SystemClock())
 
 
-# --- the contract, both stores ---------------------------------------------------------------
+# --- the contract, every store ----------------------------------------------------------------
 
 
 async def test_get_of_a_key_never_stored_is_none(backend: Backend) -> None:
@@ -100,6 +118,25 @@ async def test_put_again_replaces_the_entry(backend: Backend) -> None:
     second = make_entry(backend.clock, body=b"second", ttl=5.0, content_type="text/plain")
     await backend.store.put(key_for(11, 3), second)
     assert await backend.store.get(key_for(11, 3)) == second
+
+
+async def test_an_entry_read_before_it_is_replaced_or_purged_is_not_answered_after(
+    backend: Backend,
+) -> None:
+    """Reads in between, so that a store keeping copies (the tier) holds one when it changes."""
+    key, other = key_for(11, 3), key_for(11, 3, page=2)
+    first = make_entry(backend.clock, body=b"first")
+    await backend.store.put(key, first)
+    for _ in range(2):
+        assert await backend.store.get(key) == first
+    second = make_entry(backend.clock, body=b"second")
+    await backend.store.put(key, second)
+    assert await backend.store.get(key) == second
+    await backend.store.put(other, make_entry(backend.clock))
+    assert await backend.store.get(other) is not None
+    assert await backend.store.purge_campaign(11, 3) == 2
+    assert await backend.store.get(key) is None
+    assert await backend.store.get(other) is None
 
 
 async def test_an_entry_is_kept_through_its_stale_retention_and_not_beyond(
@@ -196,7 +233,14 @@ async def test_expired_entries_leave_the_index_on_the_next_put(
     clock = SystemClock()
     await redis_store.put(key_for(11, 3, page=1), make_entry(clock))  # keeps the index alive
     await redis_store.put(key_for(11, 3, page=2), make_entry(clock, ttl=0.01, stale=0.01))
-    await asyncio.sleep(0.03)
+    expires_ms = await redis_client.zscore(index_of(11, 3), key_for(11, 3, page=2))
+    assert expires_ms is not None
+
+    async def redis_clock_past_it() -> bool:
+        seconds, micros = await redis_client.time()
+        return seconds * 1000 + micros // 1000 > expires_ms
+
+    await until(redis_clock_past_it, "Redis's clock passed the short entry's expiry")
     await redis_store.put(key_for(11, 3, page=3), make_entry(clock))
     members = await redis_client.zrange(index_of(11, 3), 0, -1)
     assert sorted(members) == sorted(key_for(11, 3, page=p).encode() for p in (1, 3))

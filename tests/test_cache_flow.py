@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import time
 from datetime import date
 
 import aiohttp
@@ -60,9 +59,8 @@ def test_an_entry_is_fresh_then_stale_then_expired() -> None:
 
 
 async def test_a_repeated_query_is_a_hit_with_no_upstream_call(
-    upstream: Upstream, start_gateway: StartGateway
+    upstream: Upstream, start_gateway: StartGateway, clock: ManualClock
 ) -> None:
-    clock = ManualClock(start=time.time())  # signatures must look fresh to the upstream
     gateway = await start_gateway(gateway_settings(upstream.url), clock=clock)
     first = await gateway.post(PATH, data=b'{"pageSize":5}', headers=JSON)
     clock.advance(7)
@@ -75,9 +73,8 @@ async def test_a_repeated_query_is_a_hit_with_no_upstream_call(
 
 
 async def test_an_open_ended_answer_expires_after_its_short_ttl(
-    upstream: Upstream, start_gateway: StartGateway
+    upstream: Upstream, start_gateway: StartGateway, clock: ManualClock
 ) -> None:
-    clock = ManualClock(start=time.time())  # signatures must look fresh to the upstream
     settings = gateway_settings(upstream.url, cache__ttl_open_s=30, cache__swr_s=0)
     gateway = await start_gateway(settings, clock=clock)
     await gateway.post(PATH, json={"pageSize": 5})

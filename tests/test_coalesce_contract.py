@@ -8,6 +8,7 @@ import asyncio
 import pickle  # only to build a hostile payload: nothing here unpickles
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -17,6 +18,7 @@ from redis.backoff import NoBackoff
 from gateway.clock import SystemClock
 from gateway.coalesce import Coalescer, InProcessCoalescer
 from gateway.coalesce_redis import (
+    RELEASED,
     Outcome,
     RedisCoalescer,
     decode_outcome,
@@ -34,11 +36,11 @@ from gateway.errors import (
 )
 from gateway.upstream import UpstreamResponse
 from tests.support.processes import RedisServer, free_port
+from tests.support.waiting import until
 
 RESPONSE = UpstreamResponse(200, b'{"resultCode":"0200000","data":[1]}', "application/json")
 OTHER = UpstreamResponse(200, b'{"resultCode":"0200000","data":[2]}', "application/json")
 KEY = "isales:v1:{1:2}:0123456789abcdef"
-JOIN_S = 0.05  # followers need one Redis round trip to join a round; this is tens of them
 
 
 class Fetch:
@@ -78,6 +80,27 @@ class Fetch:
 Replicas = Callable[..., list[RedisCoalescer]]
 
 
+class Observed(aioredis.Redis):
+    """A replica's client that notes what Redis answered its scripts, so that a test can wait
+    for a follower to have joined a round (its lock attempt answered "held") before going on."""
+
+    held = 0
+
+    async def evalsha(self, *args: Any) -> Any:
+        reply = await super().evalsha(*args)
+        if isinstance(reply, list) and reply[:1] == [b"held"]:
+            self.held += 1  # the follower waits for the outcome from here on, in this step
+        return reply
+
+
+_CLIENTS: dict[int, Observed] = {}  # id(coalescer) -> its client, for ``joined``
+
+
+def joined(*coalescers: RedisCoalescer, times: int = 1) -> Callable[[], bool]:
+    """``until``'s check: each replica's round saw the lock held ``times`` times."""
+    return lambda: all(_CLIENTS[id(c)].held >= times for c in coalescers)
+
+
 @pytest.fixture
 async def replicas(redis_server: RedisServer) -> AsyncIterator[Replicas]:
     """``replicas(3, lease_s=...)``: coalescers on clients of their own, as separate replicas."""
@@ -86,17 +109,19 @@ async def replicas(redis_server: RedisServer) -> AsyncIterator[Replicas]:
 
     def make(n: int = 1, *, lease_s: float = 2.0, max_wait_s: float = 5.0) -> list[RedisCoalescer]:
         for _ in range(n):
-            client = aioredis.Redis.from_url(redis_server.url)
+            client = Observed.from_url(redis_server.url)
             coalescer = RedisCoalescer(
                 client, lease_s=lease_s, max_wait_s=max_wait_s, clock=SystemClock()
             )
             made.append((coalescer, client))
+            _CLIENTS[id(coalescer)] = client
         return [coalescer for coalescer, _ in made[-n:]]
 
     yield make
     for coalescer, client in made:
         await coalescer.close()
         await client.aclose()
+        del _CLIENTS[id(coalescer)]
 
 
 @pytest.fixture(params=["in-process", "redis"])
@@ -108,13 +133,6 @@ def coalescer(request: pytest.FixtureRequest, replicas: Replicas) -> Coalescer[U
 
 async def settle(calls: Sequence[Awaitable[tuple[UpstreamResponse, bool]]]) -> list[object]:
     return await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
-
-
-async def until(condition: Callable[[], bool], within: float = 2.0) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 # --- the contract: every implementation -------------------------------------------------------
@@ -220,7 +238,7 @@ async def test_when_the_leading_replica_crashes_exactly_one_other_replica_takes_
     await hung.started.wait()
     takeover = Fetch(OTHER)
     followers = [asyncio.ensure_future(survivors[i % 2].run(KEY, takeover)) for i in range(20)]
-    await asyncio.sleep(JOIN_S)
+    await until(joined(*survivors), "both survivors follow the round")
     await crashing.close()  # renewals stop; the lock expires after the lease
     assert await redis_client.exists(lock_key(KEY)) == 1  # a crash releases nothing
     results = await settle(followers)
@@ -251,7 +269,7 @@ async def test_when_the_leaders_callers_all_leave_another_replica_leads_at_once(
     await abandoned.started.wait()
     successor = Fetch(OTHER)
     follower = asyncio.ensure_future(second.run(KEY, successor))
-    await asyncio.sleep(JOIN_S)
+    await until(joined(second), "the other replica follows the round")
     left = time.monotonic()
     leader.cancel()
     assert await settle([follower]) == [(OTHER, True)]
@@ -268,7 +286,7 @@ async def test_an_error_from_the_leader_reaches_followers_on_other_replicas_as_i
     leader = asyncio.ensure_future(first.run(KEY, failing))
     await failing.started.wait()
     followers = [asyncio.ensure_future(others[i % 2].run(KEY, never)) for i in range(10)]
-    await asyncio.sleep(JOIN_S)
+    await until(joined(*others), "both other replicas follow the round")
     assert failing.gate is not None
     failing.gate.set()
     results = await settle([leader, *followers])
@@ -284,7 +302,7 @@ async def test_garbage_on_the_outcome_channel_is_ignored_and_the_answer_still_wa
     leader = asyncio.ensure_future(first.run(KEY, fetch))
     await fetch.started.wait()
     follower = asyncio.ensure_future(second.run(KEY, fetch))
-    await asyncio.sleep(JOIN_S)
+    await until(joined(second), "the other replica follows the round")
     for garbage in [
         b"",
         b"\xff\xfe not utf-8",
@@ -297,7 +315,10 @@ async def test_garbage_on_the_outcome_channel_is_ignored_and_the_answer_still_wa
         b"x" * 10_000,
     ]:
         await redis_client.publish(outcome_channel(KEY), garbage)
-    await asyncio.sleep(JOIN_S)
+    # "The lock is free" after the garbage: the follower asks again (and finds it held) only
+    # once its reader has gone past every message before it.
+    await redis_client.publish(outcome_channel(KEY), RELEASED)
+    await until(joined(second, times=2), "the follower read past the garbage")
     assert not follower.done()
     assert fetch.gate is not None
     fetch.gate.set()

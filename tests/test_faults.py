@@ -8,7 +8,8 @@ the fault where a fallback (or the rest of the fleet) can serve.
 
 Timing: a fault may stall misses for upstream.timeout_ms + abandoned_hold_ms + 2 heartbeats
 + a window (about 6-8 s here); callers queue through it (limit.max_wait_ms 30 s). A fault
-that must be served "during" lasts at least 12 s, so a fallback has time to serve in it.
+that must be served "during" lasts at least 12 s, so a fallback has time to serve in it. The
+sleeps below are these durations (warm-up, fault, recovery under load): the scenario itself.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from aiohttp import ClientSession
 
 from tests.conftest import StartGateway, gateway_settings
 from tests.support.fleet import path, sim_stats, start_simulator_process
+from tests.support.waiting import until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -75,13 +76,12 @@ async def test_stale_copies_answer_a_flaky_upstream_and_the_breaker_opens_then_c
         assert any(label == "STALE" for _, _, label in answers)
 
         await behave(upstream.url, error_rate=0.0, timeout_rate=0.0)
-        deadline = time.monotonic() + 5
-        closed = False
-        while time.monotonic() < deadline and not closed:
+
+        async def breaker_closed_after_a_call() -> bool:
             await gateway.post(path(99), json={})
-            closed = breaker_state(await (await gateway.get("/metrics")).text()) == 0.0
-            await asyncio.sleep(0.1)
-        assert closed, "the breaker closed once the upstream was healthy"
+            return breaker_state(await (await gateway.get("/metrics")).text()) == 0.0
+
+        await until(breaker_closed_after_a_call, "the breaker closed", within=5, every=0.1)
 
         stats = await sim_stats(upstream)
         assert stats["violations"] == 0

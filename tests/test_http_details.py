@@ -9,6 +9,7 @@ from gateway.auth import key_digest
 from gateway.traceparent import outgoing_traceparent, parse
 from tests.conftest import StartGateway, StartSimulator, Upstream, gateway_settings
 from tests.support.fleet import path
+from tests.support.waiting import until
 
 KEY = "caller-key-0123456789"
 CALLER = f'[[callers]]\nname = "reporting"\nkey_sha256 = "{key_digest(KEY)}"\nvdn_ids = ["*"]\n'
@@ -126,10 +127,7 @@ async def test_a_coalesced_answer_names_the_request_that_made_the_upstream_call(
     leader = asyncio.ensure_future(
         gateway.post(path(5), json={}, headers={"X-Request-ID": "leader-1"})
     )
-    for _ in range(500):  # until the leader's call is at the upstream
-        if upstream.requests:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: upstream.requests > 0, "the leader's call is at the upstream")
     follower = await gateway.post(path(5), json={}, headers={"X-Request-ID": "follower-1"})
     await leader
 

@@ -29,6 +29,7 @@ from gateway.limiter.memory import InMemoryLimiter
 from gateway.limiter.redis_limiter import RedisLimiter
 from gateway.limiter.scheduler import CallerPolicy
 from tests.support.processes import RedisServer, free_port
+from tests.support.waiting import until
 
 SKEW = 0.015
 IDLE = LimiterSnapshot(in_flight=0, queued=0)
@@ -171,19 +172,18 @@ class Holder:
         await permit.sent()
 
 
-async def until(check: Callable[[], bool | Awaitable[bool]], within: float = 2.0) -> None:
-    """Wait until ``check`` holds (sync or async); fail after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        outcome = check()
-        if outcome if isinstance(outcome, bool) else await outcome:
-            return
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
-
-
 def queued_is(limiter: Limiter, count: int) -> Callable[[], bool]:
     return lambda: limiter.snapshot().queued == count
+
+
+def paused_commands(client: aioredis.Redis, count: int) -> Callable[[], Awaitable[bool]]:
+    """``until``'s check: ``count`` commands wait on a ``CLIENT PAUSE`` (Redis counts them as
+    blocked clients)."""
+
+    async def check() -> bool:
+        return int((await client.info("clients"))["blocked_clients"]) >= count
+
+    return check
 
 
 def zcard_is(client: aioredis.Redis, key: str, size: int) -> Callable[[], Awaitable[bool]]:
@@ -343,7 +343,7 @@ async def test_a_permit_released_without_being_sent_counts_its_start_at_release(
     limiter = build(max_concurrent=1, window_s=0.2)
     failed = Holder(limiter, send_at_once=False)  # the request broke before it was sent
     await failed.started.wait()
-    await asyncio.sleep(0.15)
+    await asyncio.sleep(0.15)  # a stall longer than any margin, then the request breaks
     await finish(failed)
     following = Holder(limiter)
     await following.started.wait()
@@ -673,7 +673,7 @@ async def test_a_waiter_on_another_replica_is_woken_by_the_release_not_by_pollin
     await holder.started.wait()
     await redis_client.config_resetstat()
     waiter = Holder(waiting)
-    await asyncio.sleep(0.6)
+    await asyncio.sleep(0.6)  # the span over which the waiter's script calls are counted
     stats = await redis_client.info("commandstats")
     attempts = sum(stats.get(f"cmdstat_{cmd}", {}).get("calls", 0) for cmd in ("eval", "evalsha"))
     released = time.monotonic()
@@ -692,7 +692,7 @@ async def test_a_caller_cancelled_while_its_acquire_script_runs_returns_the_perm
     await limiter.beat()  # knows the epoch: its first acquire can grant
     await redis_client.client_pause(300, all=False)  # writes, scripts included, wait 300 ms
     caller = Holder(limiter)
-    await asyncio.sleep(0.1)
+    await until(paused_commands(redis_client, 1), "the acquire script waits on the pause")
     caller.task.cancel()
     await asyncio.gather(caller.task, return_exceptions=True)
     assert limiter.snapshot() == IDLE
@@ -712,7 +712,7 @@ async def test_a_holder_cancelled_during_its_release_still_releases(
     await holder.started.wait()
     await redis_client.client_pause(300, all=False)
     holder.done.set()
-    await asyncio.sleep(0.05)  # now inside the release, which waits for the pause
+    await until(paused_commands(redis_client, 1), "the release waits on the pause")
     holder.task.cancel()
     await asyncio.gather(holder.task, return_exceptions=True)
     assert limiter.snapshot() == IDLE
@@ -788,7 +788,7 @@ async def test_every_replica_reads_the_fleets_permits_in_flight_and_starts_in_th
     closing.extend([holding, reading])
     holders = [Holder(holding) for _ in range(2)]
     await until(lambda: all(h.sent_at > 0 for h in holders))
-    await asyncio.sleep(0.05)  # the starts' records land
+    await until(zcard_is(redis_client, holding.keys.starts, 2), "the starts' records land")
     await reading.beat()
     snapshot = reading.snapshot()
     assert (snapshot.in_flight, snapshot.fleet_in_flight, snapshot.fleet_starts) == (0, 2, 2)

@@ -33,7 +33,8 @@ from gateway.limiter.redis_limiter import RedisLimiter
 from gateway.metrics import GatewayMetrics
 from gateway.settings import load_settings
 from tests.support.processes import RedisServer
-from tests.test_limiter_contract import IDLE, SKEW, Holder, Recorder, finish, until
+from tests.support.waiting import until
+from tests.test_limiter_contract import IDLE, SKEW, Holder, Recorder, finish
 
 WINDOW, LEASE, BEAT, CLAIM, PROBE, TIMEOUT = 0.3, 0.3, 0.1, 0.2, 0.1, 0.2
 SETTLE = settle_time(claim_s=CLAIM, skew_s=0.0, beat_s=BEAT, lease_s=LEASE, window_s=WINDOW)
@@ -153,15 +154,15 @@ async def test_two_replicas_keep_the_combined_limit_while_redis_dies_and_comes_b
     workers = [
         asyncio.create_task(worker(r, hold)) for hold in (0.15, 0.0, 0.05) * 2 for r in (a, b)
     ]
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # the load runs in global mode for a while, then Redis goes
     own_redis.stop()
     stopped = time.monotonic()
     await until(modes_are(Mode.FALLBACK, a, b))
-    await asyncio.sleep(SETTLE + 0.6)
+    await asyncio.sleep(SETTLE + 0.6)  # the load runs on the local shares for a while
     own_redis.start()  # empty: the limiter's state is lost
     restarted = time.monotonic()
     await until(modes_are(Mode.GLOBAL, a, b), within=3.0)
-    await asyncio.sleep(HOLD + 0.6)
+    await asyncio.sleep(HOLD + 0.6)  # and in global mode again, on an empty Redis
     running = False
     await asyncio.gather(*workers)
 
@@ -241,7 +242,7 @@ async def test_timeouts_and_cancellations_in_fallback_leave_the_whole_local_shar
         await call(r)
     assert r.limiter.mode is Mode.FALLBACK
     assert r.limiter.snapshot() == IDLE
-    await asyncio.sleep(SETTLE)
+    await asyncio.sleep(SETTLE)  # settled (real time: the fleet must count this replica gone)
     holders = [Holder(r.limiter) for _ in range(6)]
     await until(lambda: r.limiter.snapshot() == LimiterSnapshot(in_flight=2, queued=4))
     for holder in holders:
@@ -263,7 +264,7 @@ async def test_a_replica_rejoins_only_once_its_local_permits_have_ended_and_left
     await holder.started.wait()
     own_redis.start()
     await until(modes_are(Mode.RECOVERING, r), within=3.0)
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # several recovery checks' time, with the local permit held
     assert r.limiter.mode is Mode.RECOVERING  # not counted in Redis: it must end first
     await finish(holder)
     ended = time.monotonic()
@@ -329,7 +330,7 @@ async def test_a_heartbeat_that_reaches_redis_late_claims_nothing(
         await admin.client_pause(600, all=False)  # writes (scripts too) wait 0.6 s
         with pytest.raises(Exception):  # noqa: B017, PT011 - a client timeout, of some kind
             await limiter.beat()
-        await asyncio.sleep(0.6)
+        await admin.set("after-the-pause", 1)  # a write: it runs after the paused script
         # The script ran after the pause, past its "not after": no membership was claimed.
         assert await admin.zscore(limiter.keys.members, limiter.replica) is None
         await limiter.beat()
@@ -369,7 +370,7 @@ async def test_a_permit_of_a_lost_epoch_or_not_used_in_time_may_not_be_sent(
     try:
         async with limiter.permit() as permit:
             permit.check()  # fresh
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(0.25)  # the caller stalls past the fence
             with pytest.raises(PermitLost):  # frozen past its fence: its lease may be gone
                 permit.check()
         async with limiter.permit() as permit:
@@ -394,7 +395,7 @@ async def test_global_permits_still_held_count_against_the_local_share(
     own_redis.stop()
     others = [Holder(r.limiter) for _ in range(2)]
     await until(lambda: r.limiter.mode is Mode.FALLBACK)
-    await asyncio.sleep(SETTLE + WINDOW)
+    await asyncio.sleep(SETTLE + WINDOW)  # settled, and a window: only the held permit blocks
     assert r.limiter.snapshot() == LimiterSnapshot(in_flight=2, queued=1)
     await finish(long_call)
     await asyncio.wait_for(asyncio.gather(*(h.started.wait() for h in others)), timeout=0.5)

@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from aiohttp import ClientSession
+from aiohttp import ClientSession, web
+from aiohttp.test_utils import TestClient
 
 from gateway import __version__
 from gateway.access_log import ACCESS_FIELDS
@@ -23,8 +24,10 @@ from gateway.logs import (
     setup_logging,
 )
 from gateway.middleware import RequestIds, client_address
-from tests.conftest import SIM, StartGateway, StartSimulator, Upstream, gateway_settings
+from tests.conftest import StartGateway, StartSimulator, Upstream, gateway_settings
+from tests.support.fleet import gateway_environ
 from tests.support.processes import Process, free_port
+from tests.support.waiting import until
 
 PATH = "/rest/isales/v1/openapi/campaigns/11/callresult/3"
 LOGFMT_NAME = re.compile(r' ([a-z_]+)=(?:"(?:[^"\\]|\\.)*"|\S*)')  # each key=value's key
@@ -54,13 +57,20 @@ def strict_json(line: str) -> dict[str, Any]:
 
 
 async def output_containing(process: Process, text: str) -> str:
-    """The process's output once it holds ``text`` (access lines are written within 50 ms)."""
-    for _ in range(100):
-        output = process.output()
-        if text in output:
-            return output
-        await asyncio.sleep(0.05)
+    """The process's output once it holds ``text`` (it writes it a moment after answering)."""
+    await until(lambda: text in process.output(), f"{text!r} in the output", every=0.05)
     return process.output()
+
+
+async def ask_in_turn(gateway: TestClient[web.Request, web.Application], *ids: str) -> None:
+    """One query once per request id, one after the other, each answered; the access log
+    flushed."""
+    for request_id in ids:
+        response = await gateway.post(
+            PATH, json={"pageSize": 5}, headers={"X-Request-ID": request_id}
+        )
+        assert response.status == 200
+    flush_access_log()
 
 
 def json_lines(stream: io.StringIO) -> list[dict[str, Any]]:
@@ -147,12 +157,7 @@ async def test_every_log_line_of_a_request_is_json_and_carries_its_request_id(
 ) -> None:
     gateway = await start_gateway(gateway_settings(upstream.url))
     setup_logging("INFO", "json", stream=log_stream)
-    for request_id in ("req-logs-1", "req-logs-2"):
-        response = await gateway.post(
-            PATH, json={"pageSize": 5}, headers={"X-Request-ID": request_id}
-        )
-        assert response.status == 200
-    flush_access_log()
+    await ask_in_turn(gateway, "req-logs-1", "req-logs-2")
 
     lines = [entry for entry in json_lines(log_stream) if entry["logger"].startswith("gateway")]
     assert lines, "the gateway logged nothing for two requests"
@@ -175,20 +180,8 @@ async def test_every_log_line_of_a_request_is_json_and_carries_its_request_id(
 
 async def test_the_served_process_writes_only_json_lines_in_json_mode(upstream: Upstream) -> None:
     port = free_port()
-    gateway = Process(
-        ["serve"],
-        port,
-        env={
-            "GATEWAY_SERVER__HOST": "127.0.0.1",
-            "GATEWAY_SERVER__PORT": str(port),
-            "GATEWAY_UPSTREAM__URL": upstream.url,
-            "GATEWAY_UPSTREAM__AK": SIM.ak,
-            "GATEWAY_UPSTREAM__SK": SIM.sk,
-            "GATEWAY_UPSTREAM__ALLOW_HTTP": "true",
-            "GATEWAY_AUTH__ENABLED": "false",
-            "GATEWAY_LOG__FORMAT": "json",
-        },
-    )
+    env = gateway_environ(port, upstream.url, auth__enabled="false", log__format="json")
+    gateway = Process(["serve"], port, env=env)
     try:
         async with ClientSession() as session:
             headers = {"X-Request-ID": "req-process-1"}
@@ -347,7 +340,7 @@ async def test_a_coalesced_answers_access_line_names_the_request_that_called_ups
     leader = asyncio.ensure_future(
         gateway.post(PATH, json={"pageSize": 5}, headers={"X-Request-ID": "leader-1"})
     )
-    await asyncio.sleep(0.1)  # the leader's call is at the upstream
+    await until(lambda: upstream.requests == 1, "the leader's call is at the upstream")
     follower = await gateway.post(PATH, json={"pageSize": 5}, headers={"X-Request-ID": "follow-1"})
     assert follower.headers["X-Cache"] == "COALESCED"
     assert (await leader).headers["X-Cache"] == "MISS"
@@ -363,12 +356,7 @@ async def test_a_hits_access_line_names_the_request_whose_call_stored_the_answer
 ) -> None:
     gateway = await start_gateway(gateway_settings(upstream.url))
     setup_logging("INFO", "json", stream=log_stream)
-    for request_id in ("stored-by-1", "hit-2"):
-        response = await gateway.post(
-            PATH, json={"pageSize": 5}, headers={"X-Request-ID": request_id}
-        )
-        assert response.status == 200
-    flush_access_log()
+    await ask_in_turn(gateway, "stored-by-1", "hit-2")
 
     access = {e["request_id"]: e for e in json_lines(log_stream) if e["logger"] == "gateway.access"}
     assert access["hit-2"]["cache"] == "HIT"

@@ -29,6 +29,7 @@ from tests.support.prometheus import (
     scraping,
     shipped_config,
 )
+from tests.support.waiting import until
 
 DASHBOARD = ROOT / "config" / "grafana" / "dashboards" / "isales-gateway.json"
 ALERTS = PROMETHEUS_DIR / "alerts.yml"
@@ -697,10 +698,7 @@ async def test_a_real_prometheus_answers_every_dashboard_and_alert_query_with_ga
     lone_begin = {"beginTime": "2026-01-01"}
     statuses.append((await gateway.post(PATH.format(1), json=lone_begin)).status)  # 0200008
     burst = [asyncio.ensure_future(gateway.post(PATH.format(2), json={})) for _ in range(4)]
-    for _ in range(500):  # until the burst's one call holds the second permit
-        if upstream.requests == 2:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: upstream.requests == 2, "the burst's one call holds the second permit")
     statuses.append((await gateway.post(PATH.format(3), json={})).status)  # no permit, no queue
     statuses += [(await response).status for response in burst]  # MISS + 3 COALESCED
     assert statuses == [200, 200, 200, 503, 200, 200, 200, 200]
@@ -742,12 +740,15 @@ async def panel_values(prometheus: PrometheusServer, title: str, label: str) -> 
 
 async def rules_evaluated_without_error(prometheus: PrometheusServer) -> None:
     """Prometheus loaded every shipped rule and evaluates each one cleanly."""
-    for _ in range(50):
+    rules: list[dict[str, Any]] = []
+
+    async def every_rule_evaluated() -> bool:
+        nonlocal rules
         body = await prometheus.api("rules")
         rules = [rule for group in body["data"]["groups"] for rule in group["rules"]]
-        if rules and all(rule["health"] != "unknown" for rule in rules):
-            break
-        await asyncio.sleep(0.2)
+        return bool(rules) and all(rule["health"] != "unknown" for rule in rules)
+
+    await until(every_rule_evaluated, within=10, every=0.2)
     assert sorted(rule["name"] for rule in rules) == sorted(r["alert"] for r in alert_rules())
     unhealthy = {rule["name"]: rule.get("lastError") for rule in rules if rule["health"] != "ok"}
     assert not unhealthy

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -15,6 +13,7 @@ from gateway.limiter.memory import InMemoryLimiter
 from tests.conftest import StartGateway, Upstream, gateway_settings
 from tests.support.fleet import path
 from tests.support.processes import RedisServer, free_port
+from tests.support.waiting import until
 
 
 def limiter() -> InMemoryLimiter:
@@ -80,11 +79,11 @@ async def test_with_redis_down_at_start_up_readyz_and_the_gauge_say_so_before_an
     assert body["degraded"] == ["redis"]
     # The limiter claims its membership at start-up: it knows at once it is on its share.
     assert body["redis"] == {"reachable": False, "limiter": "fallback"}
-    for _ in range(200):  # the start-up probe sets it; no request has touched the limiter
-        if await degraded_gauge(gateway) == 1:
-            break
-        await asyncio.sleep(0.02)
-    assert await degraded_gauge(gateway) == 1
+
+    async def degraded_is_set() -> bool:  # by the start-up probe: no request touched the limiter
+        return await degraded_gauge(gateway) == 1
+
+    await until(degraded_is_set, every=0.02)
     assert upstream.requests == 0
 
 

@@ -12,6 +12,7 @@ from aiohttp import ClientSession, ClientTimeout, TCPConnector
 
 from tests.support.fleet import JSON, path, sim_stats, start_replica, start_simulator_process
 from tests.support.processes import Process, RedisServer, free_port
+from tests.support.waiting import until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -54,20 +55,19 @@ async def test_redis_killed_under_load_costs_no_5xx_and_no_violation_and_heals_i
                         statuses.append(response.status)
 
             load = asyncio.gather(*(caller(n) for n in range(30)))
-            await asyncio.sleep(3)
+            await asyncio.sleep(3)  # the load runs with Redis up, ...
             redis.stop(signal.SIGKILL)
-            await asyncio.sleep(4)
+            await asyncio.sleep(4)  # ... through an outage, ...
             assert await degraded(session, replicas[0])
-            redis.start()
-            healed_at = None
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                if not any([await degraded(session, r) for r in replicas]):
-                    healed_at = time.monotonic()
-                    break
-                await asyncio.sleep(0.2)
-            await load
-            assert healed_at is not None, "the replicas did not return to global mode"
+            redis.start()  # ... and after it
+
+            async def healed() -> bool:
+                return not any([await degraded(session, r) for r in replicas])
+
+            try:
+                await until(healed, "the replicas returned to global mode", within=10, every=0.2)
+            finally:
+                await load
             for replica in replicas:
                 async with session.get(replica.url + "/metrics") as response:
                     assert 'isales_gateway_degraded{component="redis"} 0.0' in await response.text()
@@ -99,10 +99,10 @@ async def test_redis_down_at_start_up_shows_as_degraded_from_the_first_second() 
                         if line.startswith('isales_gateway_degraded{component="redis"}')
                     )
 
-            deadline = time.monotonic() + 5
-            while await gauge() != "1.0":  # no request has been made: the limiter said so
-                assert time.monotonic() < deadline, "degraded gauge still 0 without traffic"
-                await asyncio.sleep(0.05)
+            async def degraded_without_traffic() -> bool:  # the limiter said so, not a request
+                return await gauge() == "1.0"
+
+            await until(degraded_without_traffic, within=5, every=0.05)
             assert await degraded(session, replica)
     finally:
         replica.stop()

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from pathlib import Path
 
 import pytest
@@ -15,8 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.auth import key_digest
 from tests.conftest import StartGateway, Upstream, gateway_settings
-from tests.support.fleet import JSON, SIM, path, start_simulator_process
+from tests.support.fleet import JSON, gateway_environ, path, start_simulator_process
 from tests.support.processes import Process, free_port
+from tests.support.waiting import until
 
 OLD_KEY = "old-caller-key-0123456789"
 NEW_KEY = "new-caller-key-0123456789"
@@ -50,15 +50,6 @@ async def reloads(url: str, result: str) -> float:
     raise AssertionError("no isales_gateway_config_reloads_total series")
 
 
-async def until(condition: Callable[[], Awaitable[bool]], what: str, tries: int = 300) -> None:
-    """Poll an async predicate (no timing is asserted: only that it becomes true)."""
-    for _ in range(tries):
-        if await condition():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"never happened: {what}")
-
-
 async def status_with(url: str, key: str, route: str = path(3)) -> int:
     async with ClientSession() as session:
         if route.startswith("/admin"):
@@ -78,15 +69,9 @@ async def test_sighup_reloads_callers_and_admin_key_keeps_them_on_a_bad_file_and
     config.write_text(config_toml(callers, ADMIN_OLD))
     upstream = start_simulator_process()
     port = free_port()
-    env = {
-        "GATEWAY_SERVER__HOST": "127.0.0.1",
-        "GATEWAY_SERVER__PORT": str(port),
-        "GATEWAY_UPSTREAM__URL": upstream.url,
-        "GATEWAY_UPSTREAM__AK": SIM.ak,
-        "GATEWAY_UPSTREAM__SK": SIM.sk,
-        "GATEWAY_UPSTREAM__ALLOW_HTTP": "true",
-    }
-    gateway = Process(["serve", "--config", str(config)], port, env=env)
+    gateway = Process(
+        ["serve", "--config", str(config)], port, env=gateway_environ(port, upstream.url)
+    )
     try:
         assert await status_with(gateway.url, OLD_KEY) == 200
         assert await status_with(gateway.url, NEW_KEY) == 401
@@ -94,13 +79,17 @@ async def test_sighup_reloads_callers_and_admin_key_keeps_them_on_a_bad_file_and
         callers.write_text(callers_toml(OLD_KEY, NEW_KEY))
         config.write_text(config_toml(callers, ADMIN_NEW))
         gateway.signal(signal.SIGHUP)
-        await until(lambda: _is(status_with(gateway.url, NEW_KEY), 200), "the new key works")
+        await until(
+            lambda: _is(status_with(gateway.url, NEW_KEY), 200), "the new key works", every=0.05
+        )
         assert await status_with(gateway.url, ADMIN_NEW, "/admin/stats") == 200
         assert await status_with(gateway.url, ADMIN_OLD, "/admin/stats") == 403
 
         callers.write_text("[[callers]]\nname = 'broken'\n")
         gateway.signal(signal.SIGHUP)
-        await until(lambda: _at_least(reloads(gateway.url, "failure"), 1), "a failed reload")
+        await until(
+            lambda: _at_least(reloads(gateway.url, "failure"), 1), "a failed reload", every=0.05
+        )
         assert await status_with(gateway.url, NEW_KEY) == 200, "the keys in force stay"
         assert await reloads(gateway.url, "success") == 1
         assert gateway.proc.poll() is None, "SIGHUP never stops the gateway"
@@ -152,12 +141,12 @@ async def test_a_configmap_symlink_swap_reloads_the_callers_and_a_bad_one_keeps_
 
     assert await status(NEW_KEY) == 401
     configmap_volume(tmp_path, callers_toml(NEW_KEY), "..2026_12_01_05_01_00.2")
-    await until(lambda: _is(status(NEW_KEY), 200), "the swapped-in key works")
+    await until(lambda: _is(status(NEW_KEY), 200), "the swapped-in key works", every=0.05)
     assert await status(OLD_KEY) == 401, "the swapped-out key no longer does"
     assert await metric(gateway, "isales_gateway_callers") == 1
 
     configmap_volume(tmp_path, "not toml [", "..2026_12_01_05_02_00.3")
-    await until(lambda: _at_least(failures(), 1), "the bad file is noticed")
+    await until(lambda: _at_least(failures(), 1), "the bad file is noticed", every=0.05)
     assert await status(NEW_KEY) == 200
 
 
@@ -179,21 +168,19 @@ async def test_a_running_gateway_process_picks_up_a_configmap_swap_without_a_sig
     configmap_volume(tmp_path, callers_toml(OLD_KEY), "..2026_12_01_06_00_00.1")
     upstream = start_simulator_process()
     port = free_port()
-    env = {
-        "GATEWAY_SERVER__HOST": "127.0.0.1",
-        "GATEWAY_SERVER__PORT": str(port),
-        "GATEWAY_UPSTREAM__URL": upstream.url,
-        "GATEWAY_UPSTREAM__AK": SIM.ak,
-        "GATEWAY_UPSTREAM__SK": SIM.sk,
-        "GATEWAY_UPSTREAM__ALLOW_HTTP": "true",
-        "GATEWAY_AUTH__CALLERS_FILE": str(tmp_path / "callers.toml"),
-        "GATEWAY_AUTH__RELOAD_INTERVAL_S": "0.1",
-    }
+    env = gateway_environ(
+        port,
+        upstream.url,
+        auth__callers_file=str(tmp_path / "callers.toml"),
+        auth__reload_interval_s="0.1",
+    )
     gateway = Process(["serve"], port, env=env)
     try:
         assert await status_with(gateway.url, NEW_KEY) == 401
         configmap_volume(tmp_path, callers_toml(NEW_KEY), "..2026_12_01_06_01_00.2")
-        await until(lambda: _is(status_with(gateway.url, NEW_KEY), 200), "the swapped-in key")
+        await until(
+            lambda: _is(status_with(gateway.url, NEW_KEY), 200), "the swapped-in key", every=0.05
+        )
         assert await status_with(gateway.url, OLD_KEY) == 401
         assert await reloads(gateway.url, "success") >= 1
     finally:

@@ -20,6 +20,7 @@ from gateway.validation import parse_request
 from tests.conftest import StartSimulator, signed_post
 from tests.support.fleet import JSON, path, sim_stats, start_replica, start_simulator_process
 from tests.support.processes import Process, RedisServer
+from tests.support.waiting import until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -135,6 +136,10 @@ async def test_a_killed_replicas_permits_come_back_within_the_lease(
         "upstream__abandoned_hold_ms": "500",
     }
     doomed, survivor = (start_replica(upstream, fleet_redis.url, **env) for _ in range(2))
+
+    async def upstream_in_flight(count: int) -> bool:
+        return (await sim_stats(upstream))["in_flight"] == count
+
     try:
         async with ClientSession(connector=TCPConnector(limit=0)) as session:
 
@@ -146,7 +151,7 @@ async def test_a_killed_replicas_permits_come_back_within_the_lease(
                     return r.status
 
             held = [asyncio.ensure_future(ask(doomed, c)) for c in range(1, 11)]
-            await asyncio.sleep(0.5)  # all ten permits are held by `doomed` now
+            await until(lambda: upstream_in_flight(10), "all ten permits are held by `doomed`")
             doomed.signal(signal.SIGKILL)
             killed_at = time.monotonic()
             await asyncio.gather(*held, return_exceptions=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 from aiohttp import ClientSession
 
@@ -11,6 +10,7 @@ from gateway.clock import ManualClock
 from gateway.upstream_call import RetryPolicy, backoff_delay
 from tests.conftest import StartGateway, StartSimulator, Upstream, gateway_settings
 from tests.support.processes import free_port
+from tests.support.waiting import until
 
 PATH = "/rest/isales/v1/openapi/campaigns/11/callresult/3"
 
@@ -69,7 +69,7 @@ async def test_a_hanging_upstream_gives_504_and_an_absent_one_502(
 
 
 async def test_the_breaker_opens_after_consecutive_failures_and_closes_after_a_probe(
-    start_simulator: StartSimulator, start_gateway: StartGateway
+    start_simulator: StartSimulator, start_gateway: StartGateway, clock: ManualClock
 ) -> None:
     upstream = await start_simulator(error_rate=1.0)
     settings = gateway_settings(
@@ -78,7 +78,7 @@ async def test_the_breaker_opens_after_consecutive_failures_and_closes_after_a_p
         upstream__breaker_failures=3,
         upstream__breaker_open_ms=300,
     )
-    gateway = await start_gateway(settings)
+    gateway = await start_gateway(settings, clock=clock)
     for campaign in (1, 2, 3):
         await gateway.post(f"/rest/isales/v1/openapi/campaigns/11/callresult/{campaign}", json={})
     fast_fail = await gateway.post(PATH, json={})
@@ -89,7 +89,7 @@ async def test_the_breaker_opens_after_consecutive_failures_and_closes_after_a_p
     assert "isales_gateway_upstream_breaker_state 2.0" in metrics
 
     await set_behaviour(upstream, error_rate=0.0)
-    await asyncio.sleep(0.35)
+    clock.advance(0.35)
     probe = await gateway.post(PATH, json={})
     assert probe.status == 200
     metrics = await (await gateway.get("/metrics")).text()
@@ -97,10 +97,9 @@ async def test_the_breaker_opens_after_consecutive_failures_and_closes_after_a_p
 
 
 async def test_a_stale_copy_is_served_when_the_upstream_fails(
-    start_simulator: StartSimulator, start_gateway: StartGateway
+    start_simulator: StartSimulator, start_gateway: StartGateway, clock: ManualClock
 ) -> None:
     upstream = await start_simulator()
-    clock = ManualClock(start=time.time())
     settings = gateway_settings(
         upstream.url, cache__ttl_open_s=30, cache__swr_s=0, upstream__retries=0
     )
@@ -118,26 +117,25 @@ async def test_a_stale_copy_is_served_when_the_upstream_fails(
 
 
 async def test_within_the_swr_window_stale_is_served_at_once_and_refreshed_once(
-    start_simulator: StartSimulator, start_gateway: StartGateway
+    start_simulator: StartSimulator, start_gateway: StartGateway, clock: ManualClock
 ) -> None:
     upstream = await start_simulator(latency_ms=100)
-    clock = ManualClock(start=time.time())
     settings = gateway_settings(upstream.url, cache__ttl_open_s=30, cache__swr_s=10)
     gateway = await start_gateway(settings, clock=clock)
     await gateway.post(PATH, json={})
     clock.advance(35)
     answers = await asyncio.gather(*(gateway.post(PATH, json={}) for _ in range(20)))
     assert {a.headers["X-Cache"] for a in answers} == {"STALE"}
-    await asyncio.sleep(0.3)  # the one background refresh lands
+    # The one background refresh lands; a second one would have been sent with it.
+    await until(lambda: upstream.requests >= 2 and upstream.state.observer.in_flight == 0)
     assert upstream.requests == 2
     assert (await gateway.post(PATH, json={})).headers["X-Cache"] == "HIT"
 
 
 async def test_queue_overflow_serves_stale_copies_instead_of_503(
-    start_simulator: StartSimulator, start_gateway: StartGateway
+    start_simulator: StartSimulator, start_gateway: StartGateway, clock: ManualClock
 ) -> None:
     upstream = await start_simulator(latency_ms=300)
-    clock = ManualClock(start=time.time())
     settings = gateway_settings(
         upstream.url,
         cache__ttl_open_s=30,
@@ -154,7 +152,7 @@ async def test_queue_overflow_serves_stale_copies_instead_of_503(
     busy = asyncio.ensure_future(  # holds the only permit
         gateway.post("/rest/isales/v1/openapi/campaigns/11/callresult/8", json={})
     )
-    await asyncio.sleep(0.05)
+    await until(lambda: upstream.requests == len(cached) + 1, "the busy call holds the permit")
     overflow = await asyncio.gather(*(gateway.post(path, json={}) for path in cached))
     assert [r.status for r in overflow] == [200, 200, 200]
     assert {r.headers["X-Cache"] for r in overflow} == {"STALE"}

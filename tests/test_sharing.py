@@ -7,11 +7,11 @@ gateway (in-memory limiter) in front of the simulator shows them end to end.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 
 from gateway.auth import key_digest
@@ -20,6 +20,7 @@ from gateway.clock import ManualClock
 from gateway.errors import ConfigError, QueueFull
 from gateway.popularity import Popularity, RefreshRule
 from tests.conftest import StartGateway, StartSimulator, Upstream, gateway_settings
+from tests.support.waiting import until
 
 PATH = "/rest/isales/v1/openapi/campaigns/11/callresult/{campaign}"
 NO_CACHE = {"Cache-Control": "no-cache"}
@@ -42,20 +43,12 @@ def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
     return registry.get_sample_value(name, labels) or 0.0
 
 
-async def until(check: Callable[[], bool], within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
-
-
 # --- no-cache -------------------------------------------------------------------------------
 
 
 async def test_forty_sequential_no_cache_requests_for_one_query_cost_one_call_per_min_age(
-    upstream: Upstream, start_gateway: StartGateway
+    upstream: Upstream, start_gateway: StartGateway, clock: ManualClock
 ) -> None:
-    clock = ManualClock(start=time.time())  # signatures must look fresh to the upstream
     gateway = await start_gateway(gateway_settings(upstream.url), clock=clock)
     labels = []
     for _ in range(40):
@@ -71,9 +64,8 @@ async def test_forty_sequential_no_cache_requests_for_one_query_cost_one_call_pe
 
 
 async def test_a_no_cache_request_never_takes_an_answer_that_landed_before_the_min_age(
-    upstream: Upstream, start_gateway: StartGateway
+    upstream: Upstream, start_gateway: StartGateway, clock: ManualClock
 ) -> None:
-    clock = ManualClock(start=time.time())  # signatures must look fresh to the upstream
     gateway = await start_gateway(gateway_settings(upstream.url), clock=clock)
     await gateway.post(PATH.format(campaign=3), json={})
     clock.advance(1.5)  # still fresh (30 s), but older than the no-cache minimum age
@@ -195,9 +187,8 @@ def test_popularity_forgets_the_oldest_keys_beyond_its_bound() -> None:
 
 
 async def test_a_popular_open_ended_entry_is_refreshed_before_its_ttl_ends_and_stays_a_hit(
-    upstream: Upstream, start_gateway: StartGateway
+    upstream: Upstream, start_gateway: StartGateway, clock: ManualClock
 ) -> None:
-    clock = ManualClock(start=time.time())  # signatures must look fresh to the upstream
     registry = CollectorRegistry()
     settings = gateway_settings(upstream.url, cache__refresh_min_hits=3, cache__ttl_open_s=30)
     gateway = await start_gateway(settings, clock=clock, registry=registry)
@@ -216,37 +207,38 @@ async def test_a_popular_open_ended_entry_is_refreshed_before_its_ttl_ends_and_s
     assert upstream.requests == 2
 
 
-async def test_with_refresh_ahead_off_the_same_entry_expires_and_misses(
-    upstream: Upstream, start_gateway: StartGateway
-) -> None:
-    clock = ManualClock(start=time.time())  # signatures must look fresh to the upstream
-    settings = gateway_settings(upstream.url, cache__refresh_ahead_s=0, cache__swr_s=0)
-    gateway = await start_gateway(settings, clock=clock)
+async def popular_then_past_its_ttl(
+    gateway: TestClient[web.Request, web.Application], clock: ManualClock
+) -> str:
+    """Ask one open-ended query three times (popular), once within refresh_ahead_s (5 s) of
+    its TTL's end (30 s), then past it: the last answer's X-Cache. A refresh still under way
+    would make it COALESCED, one that landed a HIT."""
     path = PATH.format(campaign=3)
     for _ in range(3):
         await gateway.post(path, json={})
     clock.advance(26.0)
     await gateway.post(path, json={})
     clock.advance(5.0)
-    assert (await gateway.post(path, json={})).headers["X-Cache"] == "MISS"
+    return (await gateway.post(path, json={})).headers["X-Cache"]
+
+
+async def test_with_refresh_ahead_off_the_same_entry_expires_and_misses(
+    upstream: Upstream, start_gateway: StartGateway, clock: ManualClock
+) -> None:
+    settings = gateway_settings(upstream.url, cache__refresh_ahead_s=0, cache__swr_s=0)
+    gateway = await start_gateway(settings, clock=clock)
+    assert await popular_then_past_its_ttl(gateway, clock) == "MISS"
     assert upstream.requests == 2
 
 
 @pytest.mark.parametrize("share", [0.0, 0.05])
 async def test_a_share_too_small_for_one_permit_switches_refresh_ahead_off(
-    upstream: Upstream, start_gateway: StartGateway, share: float
+    upstream: Upstream, start_gateway: StartGateway, share: float, clock: ManualClock
 ) -> None:
-    clock = ManualClock(start=time.time())  # signatures must look fresh to the upstream
     registry = CollectorRegistry()
     settings = gateway_settings(upstream.url, cache__refresh_max_share=share, cache__swr_s=0)
     gateway = await start_gateway(settings, clock=clock, registry=registry)
-    path = PATH.format(campaign=3)
-    for _ in range(3):
-        await gateway.post(path, json={})
-    clock.advance(26.0)
-    await gateway.post(path, json={})
-    clock.advance(5.0)
-    assert (await gateway.post(path, json={})).headers["X-Cache"] == "MISS"
+    assert await popular_then_past_its_ttl(gateway, clock) == "MISS"
     assert upstream.requests == 2
     assert sample(registry, "isales_gateway_refresh_ahead_total", result="ok") == 0
 
@@ -283,9 +275,10 @@ async def test_weights_three_to_one_share_the_upstream_within_ten_percent_over_3
         return sample(registry, "isales_gateway_caller_upstream_calls_total", caller=caller)
 
     loops = [asyncio.create_task(keep_asking(c)) for c in ("heavy", "light") for _ in range(15)]
-    await asyncio.sleep(3.0)  # both queues are full by now: contention from here on
+    # Both callers' queues are full (30 loops, at most 10 in flight): contention from here on.
+    await until(lambda: sample(registry, "isales_gateway_queue_depth") >= 20, "queues full")
     before = {c: calls(c) for c in ("heavy", "light")}
-    await asyncio.sleep(30.0)
+    await asyncio.sleep(30.0)  # the span the shares are measured over
     heavy, light = (calls(c) - before[c] for c in ("heavy", "light"))
     stop.set()
     await asyncio.gather(*loops)

@@ -37,6 +37,7 @@ from gateway.simulator.dataset import (
     generate_campaign,
 )
 from gateway.simulator.observer import LimitObserver
+from tests.support.waiting import until
 
 AK = "test-ak"
 SK = "test-sk"
@@ -129,13 +130,6 @@ async def stats(client: Client) -> dict[str, Any]:
     resp = await client.get("/__sim/stats")
     result: dict[str, Any] = await resp.json()
     return result
-
-
-async def until(condition: Callable[[], bool], limit_s: float = 1.0) -> None:
-    """Wait (real time, bounded) for server-side state that has no event to await."""
-    async with asyncio.timeout(limit_s):
-        while not condition():  # noqa: ASYNC110 -- polling the simulator's own counters
-            await asyncio.sleep(0.002)
 
 
 # --- the vendor contract ------------------------------------------------------------------
@@ -689,7 +683,9 @@ async def test_timeout_rate_1_hangs_for_hang_s_then_answers(
     task = asyncio.create_task(query(client, clock))
     await until(lambda: client.app[SIM_STATE].observer.in_flight == 1)
     clock.advance(29.0)
-    await asyncio.sleep(0.01)
+    # A round trip through the simulator's loop after the advance: a timer due at 29 s would
+    # have woken the query first.
+    assert (await stats(client))["in_flight"] == 1
     assert not task.done()
     clock.advance(1.0)
     assert (await task).status == 200

@@ -11,6 +11,7 @@ from gateway.settings import load_settings
 from gateway.traceparent import parse
 from tests.conftest import StartGateway, StartSimulator, Upstream, gateway_settings
 from tests.support.fleet import path
+from tests.support.waiting import until
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
@@ -54,10 +55,7 @@ async def test_a_coalesced_request_records_its_wait_and_the_leader(
         gateway_settings(upstream.url), spans=RequestSpans(exporter=exporter)
     )
     leader = asyncio.ensure_future(gateway.post(path(5), json={}, headers={"X-Request-ID": "L1"}))
-    for _ in range(500):
-        if upstream.requests:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: upstream.requests == 1, "the leader's call is at the upstream")
     follower = await gateway.post(path(5), json={})
     await leader
 

@@ -5,7 +5,6 @@ the locale, and an upstream URL with a path prefix. Gateway against the simulato
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 from aiohttp import ClientSession, web
@@ -55,10 +54,9 @@ async def test_an_upstream_4xx_passes_through_unchanged_after_exactly_one_call(
 
 
 async def test_an_upstream_429_is_not_retried_and_pauses_every_call_until_retry_after(
-    start_simulator: StartSimulator, start_gateway: StartGateway
+    start_simulator: StartSimulator, start_gateway: StartGateway, clock: ManualClock
 ) -> None:
     upstream = await start_simulator()
-    clock = ManualClock(start=time.time())  # signatures must look fresh to the upstream
     settings = gateway_settings(upstream.url, upstream__retries=2, cache__swr_s=0)
     gateway = await start_gateway(settings, clock=clock)
     cached = await gateway.post(PATH.format(1), json={})
@@ -96,11 +94,13 @@ async def test_an_upstream_429_is_not_retried_and_pauses_every_call_until_retry_
 
 
 async def test_the_whole_fleet_pauses_after_one_replica_gets_a_429(
-    start_simulator: StartSimulator, start_gateway: StartGateway, redis_server: RedisServer
+    start_simulator: StartSimulator,
+    start_gateway: StartGateway,
+    redis_server: RedisServer,
+    clock: ManualClock,
 ) -> None:
     redis_server.flush()
     upstream = await start_simulator()
-    clock = ManualClock(start=time.time())
     settings = gateway_settings(upstream.url, redis__url=redis_server.url, upstream__retries=0)
     one = await start_gateway(settings, clock=clock)
     other = await start_gateway(settings, clock=clock)

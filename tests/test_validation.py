@@ -270,3 +270,28 @@ async def test_identical_silent_bodies_share_a_cache_entry_and_differ_from_the_c
     typed = await gateway.post(path, json={"pageSize": 5})
     assert [r.headers["X-Cache"] for r in (first, again, typed)] == ["MISS", "HIT", "MISS"]
     assert upstream.requests == 2
+
+
+def test_the_gateway_and_the_simulator_written_apart_agree_on_the_vendors_codes() -> None:
+    """``gateway/vendor.py`` and the simulator are each written from the vendor's document;
+    every code the simulator can answer is one the gateway knows, under the same meaning."""
+    from gateway import vendor
+    from gateway.simulator import rules
+
+    assert rules.SUCCESS == vendor.SUCCESS == vendor.RESULT_CODES[0]
+    pairs = [
+        (rules.PARAMETER, vendor.PARAMETER_ERROR),
+        (rules.NO_CAMPAIGN, vendor.CAMPAIGN_NOT_FOUND),
+        (rules.TIME_PAIR, vendor.TIME_PAIR),
+        (rules.TIME_FORMAT, vendor.TIME_FORMAT),
+        (rules.TIME_ORDER, vendor.TIME_ORDER),
+        (rules.TIME_SPAN, vendor.TIME_SPAN),
+        (rules.EMPTY, vendor.EMPTY),
+        (rules.TOO_LONG, vendor.TOO_LONG),
+        (rules.BAD_VALUE, vendor.WRONG_VALUE),
+        (rules.CONVERSION, vendor.CONVERSION),
+    ]
+    assert [simulator for simulator, _ in pairs] == [gateway for _, gateway in pairs]
+    assert len(set(vendor.RESULT_CODES)) == len(vendor.RESULT_CODES) == 18  # Table 6 + success
+    assert rules.INT_MAX == vendor.MAX_INT
+    assert rules.ENGLISH in vendor.LOCALES

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from aiohttp import ClientSession
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.simulator import SimulatorConfig
 from tests.support.processes import Process, free_port
@@ -22,10 +23,8 @@ def start_simulator_process(*flags: str) -> Process:
     return Process(["simulate", "--port", str(port), "--ak", SIM.ak, "--sk", SIM.sk, *flags], port)
 
 
-def replica_environ(
-    port: int, upstream_url: str, redis_url: str, **settings: str
-) -> dict[str, str]:
-    """A replica in Redis mode in front of the simulator, caller auth off (no callers file).
+def gateway_environ(port: int, upstream_url: str, **settings: str) -> dict[str, str]:
+    """A served gateway on ``port`` in front of the simulator at ``upstream_url``.
 
     ``settings`` are extra settings as ``section__key=value``.
     """
@@ -36,11 +35,18 @@ def replica_environ(
         "GATEWAY_UPSTREAM__AK": SIM.ak,
         "GATEWAY_UPSTREAM__SK": SIM.sk,
         "GATEWAY_UPSTREAM__ALLOW_HTTP": "true",
-        "GATEWAY_REDIS__URL": redis_url,
-        "GATEWAY_AUTH__ENABLED": "false",
     }
     env.update({f"GATEWAY_{k.upper()}": v for k, v in settings.items()})
     return env
+
+
+def replica_environ(
+    port: int, upstream_url: str, redis_url: str, **settings: str
+) -> dict[str, str]:
+    """A replica in Redis mode in front of the simulator, caller auth off (no callers file)."""
+    return gateway_environ(
+        port, upstream_url, redis__url=redis_url, auth__enabled="false", **settings
+    )
 
 
 def start_replica(upstream: Process, redis_url: str, **settings: str) -> Process:
@@ -54,3 +60,16 @@ async def sim_stats(upstream: Process) -> dict[str, object]:
     async with ClientSession() as session, session.get(upstream.url + "/__sim/stats") as r:
         stats: dict[str, object] = await r.json()
         return stats
+
+
+async def replica_metric(replica: Process, sample: str, **labels: str) -> float:
+    """The sum of a replica's ``sample`` values (e.g. ``isales_gateway_queue_depth``) whose
+    labels include ``labels``; 0 if it has none."""
+    async with ClientSession() as session, session.get(replica.url + "/metrics") as r:
+        text = await r.text()
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == sample and labels.items() <= s.labels.items()
+    )

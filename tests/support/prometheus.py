@@ -19,6 +19,7 @@ import yaml
 from aiohttp import ClientError, ClientSession, ClientTimeout
 
 from tests.support.processes import free_port
+from tests.support.waiting import until
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = ROOT / "config" / "prometheus"
@@ -130,14 +131,18 @@ class PrometheusServer:
 
     async def wait_until(self, expr: str, minimum: float, within_s: float = 20.0) -> None:
         """Poll until ``expr`` is at least ``minimum`` (e.g. scrapes seen, requests counted)."""
-        deadline = time.monotonic() + within_s
-        while True:
-            got = await self.value(expr)
-            if got is not None and got >= minimum:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{expr} = {got}, not >= {minimum} after {within_s}s")
-            await asyncio.sleep(0.2)
+        last: list[float | None] = [None]
+
+        async def reached() -> bool:
+            last[0] = await self.value(expr)
+            return last[0] is not None and last[0] >= minimum
+
+        try:
+            await until(reached, within=within_s, every=0.2)
+        except AssertionError:
+            raise AssertionError(
+                f"{expr} = {last[0]}, not >= {minimum} after {within_s}s"
+            ) from None
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

@@ -4,9 +4,10 @@ invalidations cannot be received."""
 
 from __future__ import annotations
 
-import asyncio
 import gzip
-from collections.abc import AsyncIterator, Callable
+import itertools
+from collections.abc import AsyncIterator
+from typing import Any, NamedTuple
 
 import pytest
 import redis.asyncio as aioredis
@@ -23,6 +24,7 @@ from gateway.cache_tiered import (
 from gateway.clock import ManualClock, SystemClock
 from gateway.validation import CallResultQuery
 from tests.support.processes import RedisServer
+from tests.support.waiting import until
 
 KEY = cache_key(CallResultQuery(11, 3, page_num=1))
 OTHER_CAMPAIGN = cache_key(CallResultQuery(11, 4, page_num=1))
@@ -30,12 +32,6 @@ OTHER_CAMPAIGN = cache_key(CallResultQuery(11, 4, page_num=1))
 
 def entry(body: bytes = b'{"resultCode":"0200000"}', stored_at: float = 0.0) -> CacheEntry:
     return CacheEntry(body, "application/json", stored_at, 30.0, 60.0)
-
-
-async def until(check: Callable[[], bool], within: float = 2.0) -> None:
-    async with asyncio.timeout(within):
-        while not check():  # noqa: ASYNC110 - polls a flag, there is no event
-            await asyncio.sleep(0.005)
 
 
 class Counting:
@@ -56,10 +52,27 @@ class Counting:
         return await self.store.purge_campaign(vdn_id, campaign_id)
 
 
+class Replica(NamedTuple):
+    tier: TieredCacheStore
+    shared: Counting
+    heard: list[str]  # every name the tier invalidated: its own writes' and the channel's
+
+
+_MARKERS = itertools.count()
+
+
+async def delivered(client: aioredis.Redis, *heard: list[str]) -> None:
+    """Every invalidation published so far has been applied by each listener: a marker
+    published now reaches them after those (one channel, delivered in order)."""
+    marker = f"isales:v1:{{0:0}}:marker-{next(_MARKERS)}"
+    await client.publish(CHANNEL, marker)
+    await until(lambda: all(marker in names for names in heard), "every listener got the marker")
+
+
 @pytest.fixture(params=["script", "tier"])
 async def replicas(
     request: pytest.FixtureRequest, redis_client: aioredis.Redis
-) -> AsyncIterator[list[tuple[TieredCacheStore, Counting]]]:
+) -> AsyncIterator[list[Replica]]:
     """Two replicas' tiers over one Redis, each subscribed before the test starts; the
     invalidations published by the store's write scripts (as served) or by the tier."""
     built = []
@@ -67,15 +80,20 @@ async def replicas(
     for _ in range(2):
         store = RedisCacheStore(redis_client, clock=SystemClock(), channel=CHANNEL * by_script)
         shared = Counting(store)
+        heard: list[str] = []
         tier = TieredCacheStore(
-            shared, redis_client, clock=SystemClock(), shared_publishes=by_script
+            shared,
+            redis_client,
+            clock=SystemClock(),
+            shared_publishes=by_script,
+            on_invalidate=heard.append,
         )
         await tier.get("isales:v1:{0:0}:warm-up")  # starts the listener
         await until(lambda tier=tier: tier.coherent)
-        built.append((tier, shared))
+        built.append(Replica(tier, shared, heard))
     yield built
-    for tier, _ in built:
-        await tier.close()
+    for replica in built:
+        await replica.tier.close()
 
 
 def test_the_copies_are_bounded_in_bytes_overhead_included_and_expire() -> None:
@@ -108,12 +126,12 @@ def test_a_campaign_prefix_drops_that_campaigns_copies_only() -> None:
 
 
 async def test_a_repeated_hit_is_answered_without_asking_redis(
-    replicas: list[tuple[TieredCacheStore, Counting]],
+    replicas: list[Replica], redis_client: aioredis.Redis
 ) -> None:
-    (tier, shared), _ = replicas
+    (tier, shared, heard), _ = replicas
     stored = entry(stored_at=SystemClock().time())
     await tier.put(KEY, stored)
-    await asyncio.sleep(0.05)  # our own invalidation comes back first
+    await delivered(redis_client, heard)  # our own invalidation comes back first
     assert await tier.get(KEY) == stored
     before = shared.gets
     for _ in range(5):
@@ -122,12 +140,12 @@ async def test_a_repeated_hit_is_answered_without_asking_redis(
 
 
 async def test_a_put_on_one_replica_replaces_the_copy_on_another(
-    replicas: list[tuple[TieredCacheStore, Counting]],
+    replicas: list[Replica], redis_client: aioredis.Redis
 ) -> None:
-    (a, _), (b, _) = replicas
+    (a, _, a_heard), (b, _, b_heard) = replicas
     now = SystemClock().time()
     await a.put(KEY, entry(b'{"v":1}', now))
-    await asyncio.sleep(0.05)
+    await delivered(redis_client, a_heard, b_heard)
     assert (await b.get(KEY)) == entry(b'{"v":1}', now)
     await a.put(KEY, entry(b'{"v":2}', now))
     await until(lambda: b.copies.get(KEY, now=0.0) is None)
@@ -135,13 +153,13 @@ async def test_a_put_on_one_replica_replaces_the_copy_on_another(
 
 
 async def test_a_purge_on_one_replica_drops_the_campaigns_copies_on_another(
-    replicas: list[tuple[TieredCacheStore, Counting]],
+    replicas: list[Replica], redis_client: aioredis.Redis
 ) -> None:
-    (a, _), (b, _) = replicas
+    (a, _, a_heard), (b, _, b_heard) = replicas
     now = SystemClock().time()
     await a.put(KEY, entry(stored_at=now))
     await a.put(OTHER_CAMPAIGN, entry(stored_at=now))
-    await asyncio.sleep(0.05)
+    await delivered(redis_client, a_heard, b_heard)
     assert await b.get(KEY) is not None
     assert await b.get(OTHER_CAMPAIGN) is not None
     assert await a.purge_campaign(11, 3) == 1
@@ -169,19 +187,32 @@ async def test_without_a_subscription_every_lookup_goes_to_redis() -> None:
         server.close()
 
 
+async def holding_a_copy(
+    redis_client: aioredis.Redis, clock: ManualClock, *, channel: str = "", **options: Any
+) -> Replica:
+    """A lone tier (``options`` for ``TieredCacheStore``) that has stored ``KEY``, heard its
+    own write and holds a copy of it: its next read does not reach Redis."""
+    shared = Counting(RedisCacheStore(redis_client, clock=SystemClock(), channel=channel))
+    heard: list[str] = []
+    tier = TieredCacheStore(
+        shared, redis_client, clock=clock, on_invalidate=heard.append, **options
+    )
+    await tier.put(KEY, entry(stored_at=clock.time()))
+    await tier.get(KEY)  # starts the listener
+    await until(lambda: tier.coherent)
+    await delivered(redis_client, heard)
+    await tier.get(KEY)
+    before = shared.gets
+    await tier.get(KEY)
+    assert shared.gets == before
+    return Replica(tier, shared, heard)
+
+
 async def test_a_copy_is_held_no_longer_than_its_hold_time(redis_client: aioredis.Redis) -> None:
     clock = ManualClock(start=SystemClock().time())
-    shared = Counting(RedisCacheStore(redis_client, clock=SystemClock()))
-    tier = TieredCacheStore(shared, redis_client, clock=clock, hold_s=2.0)
+    tier, shared, _ = await holding_a_copy(redis_client, clock, hold_s=2.0)
     try:
-        await tier.put(KEY, entry(stored_at=clock.time()))
-        await tier.get(KEY)
-        await until(lambda: tier.coherent)
-        await asyncio.sleep(0.05)
-        await tier.get(KEY)
         before = shared.gets
-        await tier.get(KEY)
-        assert shared.gets == before
         clock.advance(2.0)
         await tier.get(KEY)
         assert shared.gets == before + 1
@@ -225,17 +256,11 @@ async def test_a_silent_subscription_stops_the_copies_until_redis_answers_again(
     redis_client: aioredis.Redis,
 ) -> None:
     clock = ManualClock(start=SystemClock().time())
-    shared = Counting(RedisCacheStore(redis_client, clock=SystemClock(), channel=CHANNEL))
-    tier = TieredCacheStore(shared, redis_client, clock=clock, shared_publishes=True)
+    tier, shared, _ = await holding_a_copy(
+        redis_client, clock, channel=CHANNEL, shared_publishes=True
+    )
     try:
-        await tier.put(KEY, entry(stored_at=clock.time()))
-        await tier.get(KEY)
-        await until(lambda: tier.coherent)
-        await asyncio.sleep(0.05)
-        await tier.get(KEY)
         before = shared.gets
-        await tier.get(KEY)
-        assert shared.gets == before
         clock.advance(10.0)  # nothing heard for 10 s: a stalled link may be holding messages
         assert not tier.coherent
         await tier.get(KEY)
@@ -250,14 +275,14 @@ async def test_a_silent_subscription_stops_the_copies_until_redis_answers_again(
 
 
 async def test_a_compressed_entry_replaced_on_one_replica_is_replaced_on_the_other(
-    replicas: list[tuple[TieredCacheStore, Counting]],
+    replicas: list[Replica], redis_client: aioredis.Redis
 ) -> None:
-    (a, _), (b, _) = replicas
+    (a, _, a_heard), (b, _, b_heard) = replicas
     now = SystemClock().time()
     first = b'{"resultCode":"0200000","rows":"' + b"v1 " * 2000 + b'"}'
     second = b'{"resultCode":"0200000","rows":"' + b"v2 " * 2000 + b'"}'
     await a.put(KEY, entry(first, now))
-    await asyncio.sleep(0.05)
+    await delivered(redis_client, a_heard, b_heard)
     held = await b.get(KEY)
     assert held is not None
     assert held.gzip is not None
