@@ -38,13 +38,30 @@ local function clock()
 end
 """
 
-# The shared state's epoch; a missing one is made anew, its gate ``hold`` ms from now.
+# The shared state's epoch; a missing one is made anew, its gate ``hold`` ms from now. So is
+# one kept by another lineage of the data (see ``redis_limiter``, "Primary changes"): a server
+# whose replication id changed (a promoted replica, a restart) may lack the last writes of the
+# one before, and one that lost a replica may have been replaced by it in a failover while it
+# still takes the writes of gateways that have not followed yet.
 _GENERATION = """
+local function lineage()
+  local info = redis.call('INFO', 'replication')
+  local replicas = tonumber(string.match(info, 'connected_slaves:(%d+)') or '0')
+  return string.match(info, 'master_replid:(%w+)') or '', replicas
+end
 local function generation(meta, now, hold)
-  local epoch = redis.call('HGET', meta, 'epoch')
-  if epoch then return epoch end
+  local state = redis.call('HMGET', meta, 'epoch', 'replid', 'replicas')
+  local epoch, seen, had = state[1], state[2], tonumber(state[3]) or 0
+  local replid, replicas = lineage()
+  if epoch and (not seen or (seen == replid and replicas >= had)) then
+    if seen ~= replid or replicas ~= had then  -- adopted (set before lineages), or a new replica
+      redis.call('HSET', meta, 'replid', replid, 'replicas', replicas)
+    end
+    return epoch
+  end
   epoch = string.format('%.3f', now)
   redis.call('HSET', meta, 'epoch', epoch, 'gate', now + hold)
+  redis.call('HSET', meta, 'replid', replid, 'replicas', replicas)
   return epoch
 end
 """
