@@ -124,15 +124,15 @@ class SentinelPool(SentinelConnectionPool, BlockingConnectionPool):
             except REDIS_FAILURES as exc:  # no sentinel answers: connections stay as they are
                 log.debug("Redis Sentinel: no primary named for %s (%s)", self.service_name, exc)
 
-    async def disconnect(self, inuse_connections: bool = True) -> None:
-        # redis-py's own master-changed path calls this for idle connections only; ours does
-        # not come through here (above). A full disconnect is the client closing.
-        if inuse_connections and self._watcher is not None:
+    async def aclose(self) -> None:
+        """The client closing: the watcher, this pool's connections and the sentinels'."""
+        if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
             self._watcher = None
-        await ConnectionPool.disconnect(self, inuse_connections=inuse_connections)
+        await super().aclose()
+        await self.sentinel_manager.aclose()
 
 
 def _sentinel(url: str, pool_size: int, common: dict[str, Any]) -> aioredis.Redis:
