@@ -149,9 +149,8 @@ def _sentinel(url: str, pool_size: int, common: dict[str, Any]) -> aioredis.Redi
     if not path or (len(path) > 1 and not path[1].isdigit()):
         raise ConfigError("redis.url", "redis+sentinel:// needs .../service_name[/db]")
     db = int(path[1]) if len(path) > 1 else 0
-    sentinel_kwargs = {k: v for k, v in common.items() if k != "health_check_interval"}
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
-        sentinels, sentinel_kwargs=sentinel_kwargs, password=password, db=db, **common
+        sentinels, sentinel_kwargs=dict(common), password=password, db=db, **common
     )
     return cast(
         aioredis.Redis,
