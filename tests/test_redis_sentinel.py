@@ -33,7 +33,7 @@ from tests.support.faults import (
     serve_until_exit,
     start_fleet,
 )
-from tests.support.fleet import start_replica, start_simulator_process
+from tests.support.fleet import JSON, path, sim_stats, start_replica, start_simulator_process
 from tests.support.processes import LIMITER_KEYS, RedisServer, free_port
 from tests.support.sentinel import MASTER, SentinelSetup
 from tests.support.tcp_proxy import TcpProxy
@@ -271,6 +271,12 @@ async def test_a_new_replica_or_a_steady_primary_costs_no_pause(
 WARM_S = 3.0
 
 
+def gateway_connections(server: RedisServer) -> int:
+    """The gateway's connections to ``server`` (they carry its client name)."""
+    with Redis(port=server.port) as plain:
+        return sum(1 for c in plain.client_list() if c.get("name") == "isales-gateway")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 async def test_a_failover_during_a_distinct_miss_storm_keeps_the_limit_and_serves_after(
@@ -279,16 +285,47 @@ async def test_a_failover_during_a_distinct_miss_storm_keeps_the_limit_and_serve
     fleet = start_fleet([sentinel_setup.url] * 2, limit__replicas="2")
     async with miss_load(fleet) as load:
         await asyncio.sleep(WARM_S)
+        old = sentinel_setup.primary()
         load.mark("SENTINEL FAILOVER")
-        new = await asyncio.to_thread(sentinel_setup.failover)
+        await asyncio.to_thread(sentinel_setup.failover)
         switched = load.mark("new primary named")
-        # Every replica claims membership on the new primary: both followed it.
-        with Redis(port=new.port) as plain:
-            await until(lambda: plain.zcard(LIMITER_KEYS.members) == 2, within=10)
+        # Both replicas left the old primary, which still takes writes until it is demoted.
+        await until(lambda: gateway_connections(old) == 0, within=10)
+        load.mark("no gateway connection left on the old primary")
         await asyncio.to_thread(sentinel_setup.wait_settled)
         load.mark("old primary demoted and synced")
         await asyncio.sleep(2)
         await judge(fleet, load, served_in=[Window("after the switch", switched, time.monotonic())])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_after_a_failover_identical_queries_over_two_replicas_cost_one_upstream_call(
+    sentinel_setup: SentinelSetup,
+) -> None:
+    # Coalescing tells the waiting replica the outcome by pub/sub: a subscription left on the
+    # old primary would never hear it, and that replica would call the upstream itself.
+    fleet = start_fleet([sentinel_setup.url] * 2, limit__replicas="2")
+    async with ClientSession() as session:
+
+        async def ask(replica: int, campaign: int) -> tuple[int, str]:
+            url = fleet.replicas[replica].url + path(campaign)
+            async with session.post(url, data=b'{"pageSize":20}', headers=JSON) as response:
+                await response.read()
+                return response.status, response.headers.get("X-Cache", "")
+
+        before = await asyncio.gather(*(ask(n % 2, 10) for n in range(20)))
+        assert {status for status, _ in before} == {200}
+        old = sentinel_setup.primary()
+        assert gateway_connections(old) > 0
+        new = await asyncio.to_thread(sentinel_setup.failover)
+        await until(lambda: gateway_connections(old) == 0, within=10)
+        assert gateway_connections(new) > 0
+        calls = int(str((await sim_stats(fleet.upstream))["requests_total"]))
+        answers = await asyncio.gather(*(ask(n % 2, 20) for n in range(100)))
+        assert {status for status, _ in answers} == {200}
+        assert int(str((await sim_stats(fleet.upstream))["requests_total"])) == calls + 1
+        assert [label for _, label in answers].count("MISS") == 1
 
 
 @pytest.mark.slow
