@@ -13,7 +13,8 @@ talking to the old primary, which takes writes until the sentinels demote it (ma
 later), and a pub/sub connection would never move. ``SentinelPool`` asks the sentinels every
 ``_FOLLOW_S`` and, when the primary changed, drops every connection, in use or not (a command
 under way fails and its one retry reconnects; a subscriber's listener subscribes again), so
-everything talks to the new primary within about ``_FOLLOW_S``. What a switch means for the
+everything talks to the new primary within about ``_FOLLOW_S``. When no sentinel answers, it
+keeps the primary it had (new connections included). What a switch means for the
 limiter's state is the limiter's business (``gateway.limiter.redis_scripts``, lineage).
 Redis Cluster is refused by the settings for now: the keys of each script share a hash tag,
 but the pub/sub and the client type have not been made to work on a cluster.
@@ -24,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Final, cast
@@ -33,7 +33,7 @@ from urllib.parse import unquote, urlsplit
 import redis.asyncio as aioredis
 from redis.asyncio.connection import BlockingConnectionPool, ConnectionPool
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
@@ -93,7 +93,6 @@ class SentinelPool(SentinelConnectionPool, BlockingConnectionPool):
         super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
         self._watcher: asyncio.Task[None] | None = None
         self.switches = 0  # primary changes seen (the first discovery is none)
-        self.confirmed_at = -float("inf")  # when a sentinel last named the primary (monotonic)
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         if self._watcher is None or self._watcher.done():
@@ -101,8 +100,15 @@ class SentinelPool(SentinelConnectionPool, BlockingConnectionPool):
         return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
 
     async def get_master_address(self) -> Any:
-        address = await self.sentinel_manager.discover_master(self.service_name)
-        self.confirmed_at = time.monotonic()
+        """The primary the sentinels name (redis-py asks on every new connection). When no
+        sentinel answers at all, the one named last: new connections go where the open ones
+        are. When sentinels answer but name none (it is down, a failover is under way), none.
+        """
+        address, answered = await self._ask_sentinels()
+        if address is None:
+            if answered or self.master_address is None:
+                raise MasterNotFoundError(f"No master found for {self.service_name!r}")
+            return self.master_address
         if self.master_address != address:
             if self.master_address is not None:
                 self.switches += 1
@@ -116,12 +122,27 @@ class SentinelPool(SentinelConnectionPool, BlockingConnectionPool):
             await ConnectionPool.disconnect(self, inuse_connections=True)
         return address
 
+    async def _ask_sentinels(self) -> tuple[tuple[str, int] | None, bool]:
+        """(the primary's address or None, whether any sentinel answered), as redis-py's
+        ``discover_master`` but telling "nobody answered" from "nobody names one"."""
+        manager, answered = self.sentinel_manager, False
+        for sentinel in manager.sentinels:
+            try:
+                masters = await sentinel.sentinel_masters()
+            except REDIS_FAILURES:
+                continue
+            answered = True
+            state = masters.get(self.service_name)
+            if state and manager.check_master_state(state, self.service_name):
+                return (state["ip"], int(state["port"])), True
+        return None, answered
+
     async def _follow(self) -> None:
         while True:
             await asyncio.sleep(_FOLLOW_S)
             try:
                 await self.get_master_address()
-            except REDIS_FAILURES as exc:  # no sentinel answers: connections stay as they are
+            except REDIS_FAILURES as exc:  # none named: connections stay as they are
                 log.debug("Redis Sentinel: no primary named for %s (%s)", self.service_name, exc)
 
     async def aclose(self) -> None:

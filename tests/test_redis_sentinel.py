@@ -107,6 +107,24 @@ async def test_the_client_follows_a_failover_with_its_commands_and_its_subscript
 
 
 @pytest.mark.slow
+async def test_with_every_sentinel_gone_the_client_keeps_the_primary_it_had(
+    sentinel_setup: SentinelSetup,
+) -> None:
+    client = connect(RedisSettings(url=sentinel_setup.url))
+    try:
+        await client.set("k", "before")
+        primary = sentinel_setup.primary()
+        for sentinel in sentinel_setup.sentinels:
+            sentinel.stop()
+        await client.connection_pool.disconnect()  # what a dropped connection leads to
+        await client.set("k", "after")  # a new connection: to the primary named last
+        with primary.client() as plain:
+            assert plain.get("k") == b"after"
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.slow
 async def test_a_master_name_no_sentinel_knows_is_a_config_error_naming_redis_url(
     sentinel_setup: SentinelSetup,
 ) -> None:
