@@ -317,6 +317,22 @@ async def test_a_failover_during_a_distinct_miss_storm_keeps_the_limit_and_serve
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(150)
+async def test_the_primary_killed_during_a_distinct_miss_storm_keeps_the_limit(
+    sentinel_setup: SentinelSetup,
+) -> None:
+    fleet = start_fleet([sentinel_setup.url] * 2, limit__replicas="2")
+    async with miss_load(fleet) as load:
+        await asyncio.sleep(WARM_S)
+        load.mark("primary killed")
+        new = await asyncio.to_thread(sentinel_setup.crash_primary)
+        switched = load.mark("replica promoted and named")
+        await until(lambda: gateway_connections(new) > 0, within=10)
+        await asyncio.sleep(12)  # the new epoch's hold, or a settle on the share, then served
+        await judge(fleet, load, served_in=[Window("after the switch", switched, time.monotonic())])
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_after_a_failover_identical_queries_over_two_replicas_cost_one_upstream_call(
     sentinel_setup: SentinelSetup,

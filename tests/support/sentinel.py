@@ -11,6 +11,7 @@ reconfigures an instance that still says it is a primary).
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -138,6 +139,19 @@ class SentinelSetup:
         _until(
             lambda: all(s.master_port() == new.port for s in self.sentinels),
             "the sentinels never named the new primary",
+        )
+        _until(lambda: _replication(new.port)["role"] == "master", "no promotion")
+        return new
+
+    def crash_primary(self) -> RedisServer:
+        """SIGKILL the primary; returns once every sentinel names its replica (promoted after
+        ``down-after-milliseconds``, no coordination with the dead one)."""
+        old = self.primary()
+        old.stop(signal.SIGKILL)
+        new = next(s for s in self.servers if s is not old)
+        _until(
+            lambda: all(s.master_port() == new.port for s in self.sentinels),
+            "the sentinels never named the replica",
         )
         _until(lambda: _replication(new.port)["role"] == "master", "no promotion")
         return new
