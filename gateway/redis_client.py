@@ -35,7 +35,7 @@ from redis.asyncio.connection import BlockingConnectionPool, ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoPermissionError, RedisError
 
 from gateway.errors import BackendUnavailable, ConfigError
 from gateway.settings import RedisSettings
@@ -206,6 +206,16 @@ async def check_sentinel(client: aioredis.Redis) -> None:
         )
     if not answered:
         log.warning("no Redis Sentinel answers; the replica starts degraded and retries")
+        return
+    try:
+        await client.info("replication")
+    except NoPermissionError:
+        log.warning(
+            "Redis denies INFO to the gateway's user: the limiter cannot tell a failover from "
+            "its primary's replication id and may grant a permit twice across one; allow +info"
+        )
+    except REDIS_FAILURES:
+        pass  # down or failing over: the eviction policy check says so
 
 
 def _address(client: aioredis.Redis) -> str:

@@ -284,6 +284,28 @@ async def test_a_new_replica_or_a_steady_primary_costs_no_pause(
         extra.close()
 
 
+async def test_a_redis_user_denied_info_still_gets_permits_on_the_epoch_alone() -> None:
+    server = RedisServer().start()
+    with server.client() as admin:
+        admin.acl_setuser(
+            "gw", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
+            commands=["+@all", "-@dangerous"],
+        )  # fmt: skip
+    client = aioredis.Redis(port=server.port, username="gw", password="pw")
+    limiter = RedisLimiter(
+        client, max_concurrent=2, window_s=WINDOW, max_queue=5, max_wait_s=3.0,
+        lease_s=LEASE, clock=SystemClock(), beat_s=0.1,
+    )  # fmt: skip
+    try:
+        holder = Holder(limiter)
+        await asyncio.wait_for(holder.started.wait(), timeout=5)
+        await finish(holder)
+    finally:
+        await limiter.close()
+        await client.aclose()
+        server.close()
+
+
 # Acceptance: a fleet on the Sentinel URL.
 
 WARM_S = 3.0

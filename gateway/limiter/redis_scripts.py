@@ -47,7 +47,8 @@ end
 # still takes the writes of gateways that have not followed yet.
 _GENERATION = """
 local function lineage()
-  local info = redis.call('INFO', 'replication')
+  local info = redis.pcall('INFO', 'replication')
+  if type(info) ~= 'string' then return '', 0 end  -- INFO denied (ACL): the epoch alone
   local replicas = tonumber(string.match(info, 'connected_slaves:(%d+)') or '0')
   return string.match(info, 'master_replid:(%w+)') or '', replicas
 end
