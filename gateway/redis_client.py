@@ -6,12 +6,24 @@ connection) would let a sick Redis stall every request for seconds; here every c
 
 Accepted URLs: ``redis://``, ``rediss://`` (TLS), ``unix://``, and
 ``redis+sentinel://[:password@]host:port[,host:port...]/service_name[/db]`` for Sentinel.
+
+Sentinel: redis-py's pool asks the sentinels for the primary only when it opens a connection,
+and a connection stays with the server it opened on: after a failover the pool would keep
+talking to the old primary, which takes writes until the sentinels demote it (many seconds
+later), and a pub/sub connection would never move. ``SentinelPool`` asks the sentinels every
+``_FOLLOW_S`` and, when the primary changed, drops every connection, in use or not (a command
+under way fails and its one retry reconnects; a subscriber's listener subscribes again), so
+everything talks to the new primary within about ``_FOLLOW_S``. When no sentinel answers, it
+keeps the primary it had (new connections included). What a switch means for the
+limiter's state is the limiter's business (``gateway.limiter.redis_scripts``, lineage).
 Redis Cluster is refused by the settings for now: the keys of each script share a hash tag,
 but the pub/sub and the client type have not been made to work on a cluster.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,10 +31,11 @@ from typing import Any, Final, cast
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import BlockingConnectionPool, ConnectionPool
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoPermissionError, RedisError
 
 from gateway.errors import BackendUnavailable, ConfigError
 from gateway.settings import RedisSettings
@@ -61,14 +74,89 @@ def connect(settings: RedisSettings) -> aioredis.Redis:
     url = settings.url
     common = _common(settings)
     if url.startswith("redis+sentinel://"):
-        return _sentinel(url, common)
+        return _sentinel(url, settings.pool_size, common)
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=settings.pool_size, timeout=common["socket_timeout"], **common
     )
     return aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes its connections
 
 
-def _sentinel(url: str, common: dict[str, Any]) -> aioredis.Redis:
+_FOLLOW_S: Final = 0.5  # how often a Sentinel-managed pool asks which server is the primary
+
+
+class SentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """redis-py's Sentinel pool, bounded (``max_connections``, waiting ``timeout`` for a free
+    connection, as the standalone pool), that follows a failover at once (module docstring).
+    """
+
+    def __init__(self, service_name: str, sentinel_manager: Sentinel, **kwargs: Any) -> None:
+        super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
+        self._watcher: asyncio.Task[None] | None = None
+        self.switches = 0  # primary changes seen (the first discovery is none)
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.create_task(self._follow())
+        return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+    async def get_master_address(self) -> Any:
+        """The primary the sentinels name (redis-py asks on every new connection). When no
+        sentinel answers at all, the one named last: new connections go where the open ones
+        are. When sentinels answer but name none (it is down, a failover is under way), none.
+        """
+        address, answered = await self._ask_sentinels()
+        if address is None:
+            if answered or self.master_address is None:
+                raise MasterNotFoundError(f"No master found for {self.service_name!r}")
+            return self.master_address
+        if self.master_address != address:
+            if self.master_address is not None:
+                self.switches += 1
+                log.warning(
+                    "Redis Sentinel: the primary of %s is now %s:%s (was %s:%s)",
+                    self.service_name, *address, *self.master_address,
+                )  # fmt: skip
+            self.master_address = address
+            # Every connection, in use or not: one released later would come back to the old
+            # primary, and a subscriber's is never released.
+            await ConnectionPool.disconnect(self, inuse_connections=True)
+        return address
+
+    async def _ask_sentinels(self) -> tuple[tuple[str, int] | None, bool]:
+        """(the primary's address or None, whether any sentinel answered), as redis-py's
+        ``discover_master`` but telling "nobody answered" from "nobody names one"."""
+        manager, answered = self.sentinel_manager, False
+        for sentinel in manager.sentinels:
+            try:
+                masters = await sentinel.sentinel_masters()
+            except REDIS_FAILURES:
+                continue
+            answered = True
+            state = masters.get(self.service_name)
+            if state and manager.check_master_state(state, self.service_name):
+                return (state["ip"], int(state["port"])), True
+        return None, answered
+
+    async def _follow(self) -> None:
+        while True:
+            await asyncio.sleep(_FOLLOW_S)
+            try:
+                await self.get_master_address()
+            except REDIS_FAILURES as exc:  # none named: connections stay as they are
+                log.debug("Redis Sentinel: no primary named for %s (%s)", self.service_name, exc)
+
+    async def aclose(self) -> None:
+        """The client closing: the watcher, this pool's connections and the sentinels'."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
+        await super().aclose()
+        await self.sentinel_manager.aclose()
+
+
+def _sentinel(url: str, pool_size: int, common: dict[str, Any]) -> aioredis.Redis:
     parts = urlsplit(url)
     hosts = parts.netloc.rsplit("@", 1)[-1]
     password = unquote(parts.password) if parts.password else None
@@ -85,14 +173,63 @@ def _sentinel(url: str, common: dict[str, Any]) -> aioredis.Redis:
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         sentinels, sentinel_kwargs=dict(common), password=password, db=db, **common
     )
-    return cast(aioredis.Redis, sentinel.master_for(path[0]))
+    return cast(
+        aioredis.Redis,
+        sentinel.master_for(
+            path[0],
+            connection_pool_class=SentinelPool,
+            max_connections=pool_size,
+            timeout=common["socket_timeout"],
+        ),
+    )
+
+
+async def check_sentinel(client: aioredis.Redis) -> None:
+    """Refuse a Sentinel URL whose sentinels answer but none of them knows its primary's name
+    (a typo would otherwise look like an outage for ever). Warns when no sentinel answers: the
+    replica starts degraded and follows once one does. Nothing for other clients.
+    """
+    pool = client.connection_pool
+    if not isinstance(pool, SentinelConnectionPool):
+        return
+    answered = []
+    for sentinel in pool.sentinel_manager.sentinels:
+        try:
+            answered.append(await sentinel.sentinel_masters())
+        except REDIS_FAILURES as exc:
+            log.warning("Redis Sentinel %s does not answer (%s)", _address(sentinel), exc)
+    if answered and not any(pool.service_name in masters for masters in answered):
+        raise ConfigError(
+            "redis.url",
+            f"no sentinel knows a primary named {pool.service_name!r} "
+            f"(they know: {', '.join(sorted({n for m in answered for n in m})) or 'none'})",
+        )
+    if not answered:
+        log.warning("no Redis Sentinel answers; the replica starts degraded and retries")
+        return
+    try:
+        await client.info("replication")
+    except NoPermissionError:
+        log.warning(
+            "Redis denies INFO to the gateway's user: the limiter cannot tell a failover from "
+            "its primary's replication id and may grant a permit twice across one; allow +info"
+        )
+    except REDIS_FAILURES:
+        pass  # down or failing over: the eviction policy check says so
+
+
+def _address(client: aioredis.Redis) -> str:
+    kwargs = client.connection_pool.connection_kwargs
+    return f"{kwargs.get('host')}:{kwargs.get('port')}"
 
 
 async def check_eviction_policy(client: aioredis.Redis) -> None:
     """Refuse a Redis whose ``maxmemory-policy`` may evict any key (``allkeys-*``): it would
     evict the limiter's keys, which have no TTL so that ``volatile-*`` policies never pick them.
     Warns (and goes on) when the policy cannot be read: Redis down, or CONFIG not allowed.
+    A Sentinel URL is checked first (``check_sentinel``).
     """
+    await check_sentinel(client)
     try:
         reply = await client.config_get("maxmemory-policy")
     except REDIS_FAILURES as exc:

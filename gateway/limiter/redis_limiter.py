@@ -3,7 +3,8 @@
 State, under one hash tag so each script runs on Redis Cluster; times are Redis ``TIME`` in
 ms, so replicas with skewed clocks agree. No key has a TTL (eviction cannot pick them):
 
-    {ns:limit}:meta      HASH epoch, gate           the state's generation; no grants before gate
+    {ns:limit}:meta      HASH epoch, gate, replid, replicas   the state's generation (and the
+                                                    primary's lineage); no grants before gate
     {ns:limit}:leases    ZSET lease -> expiry       in flight; a crashed holder's lease lapses
     {ns:limit}:starts    ZSET lease -> start        sliding window (+ margin), by time sent; a
                                                     pending (unsent) start is scored now + lease
@@ -23,7 +24,7 @@ Safety never rests on Redis keeping its data (README "The vendor's limit"):
   a new one whose gate opens ``lease_s + window_s`` later, when every permit of the old epoch
   has ended at the vendor and left the window. A replica told of a new epoch stops trusting
   the permits it has not used yet (``check`` raises ``PermitLost``); the ones already sent end
-  before the gate opens.
+  before the gate opens. A primary change is a lost epoch too (``redis_scripts``, lineage).
 - Leases cover the vendor. ``lease_s`` is the longest a request can keep the vendor busy after
   its grant (send allowance + upstream timeout + abandoned hold), so a lease lapses only after
   its request is surely over, even if its holder froze or died.

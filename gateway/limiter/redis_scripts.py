@@ -7,8 +7,10 @@ at start-up), and the scripts remove what has lapsed themselves.
 Every script that can grant or claim runs ``GENERATION`` first: the shared state's epoch lives
 in ``meta``; when it is missing, Redis lost its data (restarted empty, flushed, evicted), so a
 new epoch starts with a gate that opens only after every lease nobody can see any more has
-surely lapsed (``hold``: the longest lease plus a window). A caller naming another epoch gets
-``{-1, 0, epoch}`` and nothing else happens.
+surely lapsed (``hold``: the longest lease plus a window). So does one kept by another lineage
+(``meta`` also holds the primary's replication id and replica count): a promoted replica or a
+primary that lost a replica (a failover) may lack, or be alone in holding, recent grants. A
+caller naming another epoch gets ``{-1, 0, epoch}`` and nothing else happens.
 
     ACQUIRE    KEYS meta leases starts members demand wants finish policy since
                ARGV epoch, max, window ms, lease ms, replica, hold ms, share, replicas, demand
@@ -38,13 +40,31 @@ local function clock()
 end
 """
 
-# The shared state's epoch; a missing one is made anew, its gate ``hold`` ms from now.
+# The shared state's epoch; a missing one is made anew, its gate ``hold`` ms from now. So is
+# one kept by another lineage of the data (README "Redis shapes", Sentinel): a server
+# whose replication id changed (a promoted replica, a restart) may lack the last writes of the
+# one before, and one that lost a replica may have been replaced by it in a failover while it
+# still takes the writes of gateways that have not followed yet.
 _GENERATION = """
+local function lineage()
+  local info = redis.pcall('INFO', 'replication')
+  if type(info) ~= 'string' then return '', 0 end  -- INFO denied (ACL): the epoch alone
+  local replicas = tonumber(string.match(info, 'connected_slaves:(%d+)') or '0')
+  return string.match(info, 'master_replid:(%w+)') or '', replicas
+end
 local function generation(meta, now, hold)
-  local epoch = redis.call('HGET', meta, 'epoch')
-  if epoch then return epoch end
+  local state = redis.call('HMGET', meta, 'epoch', 'replid', 'replicas')
+  local epoch, seen, had = state[1], state[2], tonumber(state[3]) or 0
+  local replid, replicas = lineage()
+  if epoch and (not seen or (seen == replid and replicas >= had)) then
+    if seen ~= replid or replicas ~= had then  -- adopted (set before lineages), or a new replica
+      redis.call('HSET', meta, 'replid', replid, 'replicas', replicas)
+    end
+    return epoch
+  end
   epoch = string.format('%.3f', now)
   redis.call('HSET', meta, 'epoch', epoch, 'gate', now + hold)
+  redis.call('HSET', meta, 'replid', replid, 'replicas', replicas)
   return epoch
 end
 """
