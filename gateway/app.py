@@ -151,6 +151,7 @@ def build_limiter(
         background_max=background_permits(settings),
         on_error=metrics.redis_errors.labels("limiter").inc,
         on_degraded=lambda down: degraded.set(int(down)),
+        namespace=settings.redis.namespace,
     )
 
 
@@ -212,20 +213,34 @@ def create_app(
         cache = (
             InMemoryCacheStore(max_entries=settings.cache.max_entries, clock=clock)
             if redis is None
-            else shared_cache(redis, clock=clock, local_max_bytes=settings.cache.local_max_bytes)
+            else shared_cache(
+                redis,
+                clock=clock,
+                local_max_bytes=settings.cache.local_max_bytes,
+                namespace=settings.redis.namespace,
+            )
         )
     if coalescer is None:
         coalescer = (
             InProcessCoalescer[UpstreamResponse]()
             if redis is None
             else RedisCoalescer(
-                redis, lease_s=COALESCE_LEASE_S, max_wait_s=_call_budget_s(settings), clock=clock
+                redis,
+                lease_s=COALESCE_LEASE_S,
+                max_wait_s=_call_budget_s(settings),
+                clock=clock,
+                namespace=settings.redis.namespace,
             )
         )
     pause = (  # after an upstream 429, the fleet sends nothing for a while
         InMemoryPause(clock)
         if redis is None
-        else RedisPause(redis, clock=clock, on_error=metrics.redis_errors.labels("limiter").inc)
+        else RedisPause(
+            redis,
+            clock=clock,
+            on_error=metrics.redis_errors.labels("limiter").inc,
+            namespace=settings.redis.namespace,
+        )
     )
     lim = settings.limit
     metrics.observe_limiter(

@@ -14,7 +14,6 @@ from enum import Enum
 
 from gateway.validation import CAMPAIGN_NOT_FOUND, CallResultQuery
 
-KEY_PREFIX = "isales:v1"
 SUCCESS = "0200000"
 LOCALES = frozenset({"zh_CN", "en_US"})
 
@@ -54,8 +53,12 @@ class Freshness(Enum):
 
 
 def campaign_prefix(vdn_id: int, campaign_id: int) -> str:
-    """Every key of one campaign starts with this; the braces are a Redis Cluster hash tag."""
-    return f"{KEY_PREFIX}:{{{vdn_id}:{campaign_id}}}:"
+    """Every key of one campaign starts with this; the braces are a Redis Cluster hash tag.
+
+    Keys name a question, not a place: a shared store puts its namespace in front
+    (``cache_redis.redis_key``), so the in-memory store and the local tier need none.
+    """
+    return f"{{{vdn_id}:{campaign_id}}}:"
 
 
 @functools.lru_cache(maxsize=16384)  # pure, and hot keys repeat: hash each question once

@@ -43,10 +43,17 @@ from gateway.cache_policy import CacheEntry, campaign_prefix
 from gateway.cache_redis import RedisCacheStore
 from gateway.clock import Clock
 from gateway.redis_client import REDIS_FAILURES
+from gateway.settings import DEFAULT_NAMESPACE
 
 log = logging.getLogger("gateway.cache")
 
-CHANNEL = "isales:v1:cache:invalidate"
+
+def invalidation_channel(namespace: str) -> str:
+    """The channel on which one deployment's cache writes announce themselves."""
+    return f"{namespace}:cache:invalidate"
+
+
+CHANNEL = invalidation_channel(DEFAULT_NAMESPACE)
 _RETRY_S = 1.0  # pause before resubscribing after the bus failed
 _READ_S = 1.0  # the listener's read bound (and PING interval); messages wake it at once
 _SILENCE_S = 3.0  # copies are trusted only if the subscription was heard from this recently
@@ -116,7 +123,7 @@ class TieredCacheStore:
     """``CacheStore``: ``LocalCopies`` in front of ``shared``, kept coherent over Redis pub/sub.
 
     ``get``/``put``/``purge_campaign`` raise what ``shared`` raises (``BackendUnavailable``).
-    ``shared_publishes``: ``shared`` announces its own writes on ``CHANNEL`` (a
+    ``shared_publishes``: ``shared`` announces its own writes on ``channel`` (a
     ``RedisCacheStore`` built with it); otherwise this tier publishes after each write, and a
     failed publish is logged and the copies are cleared and bypassed until the listener is
     subscribed again. ``close`` stops the listener.
@@ -132,8 +139,10 @@ class TieredCacheStore:
         hold_s: float = HOLD_S,
         shared_publishes: bool = False,
         on_invalidate: Callable[[str], None] | None = None,
+        channel: str = CHANNEL,
     ) -> None:
         self._shared = shared
+        self._channel = channel
         self._client = client
         self._clock = clock
         self._hold_s = hold_s
@@ -227,7 +236,7 @@ class TieredCacheStore:
 
     async def _publish(self, name: str) -> None:
         try:
-            await self._client.publish(CHANNEL, name)
+            await self._client.publish(self._channel, name)
         except REDIS_FAILURES:
             # Other replicas may keep an old copy up to hold_s: say so, and trust none here.
             log.warning("cache: publishing an invalidation failed", exc_info=True)
@@ -239,7 +248,7 @@ class TieredCacheStore:
             pubsub: PubSub | None = None
             try:
                 pubsub = self._client.pubsub()
-                await pubsub.subscribe(CHANNEL)
+                await pubsub.subscribe(self._channel)
                 async with asyncio.timeout(5.0):
                     while (await pubsub.get_message(timeout=_READ_S)) is None:
                         pass  # the first reply on a fresh connection is the confirmation
@@ -268,14 +277,23 @@ class TieredCacheStore:
             await self._clock.sleep(_RETRY_S)
 
 
-def shared_cache(client: aioredis.Redis, *, clock: Clock, local_max_bytes: int) -> CacheStore:
+def shared_cache(
+    client: aioredis.Redis,
+    *,
+    clock: Clock,
+    local_max_bytes: int,
+    namespace: str = DEFAULT_NAMESPACE,
+) -> CacheStore:
     """The Redis mode's cache: Redis, behind an in-process tier of ``local_max_bytes`` (0: none)."""
+    channel = invalidation_channel(namespace)
+    shared = RedisCacheStore(client, clock=clock, channel=channel, namespace=namespace)
     if local_max_bytes <= 0:
-        return RedisCacheStore(client, clock=clock, channel=CHANNEL)
+        return shared
     return TieredCacheStore(
-        RedisCacheStore(client, clock=clock, channel=CHANNEL),
+        shared,
         client,
         clock=clock,
         max_bytes=local_max_bytes,
         shared_publishes=True,
+        channel=channel,
     )

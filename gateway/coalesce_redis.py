@@ -18,7 +18,8 @@ followers as the same class from ``gateway.errors`` (unknown: ``UpstreamBadRespo
 
 Fail open: when Redis fails (``BackendUnavailable``, translated in ``_redis_errors`` only),
 the round runs ``fetch`` itself, so callers still get answers, coalesced per replica only;
-Redis is then left alone for a second. Keys get a ``{hash tag}`` unless they carry one.
+Redis is then left alone for a second. Keys get a ``{hash tag}`` unless they carry one, and
+every key and channel starts with the namespace.
 """
 
 from __future__ import annotations
@@ -40,11 +41,11 @@ from gateway.clock import Clock
 from gateway.coalesce import InProcessCoalescer
 from gateway.errors import BackendUnavailable, GatewayError, Overloaded, QueueTimeout
 from gateway.redis_client import redis_errors
+from gateway.settings import DEFAULT_NAMESPACE
 from gateway.upstream import UpstreamResponse
 
 log = logging.getLogger("gateway.coalesce")
 
-CHANNEL_PREFIX = "isales:v1:coalesce:"
 _REDIS_PAUSE_S = 1.0  # after a Redis failure, rounds fail open at once for this long
 _LISTEN_POLL_S = 1.0  # the reader's read bound; messages still wake it at once
 RELEASED = b'{"v":1,"released":true}\n'  # not an outcome: "the lock is free, try it now"
@@ -94,12 +95,21 @@ def tagged(key: str) -> str:
     return key if start >= 0 and end > start + 1 else "{" + key + "}"
 
 
-def lock_key(key: str) -> str:
-    return tagged(key) + ":lock"
+def round_key(key: str, namespace: str = DEFAULT_NAMESPACE) -> str:
+    """What the lock and the outcomes of ``key``'s rounds are named after."""
+    return f"{namespace}:{tagged(key)}"
 
 
-def outcome_channel(key: str) -> str:
-    return CHANNEL_PREFIX + tagged(key)
+def lock_key(key: str, namespace: str = DEFAULT_NAMESPACE) -> str:
+    return round_key(key, namespace) + ":lock"
+
+
+def channel_prefix(namespace: str) -> str:
+    return f"{namespace}:coalesce:"
+
+
+def outcome_channel(key: str, namespace: str = DEFAULT_NAMESPACE) -> str:
+    return channel_prefix(namespace) + tagged(key)
 
 
 def encode_outcome(outcome: Outcome) -> bytes:
@@ -197,7 +207,13 @@ class RedisCoalescer:
     """
 
     def __init__(
-        self, client: aioredis.Redis, *, lease_s: float, max_wait_s: float, clock: Clock
+        self,
+        client: aioredis.Redis,
+        *,
+        lease_s: float,
+        max_wait_s: float,
+        clock: Clock,
+        namespace: str = DEFAULT_NAMESPACE,
     ) -> None:
         if client.connection_pool.connection_kwargs.get("decode_responses"):
             raise ValueError("RedisCoalescer needs a client that returns bytes")
@@ -206,6 +222,7 @@ class RedisCoalescer:
         self._lease_s = lease_s
         self._max_wait_s = max_wait_s
         self._clock = clock
+        self._namespace = namespace
         self._acquire = client.register_script(_ACQUIRE)
         self._extend = client.register_script(_EXTEND)
         self._finish = client.register_script(_FINISH)
@@ -255,7 +272,7 @@ class RedisCoalescer:
         task = asyncio.current_task()
         assert task is not None
         self._rounds.add(task)
-        channel = outcome_channel(key)
+        channel = outcome_channel(key, self._namespace)
         inbox = _Inbox()
         self._inboxes.setdefault(channel, []).append(inbox)  # before the lock: no lost wake-up
         try:
@@ -281,7 +298,7 @@ class RedisCoalescer:
     ) -> tuple[Outcome, bool]:
         """Lead (True) or follow this round; raises BackendUnavailable before any fetch."""
         await self._listen()
-        base, token = tagged(key), secrets.token_hex(16)
+        base, token = round_key(key, self._namespace), secrets.token_hex(16)
         rounds: list[str] = []  # outcome keys of the leaders seen holding the lock
         deadline = self._clock.monotonic() + self._max_wait_s
         while True:
@@ -290,7 +307,7 @@ class RedisCoalescer:
                     return outcome, False
             with redis_errors("coalescing acquire"):
                 reply = await self._acquire(
-                    keys=[lock_key(key), *rounds], args=[token, self._lease_ms]
+                    keys=[lock_key(key, self._namespace), *rounds], args=[token, self._lease_ms]
                 )
             state, value = (*reply, None, None)[:2] if isinstance(reply, list) else (None, None)
             if state == b"won":
@@ -332,10 +349,13 @@ class RedisCoalescer:
             with redis_errors("coalescing finish"):
                 await self._finish(
                     keys=[base + ":lock", base + ":outcome:" + token],
-                    args=[token, message, keep_ms, CHANNEL_PREFIX + base],
+                    args=[token, message, keep_ms, self._outcome_channel(base)],
                 )
         except BackendUnavailable:  # followers take over when the lock expires
             log.warning("coalescer: ending a round in Redis failed", exc_info=True)
+
+    def _outcome_channel(self, base: str) -> str:
+        return channel_prefix(self._namespace) + base.removeprefix(self._namespace + ":")
 
     async def _renew(self, lock: str, token: str) -> None:
         while True:
@@ -357,7 +377,7 @@ class RedisCoalescer:
                 await self._close_pubsub()
             pubsub = self._pubsub = self._client.pubsub()
             with redis_errors("coalescing subscribe"):
-                await pubsub.psubscribe(CHANNEL_PREFIX + "*")
+                await pubsub.psubscribe(channel_prefix(self._namespace) + "*")
                 async with asyncio.timeout(self._lease_s):
                     while (await pubsub.get_message(timeout=self._lease_s)) is None:
                         pass  # the first reply on a fresh connection is the confirmation

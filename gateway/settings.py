@@ -31,6 +31,10 @@ SIGNABLE_HEADERS: Final = frozenset({"host", "content-type", "content-length"})
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS: Final = ("text", "json")
 REDIS_SCHEMES: Final = ("redis://", "rediss://", "unix://", "redis+sentinel://")
+DEFAULT_NAMESPACE: Final = "isales:v1"
+# A namespace is the first part of every key and channel: no braces (it would become or
+# break a Redis Cluster hash tag), no spaces, nothing a log line or redis-cli would mangle.
+NAMESPACE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9:._-]{0,63}")
 _TRUE: Final = frozenset({"true", "1", "yes"})
 _FALSE: Final = frozenset({"false", "0", "no"})
 _SECRET_QUERY: Final = re.compile(r"([?&](?:sentinel_)?password=)[^&#]*", re.IGNORECASE)
@@ -129,6 +133,9 @@ class UpstreamSettings:
 @dataclass(frozen=True, slots=True)
 class RedisSettings:
     url: str = ""
+    # Prefix of every key and pub/sub channel: two deployments on one Redis (pub/sub ignores
+    # the DB number) share nothing, neither budget nor cache, unless their namespaces match.
+    namespace: str = DEFAULT_NAMESPACE
     timeout_ms: int = 250
     pool_size: int = 64
 
@@ -457,6 +464,14 @@ def _validate(s: Settings, *, require_upstream: bool) -> list[ConfigError]:
                 "redis.url",
                 "Redis Cluster is not supported yet (the limiter's and coalescer's pub/sub and "
                 "scripts are tested on a single endpoint); use a standalone Redis or Sentinel",
+            )
+        )
+    if not NAMESPACE.fullmatch(s.redis.namespace) or s.redis.namespace.endswith(":"):
+        problems.append(
+            ConfigError(
+                "redis.namespace",
+                "must be 1 to 64 of A-Z a-z 0-9 : . _ - (starting with a letter or digit, "
+                "not ending with ':'), e.g. isales:v1 or isales:staging",
             )
         )
     if s.redis.url and not s.redis.url.startswith(REDIS_SCHEMES):
