@@ -33,12 +33,10 @@ import math
 import re
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from gateway.cache import gunzip, with_gzip
 from gateway.cache_policy import CacheEntry, campaign_prefix
 from gateway.clock import Clock
-from gateway.redis_client import redis_errors
+from gateway.redis_client import AnyRedis, redis_errors
 from gateway.settings import DEFAULT_NAMESPACE
 
 log = logging.getLogger("gateway.cache")
@@ -195,13 +193,13 @@ class RedisCacheStore:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: AnyRedis,
         *,
         clock: Clock,
         channel: str = "",
         namespace: str = DEFAULT_NAMESPACE,
     ) -> None:
-        if client.connection_pool.connection_kwargs.get("decode_responses"):
+        if client.get_encoder().decode_responses:
             raise ValueError("RedisCacheStore needs a client without decode_responses")
         self._client = client
         self._clock = clock

@@ -15,10 +15,8 @@ import logging
 import math
 from collections.abc import Callable
 
-import redis.asyncio as aioredis
-
 from gateway.clock import Clock
-from gateway.redis_client import REDIS_FAILURES
+from gateway.redis_client import REDIS_FAILURES, AnyRedis
 from gateway.settings import DEFAULT_NAMESPACE
 
 log = logging.getLogger("gateway.pause")
@@ -43,7 +41,7 @@ return 0
 class RedisPause:
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: AnyRedis,
         *,
         clock: Clock,
         on_error: Callable[[], None] | None = None,

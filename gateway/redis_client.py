@@ -15,14 +15,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Final, cast
+from typing import Any, Final, TypeAlias, cast
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.errors import BackendUnavailable, ConfigError
 from gateway.settings import RedisSettings
@@ -30,8 +31,11 @@ from gateway.settings import RedisSettings
 log = logging.getLogger("gateway")
 
 # Whatever a Redis call can raise when Redis fails: an error reply, a timeout, a refused or
-# dropped connection (OSError covers the builtin ConnectionError and TimeoutError).
-REDIS_FAILURES: Final = (RedisError, OSError)
+# dropped connection (OSError covers the builtin ConnectionError and TimeoutError), and on a
+# cluster a slot no node serves or a topology that cannot be read (not RedisErrors).
+REDIS_FAILURES: Final = (RedisError, OSError, RedisClusterException)
+# The shared client: one endpoint (standalone, Sentinel) or a cluster.
+AnyRedis: TypeAlias = aioredis.Redis | RedisCluster
 
 
 @contextmanager

@@ -23,6 +23,7 @@ from gateway.coalesce_redis import (
     encode_outcome,
     lock_key,
     outcome_channel,
+    outcome_message,
 )
 from gateway.errors import (
     GatewayError,
@@ -296,7 +297,7 @@ async def test_garbage_on_the_outcome_channel_is_ignored_and_the_answer_still_wa
         b"[1,2,3]\n",
         b"x" * 10_000,
     ]:
-        await redis_client.publish(outcome_channel(KEY), garbage)
+        await redis_client.publish(outcome_channel(), outcome_message(KEY, garbage))
     await asyncio.sleep(JOIN_S)
     assert not follower.done()
     assert fetch.gate is not None

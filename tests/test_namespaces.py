@@ -84,6 +84,7 @@ async def test_every_key_and_channel_the_gateway_writes_starts_with_its_namespac
 
         keys = [key async for key in client.scan_iter(count=1000)]
         channels = await client.pubsub_channels()
+        patterns = await client.pubsub_numpat()
     finally:
         await client.aclose()
     assert keys, "the traffic wrote keys"
@@ -92,6 +93,7 @@ async def test_every_key_and_channel_the_gateway_writes_starts_with_its_namespac
     assert any(k.startswith(b"t1:{11:3}:") for k in keys), "a cache entry or its index"
     assert channels, "the gateway listens on some channel"
     assert [c for c in channels if not belongs_to("t1", c)] == []
+    assert patterns == 0, "a pattern subscription could hear other namespaces"
 
 
 def fleet_options(namespace: str, replicas: int) -> dict[str, str]:
