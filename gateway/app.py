@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 from collections.abc import AsyncIterator, Callable
+from typing import cast
 
 import aiohttp
 from aiohttp import web
@@ -38,7 +39,7 @@ from gateway.otel import RequestSpans
 from gateway.pause import InMemoryPause
 from gateway.pause_redis import RedisPause
 from gateway.popularity import Popularity, RefreshRule
-from gateway.redis_client import check_eviction_policy, connect
+from gateway.redis_client import AnyRedis, check_eviction_policy, connect
 from gateway.reload import KeyReloader
 from gateway.service import CallResultService
 from gateway.settings import Settings, load_settings
@@ -116,7 +117,7 @@ def background_permits(settings: Settings) -> int:
 def build_limiter(
     settings: Settings,
     clock: Clock,
-    redis: Redis | None,
+    redis: AnyRedis | None,
     metrics: GatewayMetrics,
     policy: Callable[[str], CallerPolicy] | None = None,
 ) -> Limiter:
@@ -136,7 +137,9 @@ def build_limiter(
     # The global limiter, falling back to floor(max_concurrent / replicas) per replica when
     # Redis fails (never failing open).
     return FailoverLimiter(
-        redis,
+        # The limiter calls only register_script and redis_bus, which a RedisCluster has too;
+        # its files (another helper's) still name the one-endpoint client.
+        cast(Redis, redis),
         max_concurrent=lim.max_concurrent,
         window_s=window_s,
         max_queue=lim.max_queue,

@@ -4,10 +4,11 @@ redis-py's defaults (5 s socket timeouts, retries with backoff, a pool that wait
 connection) would let a sick Redis stall every request for seconds; here every call has the
 ``redis.timeout_ms`` budget and at most one quick retry.
 
-Accepted URLs: ``redis://``, ``rediss://`` (TLS), ``unix://``, and
-``redis+sentinel://[:password@]host:port[,host:port...]/service_name[/db]`` for Sentinel.
-Redis Cluster is refused by the settings for now: the keys of each script share a hash tag,
-but the pub/sub and the client type have not been made to work on a cluster.
+Accepted URLs: ``redis://``, ``rediss://`` (TLS), ``unix://``,
+``redis+sentinel://[:password@]host:port[,host:port...]/service_name[/db]`` for Sentinel, and
+``redis+cluster://[[user]:password@]host:port[,host:port...]`` for Redis Cluster (any of its
+nodes; the client learns the rest): redis-py's ``RedisCluster`` with the same budgets. On a
+cluster every script's keys share one hash tag and channels are sharded (``redis_bus``).
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from typing import Any, Final, TypeAlias, cast
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.errors import BackendUnavailable, ConfigError
-from gateway.settings import RedisSettings
+from gateway.settings import RedisSettings, cluster_nodes
 
 log = logging.getLogger("gateway")
 
@@ -60,12 +61,14 @@ def _common(settings: RedisSettings) -> dict[str, Any]:
     }
 
 
-def connect(settings: RedisSettings) -> aioredis.Redis:
+def connect(settings: RedisSettings) -> AnyRedis:
     """A client for ``settings.url``; connects lazily, so building it never blocks."""
     url = settings.url
     common = _common(settings)
     if url.startswith("redis+sentinel://"):
         return _sentinel(url, common)
+    if url.startswith("redis+cluster://"):
+        return _cluster(url, settings.pool_size, common)
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=settings.pool_size, timeout=common["socket_timeout"], **common
     )
@@ -92,22 +95,50 @@ def _sentinel(url: str, common: dict[str, Any]) -> aioredis.Redis:
     return cast(aioredis.Redis, sentinel.master_for(path[0]))
 
 
-async def check_eviction_policy(client: aioredis.Redis) -> None:
+def _cluster(url: str, pool_size: int, common: dict[str, Any]) -> RedisCluster:
+    parts = urlsplit(url)
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in cluster_nodes(url)],
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        max_connections=pool_size,  # per node
+        # common's retry is the cluster's: one quick retry, after the slot map is read again
+        # (a failover, a moved slot).
+        **common,
+    )
+
+
+async def check_eviction_policy(client: AnyRedis) -> None:
     """Refuse a Redis whose ``maxmemory-policy`` may evict any key (``allkeys-*``): it would
     evict the limiter's keys, which have no TTL so that ``volatile-*`` policies never pick them.
-    Warns (and goes on) when the policy cannot be read: Redis down, or CONFIG not allowed.
+    On a cluster every primary is asked. Warns (and goes on) when the policy cannot be read:
+    Redis down, or CONFIG not allowed.
     """
     try:
-        reply = await client.config_get("maxmemory-policy")
+        if isinstance(client, RedisCluster):
+            await client.initialize()
+            replies = {
+                node.name: await client.execute_command(
+                    "CONFIG", "GET", "maxmemory-policy", target_nodes=node
+                )
+                for node in client.get_primaries()
+            }
+        else:
+            replies = {"Redis": await client.config_get("maxmemory-policy")}
     except REDIS_FAILURES as exc:
         log.warning("cannot read Redis maxmemory-policy (%s); it must not be allkeys-*", exc)
         return
-    policy = reply.get("maxmemory-policy", "")
-    policy = policy.decode() if isinstance(policy, bytes) else str(policy)
-    if policy.startswith("allkeys-"):
-        raise ConfigError(
-            "redis.url",
-            f"Redis maxmemory-policy is {policy}: it may evict the upstream limiter's keys "
-            "and break the vendor's limit; use volatile-lru, volatile-lfu, volatile-ttl, "
-            "volatile-random or noeviction (cache entries carry TTLs, the limiter's keys none)",
-        )
+    for where, reply in replies.items():
+        policy = _text(reply.get(b"maxmemory-policy", reply.get("maxmemory-policy", "")))
+        if policy.startswith("allkeys-"):
+            raise ConfigError(
+                "redis.url",
+                f"{where} maxmemory-policy is {policy}: it may evict the upstream limiter's "
+                "keys and break the vendor's limit; use volatile-lru, volatile-lfu, "
+                "volatile-ttl, volatile-random or noeviction (cache entries carry TTLs, the "
+                "limiter's keys none)",
+            )
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
