@@ -39,7 +39,7 @@ from gateway.otel import RequestSpans
 from gateway.pause import InMemoryPause
 from gateway.pause_redis import RedisPause
 from gateway.popularity import Popularity, RefreshRule
-from gateway.redis_client import AnyRedis, check_eviction_policy, connect
+from gateway.redis_client import AnyRedis, check_server, connect
 from gateway.reload import KeyReloader
 from gateway.service import CallResultService
 from gateway.settings import Settings, load_settings
@@ -331,7 +331,7 @@ def create_app(
         # (it gives back what it holds, through Redis), then the coalescer and the cache (their
         # subscriptions), and the shared Redis client last, once nothing uses it.
         if redis is not None:
-            await check_eviction_policy(redis)  # raises ConfigError for allkeys-*
+            await check_server(redis)  # ConfigError: allkeys-*, a cluster below Redis 7
         limiter.start()
         probe = None
         if redis is not None:

@@ -140,5 +140,40 @@ async def check_eviction_policy(client: AnyRedis) -> None:
             )
 
 
+CLUSTER_MIN_VERSION: Final = (7, 0)  # SSUBSCRIBE / SPUBLISH
+
+
+async def check_server(client: AnyRedis) -> None:
+    """The start-up checks: ``check_eviction_policy``, and on a cluster that every primary
+    runs Redis 7.0 or later (sharded pub/sub). ConfigError for what cannot work; warns and
+    goes on when Redis cannot be asked."""
+    await check_eviction_policy(client)
+    if not isinstance(client, RedisCluster):
+        return
+    try:
+        versions = {
+            node.name: (await client.info("server", target_nodes=node)).get("redis_version")
+            for node in client.get_primaries()
+        }
+    except REDIS_FAILURES as exc:
+        log.warning("cannot read the cluster's Redis versions (%s); 7.0 or later needed", exc)
+        return
+    for where, version in versions.items():
+        if not version_at_least(_text(version), CLUSTER_MIN_VERSION):
+            raise ConfigError(
+                "redis.url",
+                f"{where} runs Redis {version}: a cluster needs 7.0 or later (sharded pub/sub)",
+            )
+
+
+def version_at_least(version: str, least: tuple[int, ...]) -> bool:
+    """``"7.0.15"`` against ``(7, 0)``; an unreadable version passes (not ours to judge)."""
+    try:
+        parts = tuple(int(p) for p in version.split(".")[: len(least)])
+    except ValueError:
+        return True
+    return parts >= least
+
+
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)

@@ -13,6 +13,7 @@ from aiohttp import ClientSession, TCPConnector
 
 from gateway.auth import key_digest
 from gateway.errors import ConfigError
+from gateway.redis_client import CLUSTER_MIN_VERSION, version_at_least
 from gateway.settings import cluster_nodes, load_settings
 from tests.conftest import StartGateway, Upstream, gateway_settings
 from tests.support.cluster import RedisClusterServers
@@ -43,6 +44,13 @@ def cluster(cluster_servers: RedisClusterServers) -> RedisClusterServers:
     cluster_servers.wait_ok()
     cluster_servers.flush()
     return cluster_servers
+
+
+def test_a_cluster_needs_redis_7_for_sharded_pub_sub() -> None:
+    assert version_at_least("7.0.15", CLUSTER_MIN_VERSION)
+    assert version_at_least("10.2", CLUSTER_MIN_VERSION)
+    assert not version_at_least("6.2.14", CLUSTER_MIN_VERSION)
+    assert version_at_least("unstable", CLUSTER_MIN_VERSION)
 
 
 def test_a_cluster_url_names_its_nodes_and_a_bad_one_names_the_key() -> None:
