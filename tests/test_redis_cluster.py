@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -19,6 +21,7 @@ from tests.conftest import StartGateway, Upstream, gateway_settings
 from tests.support.cluster import RedisClusterServers
 from tests.support.faults import (
     NEW_SETTINGS,
+    Window,
     judge,
     miss_load,
     serve_until_exit,
@@ -182,3 +185,32 @@ async def test_the_primary_holding_the_limiter_restarted_empty_under_load(
         load.mark("cluster ok again")
         await asyncio.sleep(8)
         await judge(fleet, load)
+
+
+@pytest.fixture
+def cluster_with_replicas() -> Iterator[RedisClusterServers]:
+    """3 primaries with a replica each, for this test alone (it kills a primary)."""
+    servers = RedisClusterServers(primaries=3, replicas=1).start()
+    servers.flush()
+    yield servers
+    servers.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+async def test_the_limiters_primary_killed_and_its_replica_promoted_under_load(
+    cluster_with_replicas: RedisClusterServers,
+) -> None:
+    cluster = cluster_with_replicas
+    primary = cluster.owner(LIMITER_KEYS.meta)
+    replica = cluster.replica_of(primary)  # synced before the fault
+    fleet = start_fleet([cluster.url] * 3)
+    async with miss_load(fleet) as load:
+        await asyncio.sleep(WARM_S)
+        load.mark("the limiter's primary killed")
+        primary.stop(signal.SIGKILL)
+        await asyncio.to_thread(cluster.wait_primary, replica)
+        promoted = load.mark("its replica promoted, every slot served")
+        await asyncio.sleep(10)
+        after = Window("after the failover", promoted, time.monotonic())
+        await judge(fleet, load, served_in=[after])

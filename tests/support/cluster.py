@@ -66,10 +66,12 @@ class ClusterNodeServer(RedisServer):
 
 
 class RedisClusterServers:
-    """``primaries`` nodes holding every slot between them."""
+    """``primaries`` nodes holding every slot between them, each with ``replicas`` replicas."""
 
-    def __init__(self, primaries: int = 3) -> None:
-        self.nodes = [ClusterNodeServer(node_port()) for _ in range(primaries)]
+    def __init__(self, primaries: int = 3, replicas: int = 0) -> None:
+        self.replicas = replicas
+        count = primaries * (1 + replicas)
+        self.nodes = [ClusterNodeServer(node_port()) for _ in range(count)]
 
     @property
     def url(self) -> str:
@@ -81,7 +83,7 @@ class RedisClusterServers:
         addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
         create = ["redis-cli", "--cluster", "create", *addresses]
         subprocess.run(
-            [*create, "--cluster-replicas", "0", "--cluster-yes"],
+            [*create, "--cluster-replicas", str(self.replicas), "--cluster-yes"],
             check=True,
             capture_output=True,
             timeout=30,
@@ -90,8 +92,9 @@ class RedisClusterServers:
         return self
 
     def wait_ok(self, timeout: float = 30.0) -> None:
+        """Until every running node says the cluster is ok (every slot served)."""
         deadline = time.monotonic() + timeout
-        while not all(node.cluster_ok() for node in self.nodes):
+        while not all(node.cluster_ok() for node in self.nodes if node.proc is not None):
             if time.monotonic() > deadline:
                 raise TimeoutError("the cluster did not reach cluster_state:ok")
             time.sleep(0.1)
@@ -108,11 +111,47 @@ class RedisClusterServers:
             client.close()
         return next(n for n in self.nodes if n.port == int(node.port))
 
+    def replica_of(self, primary: ClusterNodeServer, timeout: float = 30.0) -> ClusterNodeServer:
+        """A replica of ``primary``, waited for until it has synced (``ROLE``: connected)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for node in self.nodes:
+                if node.proc is None or node is primary:
+                    continue
+                plain = redis.Redis(port=node.port)
+                try:
+                    role = plain.execute_command("ROLE")
+                except redis.exceptions.RedisError:
+                    continue
+                finally:
+                    plain.close()
+                if role[0] == b"slave" and int(role[2]) == primary.port and role[3] == b"connected":
+                    return node
+            if time.monotonic() > deadline:
+                raise LookupError(f"no synced replica of {primary.port}")
+            time.sleep(0.1)
+
+    def wait_primary(self, node: ClusterNodeServer, timeout: float = 30.0) -> None:
+        """Until ``node`` is a primary (a replica promoted) and every slot is served."""
+        deadline = time.monotonic() + timeout
+        while True:
+            plain = redis.Redis(port=node.port)
+            try:
+                if plain.execute_command("ROLE")[0] == b"master":
+                    break
+            finally:
+                plain.close()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{node.port} was not promoted")
+            time.sleep(0.1)
+        self.wait_ok(max(1.0, deadline - time.monotonic()))
+
     def flush(self) -> None:
         """Empty every node as a planned reset (see ``RedisServer.flush``)."""
         for node in self.nodes:
             plain = redis.Redis(port=node.port)
-            plain.flushall()
+            if plain.execute_command("ROLE")[0] == b"master":
+                plain.flushall()
             plain.close()
         client = self.client()
         client.hset(LIMITER_KEYS.meta, mapping={"epoch": "planned-reset", "gate": 0})
