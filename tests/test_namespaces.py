@@ -51,7 +51,9 @@ def test_a_namespace_that_could_break_keys_or_hash_tags_is_refused(bad: str) -> 
 def test_the_namespace_defaults_to_isales_v1_and_is_read_from_the_environment() -> None:
     assert load_settings(None, {}, require_upstream=False).redis.namespace == "isales:v1"
     env = {"GATEWAY_REDIS__NAMESPACE": "isales:staging-2"}
-    assert load_settings(None, env, require_upstream=False).redis.namespace == "isales:staging-2"
+    settings = load_settings(None, env, require_upstream=False)
+    assert settings.redis.namespace == "isales:staging-2"
+    assert settings.redacted()["redis"]["namespace"] == "isales:staging-2"  # /admin/config
 
 
 async def test_every_key_and_channel_the_gateway_writes_starts_with_its_namespace(

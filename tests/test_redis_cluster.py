@@ -61,6 +61,7 @@ def test_a_cluster_url_names_its_nodes_and_a_bad_one_names_the_key() -> None:
     assert cluster_nodes(url) == [("10.0.0.1", 7000), ("10.0.0.2", 6379), ("redis-3", 7002)]
     settings = load_settings(None, {"GATEWAY_REDIS__URL": url}, require_upstream=False)
     assert settings.redis.url == url
+    assert settings.redacted()["redis"]["url"] == url.replace(":pw@", ":***@")
     for bad in ("redis+cluster://h:port", "redis+cluster://h:7000,:7001", "redis+cluster://h/1"):
         env = {"GATEWAY_REDIS__URL": bad}
         with pytest.raises(ConfigError) as caught:
