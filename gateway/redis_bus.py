@@ -203,4 +203,7 @@ class RedisBus:
             if message.get("type") in ("message", "smessage"):
                 data = message.get("data")
                 if isinstance(data, bytes):
-                    on_message(data)
+                    try:
+                        on_message(data)
+                    except Exception:  # a listener's bug must not end everyone's wake-ups
+                        log.exception("pub/sub: a listener failed on a message; going on")

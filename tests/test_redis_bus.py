@@ -84,3 +84,27 @@ async def test_no_redis_means_not_ready_and_a_publish_that_fails_clearly() -> No
     finally:
         await subscription.close()
         await client.aclose()
+
+
+async def test_a_listener_that_raises_does_not_end_the_subscription(
+    own_redis: RedisServer,
+) -> None:
+    client = aioredis.Redis.from_url(own_redis.url)
+    bus = RedisBus(client, clock=SystemClock())
+    heard: list[bytes] = []
+
+    def fragile(data: bytes) -> None:
+        heard.append(data)
+        if data == b"bad":
+            raise ValueError("a bug in a listener")
+
+    subscription = bus.subscribe("ns:chan", fragile)
+    try:
+        await subscription.ready(5.0)
+        await bus.publish("ns:chan", b"bad")
+        await bus.publish("ns:chan", b"good")
+        await until(lambda: heard == [b"bad", b"good"])
+        assert subscription.live
+    finally:
+        await subscription.close()
+        await client.aclose()
