@@ -30,11 +30,12 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import SlotNotCoveredError
 
 from gateway.clock import Clock
@@ -59,13 +60,22 @@ OnLost = Callable[[BackendUnavailable], None]
 class Subscription:
     """One channel listened to in the background (``RedisBus.subscribe``); ``close`` ends it."""
 
-    def __init__(self, bus: RedisBus, channel: str, on_message: OnMessage, **options: Any):
+    def __init__(
+        self,
+        bus: RedisBus,
+        channel: str,
+        on_message: OnMessage,
+        *,
+        on_lost: OnLost | None = None,
+        sharded: bool | None = None,
+    ) -> None:
         self.channel = channel
         self.live = False  # subscribed, confirmed, and not yet known to be lost
         self.heard = -math.inf  # monotonic time the subscription last heard from Redis
         self._bus = bus
         self._changed = asyncio.Event()
-        self._task = asyncio.create_task(bus.listen(channel, on_message, state=self, **options))
+        listening = bus.listen(channel, on_message, on_lost=on_lost, sharded=sharded, state=self)
+        self._task = asyncio.create_task(listening)
 
     def heard_within(self, seconds: float) -> bool:
         """Live, and heard from (a message, a confirmation, a pong) in the last ``seconds``."""
@@ -86,10 +96,6 @@ class Subscription:
         if live:
             self.heard = self._bus.clock.monotonic()
         self._changed.set()
-
-    @property
-    def running(self) -> bool:
-        return not self._task.done()
 
     async def close(self) -> None:
         self._task.cancel()
@@ -121,9 +127,16 @@ class RedisBus:
         except REDIS_FAILURES as exc:
             raise BackendUnavailable(f"Redis unavailable (publish {channel}).") from exc
 
-    def subscribe(self, channel: str, on_message: OnMessage, **options: Any) -> Subscription:
-        """``listen`` in a task of its own; the options are ``listen``'s."""
-        return Subscription(self, channel, on_message, **options)
+    def subscribe(
+        self,
+        channel: str,
+        on_message: OnMessage,
+        *,
+        on_lost: OnLost | None = None,
+        sharded: bool | None = None,
+    ) -> Subscription:
+        """``listen`` in a task of its own, until ``Subscription.close``."""
+        return Subscription(self, channel, on_message, on_lost=on_lost, sharded=sharded)
 
     async def listen(
         self,
@@ -140,16 +153,19 @@ class RedisBus:
         attempt. ``sharded``: SSUBSCRIBE (default: on a cluster) or SUBSCRIBE.
         """
         sharded = self.cluster if sharded is None else sharded
+        fresh_map = False
         while True:
             node: aioredis.Redis | None = None
             pubsub: PubSub | None = None
             try:
-                node, pubsub = await self._open(channel)
+                node, pubsub = await self._open(channel, fresh_map)
+                fresh_map = False
                 await self._subscribe(pubsub, channel, sharded)
                 if state is not None:
                     state._set(True)
                 await self._read(pubsub, on_message, state)
             except (*REDIS_FAILURES, TimeoutError) as exc:
+                fresh_map = True  # the slot's owner may have changed (failover, resharding)
                 lost = BackendUnavailable(f"Redis unavailable (listen {channel}).")
                 lost.__cause__ = exc
                 if state is not None:
@@ -166,12 +182,15 @@ class RedisBus:
                         await node.aclose()
             await self.clock.sleep(RETRY_S)
 
-    async def _open(self, channel: str) -> tuple[aioredis.Redis | None, PubSub]:
-        """A pub/sub connection for ``channel`` (and the node client to close with it)."""
+    async def _open(self, channel: str, fresh_map: bool) -> tuple[aioredis.Redis | None, PubSub]:
+        """A pub/sub connection for ``channel`` (and the node client to close with it);
+        ``fresh_map``: read the cluster's slot map again first."""
         client = self.client
         if not isinstance(client, RedisCluster):
             return None, client.pubsub()
         await client.initialize()  # the slot map; a no-op once known
+        if fresh_map:
+            await client.nodes_manager.initialize()
         owner = client.get_node_from_key(channel)
         if owner is None:
             raise SlotNotCoveredError(f"no node owns the slot of {channel}")
@@ -194,6 +213,8 @@ class RedisBus:
     ) -> None:
         while True:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=READ_S)
+            if not pubsub.subscribed:  # the server dropped it (a slot moved): start over
+                raise RedisConnectionError("unsubscribed by the server")
             if message is None:
                 # Silence: ask, so a link that stalls shows as silence, not as peace.
                 await pubsub.ping()

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from collections.abc import Iterator
@@ -14,8 +15,10 @@ import pytest
 from aiohttp import ClientSession, TCPConnector
 
 from gateway.auth import key_digest
-from gateway.errors import ConfigError
-from gateway.redis_client import CLUSTER_MIN_VERSION, version_at_least
+from gateway.clock import SystemClock
+from gateway.errors import BackendUnavailable, ConfigError
+from gateway.redis_bus import RedisBus
+from gateway.redis_client import CLUSTER_MIN_VERSION, connect, version_at_least
 from gateway.settings import cluster_nodes, load_settings
 from tests.conftest import StartGateway, Upstream, gateway_settings
 from tests.support.cluster import RedisClusterServers
@@ -215,3 +218,33 @@ async def test_the_limiters_primary_killed_and_its_replica_promoted_under_load(
         await asyncio.sleep(10)
         after = Window("after the failover", promoted, time.monotonic())
         await judge(fleet, load, served_in=[after])
+
+
+@pytest.mark.slow
+async def test_a_sharded_subscription_follows_its_channel_to_the_promoted_replica(
+    cluster_with_replicas: RedisClusterServers,
+) -> None:
+    cluster = cluster_with_replicas
+    channel = "isales:v1:cache:invalidate"
+    primary = cluster.owner(channel)
+    replica = cluster.replica_of(primary)
+    env = {"GATEWAY_REDIS__URL": cluster.url}
+    client = connect(load_settings(None, env, require_upstream=False).redis)
+    bus = RedisBus(client, clock=SystemClock())
+    heard: list[bytes] = []
+    subscription = bus.subscribe(channel, heard.append)
+    try:
+        await subscription.ready(5.0)
+        await bus.publish(channel, b"before")
+        primary.stop(signal.SIGKILL)
+        await asyncio.to_thread(cluster.wait_primary, replica)
+        await subscription.ready(15.0)
+        async with asyncio.timeout(15.0):
+            while b"after" not in heard:
+                with contextlib.suppress(BackendUnavailable):
+                    await bus.publish(channel, b"after")
+                await asyncio.sleep(0.2)
+    finally:
+        await subscription.close()
+        await client.aclose()
+    assert heard[0] == b"before"
