@@ -49,7 +49,6 @@ from gateway.upstream import UpstreamResponse
 log = logging.getLogger("gateway.coalesce")
 
 _REDIS_PAUSE_S = 1.0  # after a Redis failure, rounds fail open at once for this long
-_LISTEN_POLL_S = 1.0  # the reader's read bound; messages still wake it at once
 RELEASED = b'{"v":1,"released":true}\n'  # not an outcome: "the lock is free, try it now"
 
 # KEYS[1] lock, KEYS[2..] outcomes of the rounds this caller waits on; ARGV token, lease ms.
