@@ -37,6 +37,11 @@ ADMIN_KEY = "cluster-admin-key"
 WARM_S = 3.0
 
 
+def is_entry(key: bytes) -> bool:
+    """A cache entry (``isales:v1:{vdn:campaign}:<hash>``): not an index, lock or outcome."""
+    return key.startswith(b"isales:v1:{11:") and key.count(b":") == 4 and b":index" not in key
+
+
 @pytest.fixture(scope="session")
 def cluster_servers() -> Iterator[RedisClusterServers]:
     servers = RedisClusterServers(primaries=3).start()
@@ -97,9 +102,7 @@ async def test_two_gateways_on_a_cluster_share_the_cache_and_its_invalidations(
     assert upstream.requests == len(campaigns)
 
     holders = {
-        port
-        for port, keys in cluster.keys_per_node().items()
-        if any(b":{11:" in key and not key.endswith(b":index") for key in keys)
+        port for port, keys in cluster.keys_per_node().items() if any(is_entry(key) for key in keys)
     }
     assert len(holders) > 1, "cache entries spread over the primaries"
 
@@ -170,6 +173,12 @@ async def test_three_replicas_on_a_cluster_ask_each_question_once_and_keep_the_l
         assert {status for status, _ in distinct} == {200}
     stats = await sim_stats(upstream)
     assert stats["requests_total"] == 1 + len(questions), stats
+    entries = {
+        port: sum(1 for key in keys if is_entry(key))
+        for port, keys in cluster.keys_per_node().items()
+    }
+    assert sum(entries.values()) == 1 + len(questions), entries
+    assert sum(1 for n in entries.values() if n) > 1, f"entries on one primary only: {entries}"
     assert (stats["violations"], stats["max_in_flight"] <= 10) == (0, True), stats  # type: ignore[operator]
     assert stats["max_starts_in_window"] <= 10, stats  # type: ignore[operator]
 
