@@ -370,13 +370,16 @@ class RedisCoalescer:
                 log.warning("coalescer: renewing a lock failed", exc_info=True)
 
     async def _listen(self) -> None:
-        """Be subscribed (confirmed) to the outcome channel; BackendUnavailable if Redis
-        cannot confirm it within a lease. The subscription lives until ``close``."""
+        """Subscribe to the outcome channel, confirmed before the first coordinated round
+        (BackendUnavailable if Redis does not confirm it within a lease: that round fails
+        open). Later losses do not hold rounds up: the subscription comes back by itself, and
+        a message lost meanwhile costs a half-lease re-check, not a call.
+        """
         if self._listener is None:
             self._listener = self._bus.subscribe(
                 outcome_channel(self._namespace), self._heard, on_lost=self._lost
             )
-        await self._listener.ready(self._lease_s)
+            await self._listener.ready(self._lease_s)
 
     def _heard(self, data: bytes) -> None:
         route, sep, outcome = data.partition(b"\n")
