@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 from collections.abc import AsyncIterator, Callable
+from typing import cast
 
 import aiohttp
 from aiohttp import web
@@ -38,7 +39,7 @@ from gateway.otel import RequestSpans
 from gateway.pause import InMemoryPause
 from gateway.pause_redis import RedisPause
 from gateway.popularity import Popularity, RefreshRule
-from gateway.redis_client import check_eviction_policy, connect
+from gateway.redis_client import AnyRedis, check_server, connect
 from gateway.reload import KeyReloader
 from gateway.service import CallResultService
 from gateway.settings import Settings, load_settings
@@ -116,7 +117,7 @@ def background_permits(settings: Settings) -> int:
 def build_limiter(
     settings: Settings,
     clock: Clock,
-    redis: Redis | None,
+    redis: AnyRedis | None,
     metrics: GatewayMetrics,
     policy: Callable[[str], CallerPolicy] | None = None,
 ) -> Limiter:
@@ -136,7 +137,9 @@ def build_limiter(
     # The global limiter, falling back to floor(max_concurrent / replicas) per replica when
     # Redis fails (never failing open).
     return FailoverLimiter(
-        redis,
+        # The limiter calls only register_script and redis_bus, which a RedisCluster has too;
+        # its files (another helper's) still name the one-endpoint client.
+        cast(Redis, redis),
         max_concurrent=lim.max_concurrent,
         window_s=window_s,
         max_queue=lim.max_queue,
@@ -151,6 +154,7 @@ def build_limiter(
         background_max=background_permits(settings),
         on_error=metrics.redis_errors.labels("limiter").inc,
         on_degraded=lambda down: degraded.set(int(down)),
+        namespace=settings.redis.namespace,
     )
 
 
@@ -212,20 +216,34 @@ def create_app(
         cache = (
             InMemoryCacheStore(max_entries=settings.cache.max_entries, clock=clock)
             if redis is None
-            else shared_cache(redis, clock=clock, local_max_bytes=settings.cache.local_max_bytes)
+            else shared_cache(
+                redis,
+                clock=clock,
+                local_max_bytes=settings.cache.local_max_bytes,
+                namespace=settings.redis.namespace,
+            )
         )
     if coalescer is None:
         coalescer = (
             InProcessCoalescer[UpstreamResponse]()
             if redis is None
             else RedisCoalescer(
-                redis, lease_s=COALESCE_LEASE_S, max_wait_s=_call_budget_s(settings), clock=clock
+                redis,
+                lease_s=COALESCE_LEASE_S,
+                max_wait_s=_call_budget_s(settings),
+                clock=clock,
+                namespace=settings.redis.namespace,
             )
         )
     pause = (  # after an upstream 429, the fleet sends nothing for a while
         InMemoryPause(clock)
         if redis is None
-        else RedisPause(redis, clock=clock, on_error=metrics.redis_errors.labels("limiter").inc)
+        else RedisPause(
+            redis,
+            clock=clock,
+            on_error=metrics.redis_errors.labels("limiter").inc,
+            namespace=settings.redis.namespace,
+        )
     )
     lim = settings.limit
     metrics.observe_limiter(
@@ -313,7 +331,7 @@ def create_app(
         # (it gives back what it holds, through Redis), then the coalescer and the cache (their
         # subscriptions), and the shared Redis client last, once nothing uses it.
         if redis is not None:
-            await check_eviction_policy(redis)  # raises ConfigError for allkeys-*
+            await check_server(redis)  # ConfigError: allkeys-*, a cluster below Redis 7
         limiter.start()
         probe = None
         if redis is not None:

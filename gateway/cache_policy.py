@@ -15,8 +15,6 @@ from enum import Enum
 from gateway.validation import CallResultQuery
 from gateway.vendor import CAMPAIGN_NOT_FOUND, DEFAULT_LOCALE, SUCCESS
 
-KEY_PREFIX = "isales:v1"
-
 
 @dataclass(frozen=True, slots=True)
 class CachePolicy:
@@ -53,8 +51,12 @@ class Freshness(Enum):
 
 
 def campaign_prefix(vdn_id: int, campaign_id: int) -> str:
-    """Every key of one campaign starts with this; the braces are a Redis Cluster hash tag."""
-    return f"{KEY_PREFIX}:{{{vdn_id}:{campaign_id}}}:"
+    """Every key of one campaign starts with this; the braces are a Redis Cluster hash tag.
+
+    Keys name a question, not a place: a shared store puts its namespace in front
+    (``cache_redis.redis_key``), so the in-memory store and the local tier need none.
+    """
+    return f"{{{vdn_id}:{campaign_id}}}:"
 
 
 @functools.lru_cache(maxsize=16384)  # pure, and hot keys repeat: hash each question once

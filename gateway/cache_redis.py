@@ -12,9 +12,13 @@ When built with ``channel``, both scripts publish what they changed (the key, or
 prefix) on it in the same atomic step as the write: no replica can miss an invalidation
 because a write succeeded and a separate publish did not (``cache_tiered``).
 
+Keys: the store is given the cache's keys (``cache_policy.cache_key``: ``{vdn:campaign}:digest``)
+and stores each under ``<namespace>:<key>`` (``redis_key``); what it publishes names the key
+as given, so listeners compare it with their own keys.
+
 Each entry is ``SET ... PX`` with its remaining life (``stored_at + ttl + stale`` minus now), so
 Redis expires it and ``maxmemory`` eviction works per entry. A per-campaign index, a sorted set
-``isales:v1:{vdn:campaign}:index`` scored by expiry (Redis's clock, ms), is written by the same
+``<namespace>:{vdn:campaign}:index`` scored by expiry (Redis's clock, ms), is written by the same
 script; ``purge_campaign`` unlinks its members without ``KEYS`` or a keyspace ``SCAN``. The
 index shares the entries' hash tag, so both scripts run on Redis Cluster.
 
@@ -29,12 +33,11 @@ import math
 import re
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from gateway.cache import gunzip, with_gzip
-from gateway.cache_policy import KEY_PREFIX, CacheEntry, campaign_prefix
+from gateway.cache_policy import CacheEntry, campaign_prefix
 from gateway.clock import Clock
-from gateway.redis_client import redis_errors
+from gateway.redis_client import AnyRedis, redis_errors
+from gateway.settings import DEFAULT_NAMESPACE
 
 log = logging.getLogger("gateway.cache")
 
@@ -50,11 +53,11 @@ _OPTIONAL_FIELDS = frozenset({"encoding", "request_id"})
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # as the middleware accepts one
 _CONTENT_TYPE = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,254}")  # printable ASCII: a header value
 # A non-empty hash tag, else Redis Cluster would hash the whole key and split entry from index.
-_ENTRY_KEY = re.compile(re.escape(KEY_PREFIX) + r"(:\{[^{}]+\}:)(.+)", re.DOTALL)
+_ENTRY_KEY = re.compile(r"(\{[^{}]+\}:)(.+)", re.DOTALL)
 _UNLINK_BATCH = 500  # stays under Lua's unpack() stack limit
 
 # KEYS[1] entry, KEYS[2] campaign index; ARGV[1] value, ARGV[2] PX in ms (>= 1), ARGV[3]
-# the invalidation channel or "".
+# the invalidation channel or "", ARGV[4] the key as the cache names it (what is published).
 _PUT = """
 local px = tonumber(ARGV[2])
 local t = redis.call('TIME')
@@ -68,7 +71,7 @@ if redis.call('PTTL', KEYS[2]) < px then
   redis.call('PEXPIRE', KEYS[2], px)
 end
 if ARGV[3] ~= '' then
-  redis.call('PUBLISH', ARGV[3], KEYS[1])
+  redis.call('PUBLISH', ARGV[3], ARGV[4])
 end
 return 1
 """
@@ -168,12 +171,18 @@ def _number(value: Any, maximum: float) -> float | None:
     return number
 
 
-def index_key(entry_key: str) -> str:
-    """The index of the campaign ``entry_key`` belongs to; ValueError for a foreign key."""
+def redis_key(namespace: str, key: str) -> str:
+    """Where the cache's ``key`` (or campaign prefix) lives in Redis."""
+    return f"{namespace}:{key}"
+
+
+def index_key(namespace: str, entry_key: str) -> str:
+    """The Redis key of the index of the campaign ``entry_key`` (a cache key) belongs to;
+    ValueError for a foreign key."""
     match = _ENTRY_KEY.fullmatch(entry_key)
     if match is None or match.group(2) == INDEX_SUFFIX:
         raise ValueError("not a campaign cache key")
-    return KEY_PREFIX + match.group(1) + INDEX_SUFFIX
+    return redis_key(namespace, match.group(1) + INDEX_SUFFIX)
 
 
 class RedisCacheStore:
@@ -182,11 +191,19 @@ class RedisCacheStore:
     ``get``, ``put`` and ``purge_campaign`` raise ``BackendUnavailable`` when Redis fails.
     """
 
-    def __init__(self, client: aioredis.Redis, *, clock: Clock, channel: str = "") -> None:
-        if client.connection_pool.connection_kwargs.get("decode_responses"):
+    def __init__(
+        self,
+        client: AnyRedis,
+        *,
+        clock: Clock,
+        channel: str = "",
+        namespace: str = DEFAULT_NAMESPACE,
+    ) -> None:
+        if client.get_encoder().decode_responses:
             raise ValueError("RedisCacheStore needs a client without decode_responses")
         self._client = client
         self._clock = clock
+        self.namespace = namespace
         self.channel = channel  # where writes announce themselves; "" = nowhere
         self._put = client.register_script(_PUT)
         self._purge = client.register_script(_PURGE)
@@ -194,7 +211,7 @@ class RedisCacheStore:
     async def get(self, key: str) -> CacheEntry | None:
         """The entry, fresh or stale; None if absent, past its retention or not ours."""
         with redis_errors("cache get"):
-            raw = await self._client.get(key)
+            raw = await self._client.get(redis_key(self.namespace, key))
         if raw is None:
             return None
         entry = decode_entry(raw) if isinstance(raw, bytes) else None
@@ -212,7 +229,7 @@ class RedisCacheStore:
         Skipping (with a warning) rather than raising: the caller already has its answer, and
         a cache that cannot hold it must not turn it into an error.
         """
-        index = index_key(key)
+        index = index_key(self.namespace, key)
         try:
             value = encode_entry(entry)
         except ValueError:
@@ -222,7 +239,9 @@ class RedisCacheStore:
         remaining = min(lifetime, entry.stored_at + lifetime - self._clock.time())
         px = max(1, math.ceil(remaining * 1000))
         with redis_errors("cache put"):
-            await self._put(keys=[key, index], args=[value, px, self.channel])
+            await self._put(
+                keys=[redis_key(self.namespace, key), index], args=[value, px, self.channel, key]
+            )
 
     async def close(self) -> None:
         """Nothing runs in the background; the shared client is closed by the app."""
@@ -232,6 +251,7 @@ class RedisCacheStore:
         prefix = campaign_prefix(vdn_id, campaign_id)
         with redis_errors("cache purge"):
             removed = await self._purge(
-                keys=[prefix + INDEX_SUFFIX], args=[_UNLINK_BATCH, self.channel, prefix]
+                keys=[redis_key(self.namespace, prefix + INDEX_SUFFIX)],
+                args=[_UNLINK_BATCH, self.channel, prefix],
             )
         return int(removed)

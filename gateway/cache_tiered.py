@@ -22,33 +22,37 @@ Coherence with the shared store, which other replicas write too:
   freshness is still decided by ``cache_policy.freshness``.
 
 A copy's size is its bytes (plain and gzip) plus ``ENTRY_OVERHEAD`` for the objects around
-them; an entry larger than an eighth of the byte bound is never copied. Redis failures of the
-bus are translated here only.
+them; an entry larger than an eighth of the byte bound is never copied. The subscription is a
+``redis_bus`` one (its reconnects, PINGs and failures are handled there).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import math
 from collections import OrderedDict
 from collections.abc import Callable
 
-import redis.asyncio as aioredis
-from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster
 
 from gateway.cache import CacheStore
 from gateway.cache_policy import CacheEntry, campaign_prefix
 from gateway.cache_redis import RedisCacheStore
 from gateway.clock import Clock
-from gateway.redis_client import REDIS_FAILURES
+from gateway.errors import BackendUnavailable
+from gateway.redis_bus import RedisBus, Subscription
+from gateway.redis_client import AnyRedis
+from gateway.settings import DEFAULT_NAMESPACE
 
 log = logging.getLogger("gateway.cache")
 
-CHANNEL = "isales:v1:cache:invalidate"
-_RETRY_S = 1.0  # pause before resubscribing after the bus failed
-_READ_S = 1.0  # the listener's read bound (and PING interval); messages wake it at once
+
+def invalidation_channel(namespace: str) -> str:
+    """The channel on which one deployment's cache writes announce themselves."""
+    return f"{namespace}:cache:invalidate"
+
+
+CHANNEL = invalidation_channel(DEFAULT_NAMESPACE)
 _SILENCE_S = 3.0  # copies are trusted only if the subscription was heard from this recently
 HOLD_S = 120.0
 # Bytes a copy costs beyond the characters of its key and bodies: the entry object, tuple,
@@ -116,7 +120,7 @@ class TieredCacheStore:
     """``CacheStore``: ``LocalCopies`` in front of ``shared``, kept coherent over Redis pub/sub.
 
     ``get``/``put``/``purge_campaign`` raise what ``shared`` raises (``BackendUnavailable``).
-    ``shared_publishes``: ``shared`` announces its own writes on ``CHANNEL`` (a
+    ``shared_publishes``: ``shared`` announces its own writes on ``channel`` (a
     ``RedisCacheStore`` built with it); otherwise this tier publishes after each write, and a
     failed publish is logged and the copies are cleared and bypassed until the listener is
     subscribed again. ``close`` stops the listener.
@@ -125,24 +129,25 @@ class TieredCacheStore:
     def __init__(
         self,
         shared: CacheStore,
-        client: aioredis.Redis,
+        client: AnyRedis,
         *,
         clock: Clock,
         max_bytes: int = 64 * 1024 * 1024,
         hold_s: float = HOLD_S,
         shared_publishes: bool = False,
         on_invalidate: Callable[[str], None] | None = None,
+        channel: str = CHANNEL,
     ) -> None:
         self._shared = shared
+        self._channel = channel
         self._client = client
         self._clock = clock
         self._hold_s = hold_s
         self._shared_publishes = shared_publishes
-        self._heard = -math.inf  # monotonic time the subscription last delivered anything
+        self._bus = RedisBus(client, clock=clock)
         self.copies = LocalCopies(max_bytes=max_bytes)
         self._generation = 0  # bumped by every invalidation and every loss of coherence
-        self._coherent = False
-        self._listener: asyncio.Task[None] | None = None
+        self._listener: Subscription | None = None
         self._closed = False
         self._on_invalidate = on_invalidate
         self._reading: dict[str, asyncio.Future[CacheEntry | None]] = {}
@@ -150,18 +155,18 @@ class TieredCacheStore:
     @property
     def coherent(self) -> bool:
         """True while invalidations are being received, i.e. while copies may be used."""
-        return self._coherent and self._clock.monotonic() - self._heard <= _SILENCE_S
+        return self._listener is not None and self._listener.heard_within(_SILENCE_S)
 
     async def get(self, key: str) -> CacheEntry | None:
         now = self._clock.monotonic()
-        if self._coherent and now - self._heard <= _SILENCE_S:
+        if self.coherent:
             entry = self.copies.get(key, now)
             if entry is not None:
                 if self._clock.time() < entry.stored_at + entry.ttl + entry.stale:
                     return entry
                 self.copies.drop(key)
         elif self._listener is None and not self._closed:
-            self._listener = asyncio.create_task(self._listen())
+            self._listener = self._bus.subscribe(self._channel, self._heard, on_lost=self._lost)
         # Identical lookups in flight share one read: a burst of one question (the misses a
         # coalesced call answers) costs Redis one GET per replica, not one per caller.
         reading = self._reading.get(key)
@@ -204,8 +209,7 @@ class TieredCacheStore:
         self._lose_coherence()
         listener, self._listener = self._listener, None
         if listener is not None:
-            listener.cancel()
-            await asyncio.gather(listener, return_exceptions=True)
+            await listener.close()
 
     def _invalidate(self, name: str) -> None:
         """Drop a key, or every key of a campaign prefix (names ending in ``:``)."""
@@ -221,61 +225,49 @@ class TieredCacheStore:
             self._on_invalidate(name)
 
     def _lose_coherence(self) -> None:
-        self._coherent = False
         self._generation += 1
         self.copies.clear()
 
     async def _publish(self, name: str) -> None:
         try:
-            await self._client.publish(CHANNEL, name)
-        except REDIS_FAILURES:
+            await self._bus.publish(self._channel, name)
+        except BackendUnavailable:
             # Other replicas may keep an old copy up to hold_s: say so, and trust none here.
             log.warning("cache: publishing an invalidation failed", exc_info=True)
             self._lose_coherence()
 
-    async def _listen(self) -> None:
-        """Subscribe, confirm, then apply messages; on any failure start over after a pause."""
-        while not self._closed:
-            pubsub: PubSub | None = None
-            try:
-                pubsub = self._client.pubsub()
-                await pubsub.subscribe(CHANNEL)
-                async with asyncio.timeout(5.0):
-                    while (await pubsub.get_message(timeout=_READ_S)) is None:
-                        pass  # the first reply on a fresh connection is the confirmation
-                self._coherent = True
-                self._heard = self._clock.monotonic()
-                while True:
-                    message = await pubsub.get_message(
-                        ignore_subscribe_messages=True, timeout=_READ_S
-                    )
-                    if message is None:
-                        # Silence: ask, so a link that stalls shows as silence, not as peace.
-                        await pubsub.ping()
-                        continue
-                    self._heard = self._clock.monotonic()
-                    if message.get("type") == "message":
-                        data = message.get("data")
-                        if isinstance(data, bytes):
-                            self._invalidate(data.decode("utf-8", "replace"))
-            except REDIS_FAILURES:
-                log.warning("cache: invalidation listener failed; local copies off for now")
-            finally:
-                self._lose_coherence()
-                if pubsub is not None:
-                    with contextlib.suppress(*REDIS_FAILURES):
-                        await pubsub.aclose()  # type: ignore[no-untyped-call]
-            await self._clock.sleep(_RETRY_S)
+    def _heard(self, data: bytes) -> None:
+        self._invalidate(data.decode("utf-8", "replace"))
+
+    def _lost(self, exc: BackendUnavailable) -> None:
+        log.warning("cache: invalidation listener failed (%s); local copies off for now", exc)
+        self._lose_coherence()
 
 
-def shared_cache(client: aioredis.Redis, *, clock: Clock, local_max_bytes: int) -> CacheStore:
-    """The Redis mode's cache: Redis, behind an in-process tier of ``local_max_bytes`` (0: none)."""
+def shared_cache(
+    client: AnyRedis,
+    *,
+    clock: Clock,
+    local_max_bytes: int,
+    namespace: str = DEFAULT_NAMESPACE,
+) -> CacheStore:
+    """The Redis mode's cache: Redis, behind an in-process tier of ``local_max_bytes`` (0: none).
+
+    On a cluster the write scripts cannot publish (``redis_bus``): the tier publishes after
+    each write, and without a tier nobody needs to hear of them.
+    """
+    channel = invalidation_channel(namespace)
+    in_scripts = not isinstance(client, RedisCluster)
+    shared = RedisCacheStore(
+        client, clock=clock, channel=channel if in_scripts else "", namespace=namespace
+    )
     if local_max_bytes <= 0:
-        return RedisCacheStore(client, clock=clock, channel=CHANNEL)
+        return shared
     return TieredCacheStore(
-        RedisCacheStore(client, clock=clock, channel=CHANNEL),
+        shared,
         client,
         clock=clock,
         max_bytes=local_max_bytes,
-        shared_publishes=True,
+        shared_publishes=in_scripts,
+        channel=channel,
     )

@@ -4,13 +4,17 @@ Within a replica, callers of one key share one local round (``InProcessCoalescer
 replicas, a round's leader takes ``<key>:lock`` (``SET NX PX``, renewed every lease/3 while
 ``fetch`` runs) and, when it is done, one script stores the outcome under
 ``<key>:outcome:<token>`` for a lease, PUBLISHes it and deletes the lock if still its own. The
-other replicas' rounds follow: they were listening before they tried the lock (one pattern
-subscription per coalescer, confirmed before the first round), so the message wakes them
-within milliseconds. At every half lease they re-run the acquire script, which returns the
-outcome of a round they know of (a message lost to a reconnect costs latency, not a call) or
-takes the lock if it vanished without one (the leader crashed): exactly one waiter wins and
-leads, the others learn its token and keep waiting. A leader whose local callers all went away
-(its fetch is cancelled) releases the lock and says so on the channel: one follower leads now.
+other replicas' rounds follow: they were listening before they tried the lock (one
+``redis_bus`` subscription per coalescer to the namespace's one outcome channel, confirmed
+before the first round; each message names its key and the receiver routes it), so the
+message wakes them within milliseconds. On Redis Cluster the script cannot publish on that
+channel (another slot): the leader publishes right after it, and a message lost between the
+two costs latency, as any lost message does. At every half lease they re-run the acquire
+script, which returns the outcome of a round they know of (a message lost to a reconnect
+costs latency, not a call) or takes the lock if it vanished without one (the leader crashed):
+exactly one waiter wins and leads, the others learn its token and keep waiting. A leader whose
+local callers all went away (its fetch is cancelled) releases the lock and says so on the
+channel: one follower leads now.
 
 Outcome format (never pickle): a JSON header line, ``\\n``, the upstream's raw body. A value
 that does not decode is ignored. A ``GatewayError`` from the leader's ``fetch`` is re-raised on
@@ -18,7 +22,8 @@ followers as the same class from ``gateway.errors`` (unknown: ``UpstreamBadRespo
 
 Fail open: when Redis fails (``BackendUnavailable``, translated in ``_redis_errors`` only),
 the round runs ``fetch`` itself, so callers still get answers, coalesced per replica only;
-Redis is then left alone for a second. Keys get a ``{hash tag}`` unless they carry one.
+Redis is then left alone for a second. Keys get a ``{hash tag}`` unless they carry one, and
+every key and channel starts with the namespace.
 """
 
 from __future__ import annotations
@@ -32,21 +37,18 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
-from redis.asyncio.client import PubSub
-
 from gateway import errors
 from gateway.clock import Clock
 from gateway.coalesce import InProcessCoalescer
 from gateway.errors import BackendUnavailable, GatewayError, Overloaded, QueueTimeout
-from gateway.redis_client import redis_errors
+from gateway.redis_bus import RedisBus, Subscription
+from gateway.redis_client import AnyRedis, redis_errors
+from gateway.settings import DEFAULT_NAMESPACE
 from gateway.upstream import UpstreamResponse
 
 log = logging.getLogger("gateway.coalesce")
 
-CHANNEL_PREFIX = "isales:v1:coalesce:"
 _REDIS_PAUSE_S = 1.0  # after a Redis failure, rounds fail open at once for this long
-_LISTEN_POLL_S = 1.0  # the reader's read bound; messages still wake it at once
 RELEASED = b'{"v":1,"released":true}\n'  # not an outcome: "the lock is free, try it now"
 
 # KEYS[1] lock, KEYS[2..] outcomes of the rounds this caller waits on; ARGV token, lease ms.
@@ -63,11 +65,11 @@ _EXTEND = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
-# KEYS[1] lock, KEYS[2] this round's outcome; ARGV token, message, keep ms (0: a release,
-# the message is RELEASED and not kept), channel.
+# KEYS[1] lock, KEYS[2] this round's outcome; ARGV token, outcome, keep ms (0: a release,
+# the outcome is RELEASED and not kept), channel ("": the caller publishes), message.
 _FINISH = """
 if ARGV[3] ~= '0' then redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3]) end
-redis.call('PUBLISH', ARGV[4], ARGV[2])
+if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 """
@@ -94,12 +96,23 @@ def tagged(key: str) -> str:
     return key if start >= 0 and end > start + 1 else "{" + key + "}"
 
 
-def lock_key(key: str) -> str:
-    return tagged(key) + ":lock"
+def round_key(key: str, namespace: str = DEFAULT_NAMESPACE) -> str:
+    """What the lock and the outcomes of ``key``'s rounds are named after."""
+    return f"{namespace}:{tagged(key)}"
 
 
-def outcome_channel(key: str) -> str:
-    return CHANNEL_PREFIX + tagged(key)
+def lock_key(key: str, namespace: str = DEFAULT_NAMESPACE) -> str:
+    return round_key(key, namespace) + ":lock"
+
+
+def outcome_channel(namespace: str = DEFAULT_NAMESPACE) -> str:
+    """The one channel of a namespace's outcomes (sharded pub/sub has no patterns)."""
+    return f"{namespace}:coalesce"
+
+
+def outcome_message(key: str, data: bytes) -> bytes:
+    """What is published for ``key``'s round: its hash-tagged key, a newline, ``data``."""
+    return tagged(key).encode() + b"\n" + data
 
 
 def encode_outcome(outcome: Outcome) -> bytes:
@@ -197,15 +210,22 @@ class RedisCoalescer:
     """
 
     def __init__(
-        self, client: aioredis.Redis, *, lease_s: float, max_wait_s: float, clock: Clock
+        self,
+        client: AnyRedis,
+        *,
+        lease_s: float,
+        max_wait_s: float,
+        clock: Clock,
+        namespace: str = DEFAULT_NAMESPACE,
     ) -> None:
-        if client.connection_pool.connection_kwargs.get("decode_responses"):
+        if client.get_encoder().decode_responses:
             raise ValueError("RedisCoalescer needs a client that returns bytes")
         self._client = client
         self._lease_ms = max(1, round(lease_s * 1000))
         self._lease_s = lease_s
         self._max_wait_s = max_wait_s
         self._clock = clock
+        self._namespace = namespace
         self._acquire = client.register_script(_ACQUIRE)
         self._extend = client.register_script(_EXTEND)
         self._finish = client.register_script(_FINISH)
@@ -213,9 +233,8 @@ class RedisCoalescer:
         self._local = InProcessCoalescer[tuple[UpstreamResponse, bool]]()
         self._inboxes: dict[str, list[_Inbox]] = {}
         self._rounds: set[asyncio.Task[object]] = set()
-        self._listen_lock = asyncio.Lock()
-        self._pubsub: PubSub | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._bus = RedisBus(client, clock=clock)
+        self._listener: Subscription | None = None
         self._redis_paused_until = -math.inf
 
     def waiting(self) -> int:
@@ -232,22 +251,12 @@ class RedisCoalescer:
     async def close(self) -> None:
         """Stop listening and abandon rounds in flight (their locks expire, like a crash)."""
         self._closing = True
-        tasks = [*self._rounds, *([self._reader] if self._reader else [])]
-        for task in tasks:
+        for task in self._rounds:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._reader = None
-        await self._close_pubsub()
-
-    async def _close_pubsub(self) -> None:
-        pubsub, self._pubsub = self._pubsub, None
-        if pubsub is None:
-            return
-        try:
-            with redis_errors("coalescing close"):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
-        except BackendUnavailable:
-            log.warning("coalescer: closing the pub/sub connection failed", exc_info=True)
+        await asyncio.gather(*self._rounds, return_exceptions=True)
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            await listener.close()
 
     async def _round(
         self, key: str, fetch: Callable[[], Awaitable[UpstreamResponse]]
@@ -255,9 +264,9 @@ class RedisCoalescer:
         task = asyncio.current_task()
         assert task is not None
         self._rounds.add(task)
-        channel = outcome_channel(key)
+        route = tagged(key)
         inbox = _Inbox()
-        self._inboxes.setdefault(channel, []).append(inbox)  # before the lock: no lost wake-up
+        self._inboxes.setdefault(route, []).append(inbox)  # before the lock: no lost wake-up
         try:
             if self._clock.monotonic() < self._redis_paused_until:
                 outcome, led = await _capture(fetch), True
@@ -270,10 +279,10 @@ class RedisCoalescer:
                     outcome, led = await _capture(fetch), True
         finally:
             self._rounds.discard(task)
-            waiting = self._inboxes.get(channel, [])
+            waiting = self._inboxes.get(route, [])
             waiting.remove(inbox)
             if not waiting:
-                self._inboxes.pop(channel, None)
+                self._inboxes.pop(route, None)
         return outcome.unwrap(), led
 
     async def _coordinate(
@@ -281,7 +290,7 @@ class RedisCoalescer:
     ) -> tuple[Outcome, bool]:
         """Lead (True) or follow this round; raises BackendUnavailable before any fetch."""
         await self._listen()
-        base, token = tagged(key), secrets.token_hex(16)
+        base, token = round_key(key, self._namespace), secrets.token_hex(16)
         rounds: list[str] = []  # outcome keys of the leaders seen holding the lock
         deadline = self._clock.monotonic() + self._max_wait_s
         while True:
@@ -290,11 +299,11 @@ class RedisCoalescer:
                     return outcome, False
             with redis_errors("coalescing acquire"):
                 reply = await self._acquire(
-                    keys=[lock_key(key), *rounds], args=[token, self._lease_ms]
+                    keys=[lock_key(key, self._namespace), *rounds], args=[token, self._lease_ms]
                 )
             state, value = (*reply, None, None)[:2] if isinstance(reply, list) else (None, None)
             if state == b"won":
-                return await self._lead(base, token, fetch), True
+                return await self._lead(key, token, fetch), True
             if state == b"done" and (outcome := decode_outcome(value)) is not None:
                 return outcome, False
             if state == b"held" and isinstance(value, bytes):
@@ -312,28 +321,40 @@ class RedisCoalescer:
                 return Outcome(error=QueueTimeout(1.0, "Waited too long for a shared call.")), False
 
     async def _lead(
-        self, base: str, token: str, fetch: Callable[[], Awaitable[UpstreamResponse]]
+        self, key: str, token: str, fetch: Callable[[], Awaitable[UpstreamResponse]]
     ) -> Outcome:
-        renewal = asyncio.create_task(self._renew(base + ":lock", token))
+        renewal = asyncio.create_task(self._renew(lock_key(key, self._namespace), token))
         try:
             outcome = await _capture(fetch)
         except asyncio.CancelledError:
             if not self._closing:  # our callers left; on close the lock expires as in a crash
-                await self._end(base, token, RELEASED, 0)
+                await self._end(key, token, RELEASED, 0)
             raise
         finally:
             renewal.cancel()
         # shielded: once the answer is paid for, it is published even if our callers leave
-        await asyncio.shield(self._end(base, token, encode_outcome(outcome), self._lease_ms))
+        await asyncio.shield(self._end(key, token, encode_outcome(outcome), self._lease_ms))
         return outcome
 
-    async def _end(self, base: str, token: str, message: bytes, keep_ms: int) -> None:
+    async def _end(self, key: str, token: str, outcome: bytes, keep_ms: int) -> None:
+        base = round_key(key, self._namespace)
+        channel = outcome_channel(self._namespace)
+        message = outcome_message(key, outcome)
+        in_scripts = self._bus.in_scripts
         try:
             with redis_errors("coalescing finish"):
                 await self._finish(
                     keys=[base + ":lock", base + ":outcome:" + token],
-                    args=[token, message, keep_ms, CHANNEL_PREFIX + base],
+                    args=[
+                        token,
+                        outcome,
+                        keep_ms,
+                        channel if self._bus.in_scripts else "",
+                        message,
+                    ],
                 )
+            if not in_scripts:
+                await self._bus.publish(channel, message)
         except BackendUnavailable:  # followers take over when the lock expires
             log.warning("coalescer: ending a round in Redis failed", exc_info=True)
 
@@ -349,37 +370,25 @@ class RedisCoalescer:
                 log.warning("coalescer: renewing a lock failed", exc_info=True)
 
     async def _listen(self) -> None:
-        """Subscribe once (confirmed) and start the reader that feeds the inboxes."""
-        async with self._listen_lock:
-            if self._reader is not None and not self._reader.done():
-                return
-            if self._pubsub is not None:  # the reader died: start over on a fresh connection
-                await self._close_pubsub()
-            pubsub = self._pubsub = self._client.pubsub()
-            with redis_errors("coalescing subscribe"):
-                await pubsub.psubscribe(CHANNEL_PREFIX + "*")
-                async with asyncio.timeout(self._lease_s):
-                    while (await pubsub.get_message(timeout=self._lease_s)) is None:
-                        pass  # the first reply on a fresh connection is the confirmation
-            self._reader = asyncio.create_task(self._read(pubsub))
+        """Subscribe to the outcome channel, confirmed before the first coordinated round
+        (BackendUnavailable if Redis does not confirm it within a lease: that round fails
+        open). Later losses do not hold rounds up: the subscription comes back by itself, and
+        a message lost meanwhile costs a half-lease re-check, not a call.
+        """
+        if self._listener is None:
+            self._listener = self._bus.subscribe(
+                outcome_channel(self._namespace), self._heard, on_lost=self._lost
+            )
+            await self._listener.ready(self._lease_s)
 
-    async def _read(self, pubsub: PubSub) -> None:
-        while True:
-            try:
-                with redis_errors("coalescing listen"):
-                    message = await pubsub.get_message(
-                        ignore_subscribe_messages=True, timeout=_LISTEN_POLL_S
-                    )
-            except BackendUnavailable:  # redis-py reconnects and resubscribes on the next read
-                log.warning("coalescer: pub/sub read failed", exc_info=True)
-                await self._clock.sleep(_REDIS_PAUSE_S)
-                continue
-            if message is None or message.get("type") != "pmessage":
-                continue
-            channel, data = message.get("channel"), message.get("data")
-            if isinstance(channel, bytes) and isinstance(data, bytes):
-                for inbox in self._inboxes.get(channel.decode("utf-8", "replace"), ()):
-                    inbox.put(data)
+    def _heard(self, data: bytes) -> None:
+        route, sep, outcome = data.partition(b"\n")
+        if sep:
+            for inbox in self._inboxes.get(route.decode("utf-8", "replace"), ()):
+                inbox.put(outcome)
+
+    def _lost(self, exc: BackendUnavailable) -> None:
+        log.warning("coalescer: outcome subscription lost (%s); re-checks go on", exc)
 
 
 async def _capture(fetch: Callable[[], Awaitable[UpstreamResponse]]) -> Outcome:

@@ -14,18 +14,17 @@ import asyncio
 from collections.abc import Callable
 
 from prometheus_client import Gauge
-from redis.asyncio import Redis
 
 from gateway.breaker import BreakerState, CircuitBreaker
 from gateway.clock import Clock
 from gateway.limiter import Limiter
 from gateway.limiter.failover import FailoverLimiter, Mode
-from gateway.redis_client import REDIS_FAILURES
+from gateway.redis_client import REDIS_FAILURES, AnyRedis
 
 PING_TIMEOUT_S = 1.0
 
 
-async def redis_answers(redis: Redis, timeout_s: float = PING_TIMEOUT_S) -> bool:
+async def redis_answers(redis: AnyRedis, timeout_s: float = PING_TIMEOUT_S) -> bool:
     try:
         async with asyncio.timeout(timeout_s):
             return bool(await redis.ping())
@@ -39,7 +38,7 @@ def limiter_mode(limiter: Limiter) -> str | None:
 
 
 async def probe_redis_at_start(
-    redis: Redis,
+    redis: AnyRedis,
     limiter: Limiter,
     degraded: Gauge,
     on_error: Callable[[], None],

@@ -1,6 +1,6 @@
 """``UpstreamPause`` for a fleet: one Redis key holds the moment the pause ends.
 
-The key ``isales:v1:upstream:pause`` holds that moment (epoch seconds on the replicas' clocks,
+The key ``<namespace>:upstream:pause`` holds that moment (epoch seconds on the replicas' clocks,
 which NTP keeps within far less than any pause) and expires with it (``PX``), so Redis never
 keeps a stale pause. A script sets it only if it ends later than the pause in force.
 
@@ -15,15 +15,18 @@ import logging
 import math
 from collections.abc import Callable
 
-import redis.asyncio as aioredis
-
-from gateway.cache_policy import KEY_PREFIX
 from gateway.clock import Clock
-from gateway.redis_client import REDIS_FAILURES
+from gateway.redis_client import REDIS_FAILURES, AnyRedis
+from gateway.settings import DEFAULT_NAMESPACE
 
 log = logging.getLogger("gateway.pause")
 
-PAUSE_KEY = f"{KEY_PREFIX}:upstream:pause"
+
+def pause_key(namespace: str) -> str:
+    return f"{namespace}:upstream:pause"
+
+
+PAUSE_KEY = pause_key(DEFAULT_NAMESPACE)
 # KEYS[1] the pause; ARGV[1] its new end (epoch seconds), ARGV[2] its life in ms.
 _EXTEND = """
 local current = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
@@ -38,12 +41,14 @@ return 0
 class RedisPause:
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: AnyRedis,
         *,
         clock: Clock,
         on_error: Callable[[], None] | None = None,
+        namespace: str = DEFAULT_NAMESPACE,
     ) -> None:
         self._redis = client
+        self._key = pause_key(namespace)
         self._clock = clock
         self._on_error = on_error
         self._until = 0.0  # the latest end this replica knows of
@@ -54,7 +59,7 @@ class RedisPause:
         self._until = max(self._until, until)
         life_ms = max(1, math.ceil(seconds * 1000))
         try:
-            await self._extend(keys=[PAUSE_KEY], args=[repr(until), life_ms])
+            await self._extend(keys=[self._key], args=[repr(until), life_ms])
         except REDIS_FAILURES:
             self._failed("set")
 
@@ -63,7 +68,7 @@ class RedisPause:
         if self._until > now:
             return self._until - now  # known here: no round trip
         try:
-            value = await self._redis.get(PAUSE_KEY)
+            value = await self._redis.get(self._key)
         except REDIS_FAILURES:
             self._failed("read")
             return 0.0

@@ -4,8 +4,11 @@ redis-py's defaults (5 s socket timeouts, retries with backoff, a pool that wait
 connection) would let a sick Redis stall every request for seconds; here every call has the
 ``redis.timeout_ms`` budget and at most one quick retry.
 
-Accepted URLs: ``redis://``, ``rediss://`` (TLS), ``unix://``, and
-``redis+sentinel://[:password@]host:port[,host:port...]/service_name[/db]`` for Sentinel.
+Accepted URLs: ``redis://``, ``rediss://`` (TLS), ``unix://``,
+``redis+sentinel://[:password@]host:port[,host:port...]/service_name[/db]`` for Sentinel, and
+``redis+cluster://[[user]:password@]host:port[,host:port...]`` for Redis Cluster (any of its
+nodes; the client learns the rest): redis-py's ``RedisCluster`` with the same budgets. On a
+cluster every script's keys share one hash tag and channels are sharded (``redis_bus``).
 
 Sentinel: redis-py's pool asks the sentinels for the primary only when it opens a connection,
 and a connection stays with the server it opened on: after a failover the pool would keep
@@ -16,8 +19,6 @@ under way fails and its one retry reconnects; a subscriber's listener subscribes
 everything talks to the new primary within about ``_FOLLOW_S``. When no sentinel answers, it
 keeps the primary it had (new connections included). What a switch means for the
 limiter's state is the limiter's business (``gateway.limiter.redis_scripts``, lineage).
-Redis Cluster is refused by the settings for now: the keys of each script share a hash tag,
-but the pub/sub and the client type have not been made to work on a cluster.
 """
 
 from __future__ import annotations
@@ -27,24 +28,28 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Final, cast
+from typing import Any, Final, TypeAlias, cast
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import BlockingConnectionPool, ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
-from redis.exceptions import NoPermissionError, RedisError
+from redis.exceptions import NoPermissionError, RedisClusterException, RedisError
 
 from gateway.errors import BackendUnavailable, ConfigError
-from gateway.settings import RedisSettings
+from gateway.settings import RedisSettings, cluster_nodes
 
 log = logging.getLogger("gateway")
 
 # Whatever a Redis call can raise when Redis fails: an error reply, a timeout, a refused or
-# dropped connection (OSError covers the builtin ConnectionError and TimeoutError).
-REDIS_FAILURES: Final = (RedisError, OSError)
+# dropped connection (OSError covers the builtin ConnectionError and TimeoutError), and on a
+# cluster a slot no node serves or a topology that cannot be read (not RedisErrors).
+REDIS_FAILURES: Final = (RedisError, OSError, RedisClusterException)
+# The shared client: one endpoint (standalone, Sentinel) or a cluster.
+AnyRedis: TypeAlias = aioredis.Redis | RedisCluster
 
 
 @contextmanager
@@ -69,12 +74,14 @@ def _common(settings: RedisSettings) -> dict[str, Any]:
     }
 
 
-def connect(settings: RedisSettings) -> aioredis.Redis:
+def connect(settings: RedisSettings) -> AnyRedis:
     """A client for ``settings.url``; connects lazily, so building it never blocks."""
     url = settings.url
     common = _common(settings)
     if url.startswith("redis+sentinel://"):
         return _sentinel(url, settings.pool_size, common)
+    if url.startswith("redis+cluster://"):
+        return _cluster(url, settings.pool_size, common)
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=settings.pool_size, timeout=common["socket_timeout"], **common
     )
@@ -184,11 +191,13 @@ def _sentinel(url: str, pool_size: int, common: dict[str, Any]) -> aioredis.Redi
     )
 
 
-async def check_sentinel(client: aioredis.Redis) -> None:
+async def check_sentinel(client: AnyRedis) -> None:
     """Refuse a Sentinel URL whose sentinels answer but none of them knows its primary's name
     (a typo would otherwise look like an outage for ever). Warns when no sentinel answers: the
     replica starts degraded and follows once one does. Nothing for other clients.
     """
+    if isinstance(client, RedisCluster):
+        return
     pool = client.connection_pool
     if not isinstance(pool, SentinelConnectionPool):
         return
@@ -223,24 +232,86 @@ def _address(client: aioredis.Redis) -> str:
     return f"{kwargs.get('host')}:{kwargs.get('port')}"
 
 
-async def check_eviction_policy(client: aioredis.Redis) -> None:
+def _cluster(url: str, pool_size: int, common: dict[str, Any]) -> RedisCluster:
+    parts = urlsplit(url)
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in cluster_nodes(url)],
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        max_connections=pool_size,  # per node
+        # common's retry is the cluster's: one quick retry, after the slot map is read again
+        # (a failover, a moved slot).
+        **common,
+    )
+
+
+async def check_eviction_policy(client: AnyRedis) -> None:
     """Refuse a Redis whose ``maxmemory-policy`` may evict any key (``allkeys-*``): it would
     evict the limiter's keys, which have no TTL so that ``volatile-*`` policies never pick them.
-    Warns (and goes on) when the policy cannot be read: Redis down, or CONFIG not allowed.
-    A Sentinel URL is checked first (``check_sentinel``).
+    On a cluster every primary is asked. Warns (and goes on) when the policy cannot be read:
+    Redis down, or CONFIG not allowed. A Sentinel URL is checked first (``check_sentinel``).
     """
     await check_sentinel(client)
     try:
-        reply = await client.config_get("maxmemory-policy")
+        if isinstance(client, RedisCluster):
+            await client.initialize()
+            replies = {
+                node.name: await client.execute_command(
+                    "CONFIG", "GET", "maxmemory-policy", target_nodes=node
+                )
+                for node in client.get_primaries()
+            }
+        else:
+            replies = {"Redis": await client.config_get("maxmemory-policy")}
     except REDIS_FAILURES as exc:
         log.warning("cannot read Redis maxmemory-policy (%s); it must not be allkeys-*", exc)
         return
-    policy = reply.get("maxmemory-policy", "")
-    policy = policy.decode() if isinstance(policy, bytes) else str(policy)
-    if policy.startswith("allkeys-"):
-        raise ConfigError(
-            "redis.url",
-            f"Redis maxmemory-policy is {policy}: it may evict the upstream limiter's keys "
-            "and break the vendor's limit; use volatile-lru, volatile-lfu, volatile-ttl, "
-            "volatile-random or noeviction (cache entries carry TTLs, the limiter's keys none)",
-        )
+    for where, reply in replies.items():
+        policy = _text(reply.get(b"maxmemory-policy", reply.get("maxmemory-policy", "")))
+        if policy.startswith("allkeys-"):
+            raise ConfigError(
+                "redis.url",
+                f"{where} maxmemory-policy is {policy}: it may evict the upstream limiter's "
+                "keys and break the vendor's limit; use volatile-lru, volatile-lfu, "
+                "volatile-ttl, volatile-random or noeviction (cache entries carry TTLs, the "
+                "limiter's keys none)",
+            )
+
+
+CLUSTER_MIN_VERSION: Final = (7, 0)  # SSUBSCRIBE / SPUBLISH
+
+
+async def check_server(client: AnyRedis) -> None:
+    """The start-up checks: ``check_eviction_policy``, and on a cluster that every primary
+    runs Redis 7.0 or later (sharded pub/sub). ConfigError for what cannot work; warns and
+    goes on when Redis cannot be asked."""
+    await check_eviction_policy(client)
+    if not isinstance(client, RedisCluster):
+        return
+    try:
+        versions = {
+            node.name: (await client.info("server", target_nodes=node)).get("redis_version")
+            for node in client.get_primaries()
+        }
+    except REDIS_FAILURES as exc:
+        log.warning("cannot read the cluster's Redis versions (%s); 7.0 or later needed", exc)
+        return
+    for where, version in versions.items():
+        if not version_at_least(_text(version), CLUSTER_MIN_VERSION):
+            raise ConfigError(
+                "redis.url",
+                f"{where} runs Redis {version}: a cluster needs 7.0 or later (sharded pub/sub)",
+            )
+
+
+def version_at_least(version: str, least: tuple[int, ...]) -> bool:
+    """``"7.0.15"`` against ``(7, 0)``; an unreadable version passes (not ours to judge)."""
+    try:
+        parts = tuple(int(p) for p in version.split(".")[: len(least)])
+    except ValueError:
+        return True
+    return parts >= least
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

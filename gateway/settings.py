@@ -30,7 +30,11 @@ ENV_PREFIX: Final = "GATEWAY_"
 SIGNABLE_HEADERS: Final = frozenset({"host", "content-type", "content-length"})
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS: Final = ("text", "json")
-REDIS_SCHEMES: Final = ("redis://", "rediss://", "unix://", "redis+sentinel://")
+REDIS_SCHEMES: Final = ("redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://")
+DEFAULT_NAMESPACE: Final = "isales:v1"
+# A namespace is the first part of every key and channel: no braces (it would become or
+# break a Redis Cluster hash tag), no spaces, nothing a log line or redis-cli would mangle.
+NAMESPACE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9:._-]{0,63}")
 _TRUE: Final = frozenset({"true", "1", "yes"})
 _FALSE: Final = frozenset({"false", "0", "no"})
 _SECRET_QUERY: Final = re.compile(r"([?&](?:sentinel_)?password=)[^&#]*", re.IGNORECASE)
@@ -129,6 +133,9 @@ class UpstreamSettings:
 @dataclass(frozen=True, slots=True)
 class RedisSettings:
     url: str = ""
+    # Prefix of every key and pub/sub channel: two deployments on one Redis (pub/sub ignores
+    # the DB number) share nothing, neither budget nor cache, unless their namespaces match.
+    namespace: str = DEFAULT_NAMESPACE
     timeout_ms: int = 250
     pool_size: int = 64
 
@@ -451,14 +458,19 @@ def _validate(s: Settings, *, require_upstream: bool) -> list[ConfigError]:
         problems.append(ConfigError("log.level", f"must be one of {', '.join(LOG_LEVELS)}"))
     if s.log.format not in LOG_FORMATS:
         problems.append(ConfigError("log.format", f"must be one of {', '.join(LOG_FORMATS)}"))
-    if s.redis.url.startswith("redis+cluster://"):
+    if not NAMESPACE.fullmatch(s.redis.namespace) or s.redis.namespace.endswith(":"):
         problems.append(
             ConfigError(
-                "redis.url",
-                "Redis Cluster is not supported yet (the limiter's and coalescer's pub/sub and "
-                "scripts are tested on a single endpoint); use a standalone Redis or Sentinel",
+                "redis.namespace",
+                "must be 1 to 64 of A-Z a-z 0-9 : . _ - (starting with a letter or digit, "
+                "not ending with ':'), e.g. isales:v1 or isales:staging",
             )
         )
+    if s.redis.url.startswith("redis+cluster://"):
+        try:
+            cluster_nodes(s.redis.url)
+        except ConfigError as exc:
+            problems.append(exc)
     if s.redis.url and not s.redis.url.startswith(REDIS_SCHEMES):
         schemes = ", ".join(REDIS_SCHEMES)
         problems.append(
@@ -529,6 +541,23 @@ def _validate_upstream_url(up: UpstreamSettings) -> None:
             "http sends signed requests in clear text; "
             "set upstream.allow_http = true only for the simulator",
         )
+
+
+def cluster_nodes(url: str) -> list[tuple[str, int]]:
+    """The ``host:port`` list of a ``redis+cluster://`` URL (port 6379 when left out);
+    ConfigError for a bad address or a /db (a cluster has database 0 only)."""
+    parts = urlsplit(url)
+    if parts.path.strip("/") or parts.query:
+        raise ConfigError("redis.url", "redis+cluster:// takes nodes only: no /db, no options")
+    nodes = []
+    for item in parts.netloc.rsplit("@", 1)[-1].split(","):
+        host, colon, port = item.rpartition(":")
+        if not colon:
+            host, port = item, "6379"
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError("redis.url", f"bad cluster node address {item!r}")
+        nodes.append((host, int(port)))
+    return nodes
 
 
 def _redact_url(url: str) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from aiohttp import web
-from redis.asyncio import Redis
 
 from gateway.auth import KeyRing
 from gateway.breaker import CircuitBreaker
@@ -14,6 +13,7 @@ from gateway.clock import Clock
 from gateway.limiter import Limiter
 from gateway.metrics import GatewayMetrics
 from gateway.otel import RequestSpans
+from gateway.redis_client import AnyRedis
 from gateway.reload import KeyReloader
 from gateway.service import CallResultService
 from gateway.settings import Settings
@@ -38,7 +38,7 @@ class Parts:
     mode: str
     keys: KeyRing
     reloader: KeyReloader
-    redis: Redis | None = None
+    redis: AnyRedis | None = None
     # The configured caller names (from the callers file, auth on or off): the bounded set a
     # limit.caller_header value may name.
     caller_names: frozenset[str] = frozenset()

@@ -25,6 +25,7 @@ from gateway.coalesce_redis import (
     encode_outcome,
     lock_key,
     outcome_channel,
+    outcome_message,
 )
 from gateway.errors import (
     GatewayError,
@@ -314,10 +315,10 @@ async def test_garbage_on_the_outcome_channel_is_ignored_and_the_answer_still_wa
         b"[1,2,3]\n",
         b"x" * 10_000,
     ]:
-        await redis_client.publish(outcome_channel(KEY), garbage)
+        await redis_client.publish(outcome_channel(), outcome_message(KEY, garbage))
     # "The lock is free" after the garbage: the follower asks again (and finds it held) only
     # once its reader has gone past every message before it.
-    await redis_client.publish(outcome_channel(KEY), RELEASED)
+    await redis_client.publish(outcome_channel(), outcome_message(KEY, RELEASED))
     await until(joined(second, times=2), "the follower read past the garbage")
     assert not follower.done()
     assert fetch.gate is not None

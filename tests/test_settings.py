@@ -183,7 +183,7 @@ def test_an_integer_is_accepted_for_a_float_field(tmp_path: Path) -> None:
         ({"GATEWAY_UPSTREAM__SIGNED_HEADERS": "host,authorization"}, "upstream.signed_headers"),
         ({"GATEWAY_REDIS__URL": "http://redis:6379"}, "redis.url"),
         ({"GATEWAY_REDIS__URL": "localhost:6379"}, "redis.url"),
-        ({"GATEWAY_REDIS__URL": "redis+cluster://h:7000"}, "redis.url"),
+        ({"GATEWAY_REDIS__URL": "redis+cluster://h:7000,h:port"}, "redis.url"),
         ({"GATEWAY_ADMIN__KEY_SHA256": "not-a-digest"}, "admin.key_sha256"),
         ({"GATEWAY_ADMIN__KEY_SHA256": "A" * 64}, "admin.key_sha256"),
         ({"GATEWAY_REDIS__TIMEOUT_MS": "0"}, "redis.timeout_ms"),

@@ -87,7 +87,8 @@ from gateway.limiter.redis_scripts import (
     LimiterKeys,
 )
 from gateway.limiter.scheduler import CallerPolicy, FairScheduler
-from gateway.redis_client import REDIS_FAILURES, redis_errors
+from gateway.redis_bus import RedisBus
+from gateway.redis_client import redis_errors
 
 log = logging.getLogger("gateway.limiter")
 T = TypeVar("T")
@@ -96,7 +97,6 @@ _OP_BOUND_S = 2.0  # backstop over the client's own (shorter) timeouts: no call 
 _BLOCKED_HINT_MS = 250  # every permit is held: a release message normally comes sooner
 _BEHIND_HINT_MS = 100  # others' turns first; a spare-capacity message normally comes sooner
 _JITTER_MS = 5.0
-_RESUBSCRIBE_S = 0.5
 _MEMBER_BEATS = 3  # a member is counted this many heartbeat periods after its last beat
 
 
@@ -516,20 +516,15 @@ class RedisLimiter:
 
     async def _listen(self) -> None:
         """One subscription per limiter: any release in the fleet wakes the dispatcher."""
-        while True:
-            pubsub = self._client.pubsub()
-            try:
-                await self._redis("subscribe", pubsub.subscribe(self.keys.released))
-                while True:
-                    wait = pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if await self._redis("listen", wait) is not None:
-                        self._wake_up()
-            except BackendUnavailable as exc:
-                log.log(self._level, "limiter wake-ups lost, waiting on hints: %s", exc.__cause__)
-            finally:
-                with contextlib.suppress(*REDIS_FAILURES):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-            await self._clock.sleep(_RESUBSCRIBE_S)
+
+        def lost(exc: BackendUnavailable) -> None:
+            if self._on_failure is not None:
+                self._on_failure(exc)
+            log.log(self._level, "limiter wake-ups lost, waiting on hints: %s", exc.__cause__)
+
+        # The scripts PUBLISH (not SPUBLISH), which reaches every node of a cluster too.
+        bus = RedisBus(self._client, clock=self._clock)
+        await bus.listen(self.keys.released, lambda _: self._wake_up(), on_lost=lost, sharded=False)
 
     def _spawn(self, work: Awaitable[None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(work)
