@@ -240,7 +240,7 @@ async def test_expired_entries_leave_the_index_on_the_next_put(
     clock = SystemClock()
     await redis_store.put(key_for(11, 3, page=1), make_entry(clock))  # keeps the index alive
     await redis_store.put(key_for(11, 3, page=2), make_entry(clock, ttl=0.01, stale=0.01))
-    expires_ms = await redis_client.zscore(index_of(11, 3), key_for(11, 3, page=2))
+    expires_ms = await redis_client.zscore(index_of(11, 3), stored(key_for(11, 3, page=2)))
     assert expires_ms is not None
 
     async def redis_clock_past_it() -> bool:
