@@ -34,8 +34,7 @@ from gateway.limiter import ANONYMOUS
 from gateway.metrics import PARAMETER_CODE
 from gateway.redis_client import REDIS_FAILURES
 from gateway.request_trace import current as current_trace
-from gateway.state import BREAKER, CALLER, PARTS, REQUEST_ID, SERVICE, Parts
-from gateway.traceparent import outgoing_traceparent
+from gateway.state import BREAKER, CALLER, PARTS, SERVICE, Parts
 from gateway.validation import MAX_INT, CallResultQuery, parse_path_id, parse_request
 
 # The caller of a caller_header value that names no configured caller.
@@ -139,8 +138,11 @@ async def _callresult(request: web.Request) -> web.Response:
     parts = request.app[PARTS]
     callers = parts.keys.current.callers
     caller = None if callers is None else callers.authenticate(_key(request))
+    trace = current_trace.get()
     if caller is not None:
         request[CALLER] = caller.name
+        if trace is not None:
+            trace.caller = caller.name  # the access line's
     share = share_name(request, parts, caller)
     parts.metrics.count_caller_request(share)
     if request.content_type != "application/json":
@@ -149,11 +151,9 @@ async def _callresult(request: web.Request) -> web.Response:
     query = parse_query(
         request.match_info["vdnId"], request.match_info["campaignId"], raw, request.charset
     )
-    trace = current_trace.get()
     if trace is not None:
         trace.vdn_id, trace.campaign_id = query.vdn_id, query.campaign_id
-        trace.request_id = request.get(REQUEST_ID)
-        trace.traceparent = outgoing_traceparent(request.headers.get("traceparent"))
+        trace.incoming_traceparent = request.headers.get("traceparent", "")  # used if it calls
     if caller is not None:
         Callers.authorize(caller, query.vdn_id)  # before the cache: no peeking at other VDNs
     locale = request.headers.get("locale")
