@@ -64,7 +64,7 @@ class _Logfmt(dict[str | None, str]):
 
     def __missing__(self, value: str | None) -> str:
         text = logfmt(value)
-        if value is not None and len(value) <= _MEMO_MAX_LEN:
+        if value is None or len(value) <= _MEMO_MAX_LEN:
             if len(self) >= _MEMO_SIZE:
                 self.clear()
             self[value] = text
