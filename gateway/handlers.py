@@ -34,6 +34,7 @@ from gateway.limiter import ANONYMOUS
 from gateway.metrics import PARAMETER_CODE
 from gateway.redis_client import REDIS_FAILURES
 from gateway.request_trace import current as current_trace
+from gateway.service import CallResultService
 from gateway.state import BREAKER, CALLER, PARTS, SERVICE, Parts
 from gateway.validation import MAX_INT, CallResultQuery, parse_path_id, parse_request
 
@@ -127,15 +128,18 @@ CACHE_STATUS = {
 
 
 async def callresult(request: web.Request) -> web.Response:
-    spans = request.app[PARTS].spans
+    app = request.app  # a property chain in aiohttp: read once per request
+    parts = app[PARTS]
+    spans = parts.spans
     if spans is None:
-        return await _callresult(request)
+        return await _callresult(request, parts, app[SERVICE])
     with spans.request("POST callresult", request.headers):
-        return await _callresult(request)
+        return await _callresult(request, parts, app[SERVICE])
 
 
-async def _callresult(request: web.Request) -> web.Response:
-    parts = request.app[PARTS]
+async def _callresult(
+    request: web.Request, parts: Parts, service: CallResultService
+) -> web.Response:
     callers = parts.keys.current.callers
     caller = None if callers is None else callers.authenticate(_key(request))
     trace = current_trace.get()
@@ -159,7 +163,7 @@ async def _callresult(request: web.Request) -> web.Response:
     locale = request.headers.get("locale")
     refresh = "no-cache" in request.headers.get("Cache-Control", "").lower()
     asked = parts.clock.monotonic()
-    answer = await request.app[SERVICE].answer(
+    answer = await service.answer(
         query, locale=locale if locale in LOCALES else None, refresh=refresh, caller=share
     )
     if parts.spans is not None and answer.cache == "COALESCED":

@@ -34,7 +34,7 @@ from gateway.errors import (
 from gateway.logs import access_log, bind_request_id, reset_request_id
 from gateway.request_trace import RequestTrace
 from gateway.request_trace import current as current_trace
-from gateway.state import PARTS, REQUEST_ID
+from gateway.state import PARTS, REQUEST_ID, Parts
 
 access_logger = logging.getLogger("gateway.access")
 log = logging.getLogger("gateway")
@@ -166,9 +166,9 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
     fast = access_log()
     if fast is not None:
         if fast.enabled(level):
-            fast.request(level, *_access_line(request, response, cache, trace, elapsed))
+            fast.request(level, *_access_line(request, response, cache, trace, elapsed, parts))
     elif access_logger.isEnabledFor(level):
-        message, values = _access_line(request, response, cache, trace, elapsed)
+        message, values = _access_line(request, response, cache, trace, elapsed, parts)
         fields = dict(zip(ACCESS_FIELDS, values, strict=True))
         access_logger.log(level, "%s", message, extra=fields)
     return response
@@ -180,13 +180,14 @@ def _access_line(
     cache: str,
     trace: RequestTrace,
     elapsed: float,
+    parts: Parts,
 ) -> tuple[str, AccessValues]:
     """The access line's message and its values, in the order of ``ACCESS_FIELDS``."""
     request_id = trace.request_id or request[REQUEST_ID]
     method, path, status = request.method, request.path, response.status
     headers = request.headers
     peer = request.remote
-    trusted = request.app[PARTS].settings.server.trusted_proxies
+    trusted = parts.settings.server.trusted_proxies
     client = client_address(peer, headers.get("X-Forwarded-For"), trusted) if trusted else peer
     size = response.content_length if isinstance(response, web.Response) else None
     duration = elapsed * 1000
