@@ -1,6 +1,9 @@
-"""Cache decisions: the key, what may be stored, for how long, and how fresh an entry is.
+"""Cache decisions: the key, what may be stored, for how long, how fresh an entry is, and what
+a lookup means for the caller.
 
-Pure functions of their inputs (the time is passed in), tested without I/O.
+Pure functions of their inputs (the time is passed in), tested without I/O. As in hishel, a
+lookup becomes a decision value (``FromCache``, ``Revalidate``, ``Fetch``) that the service
+acts on; the service does the I/O, this module says which answer and which ``X-Cache`` label.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 from dataclasses import dataclass
 from datetime import date, timedelta
 from enum import Enum
+from typing import ClassVar, Final
 
 from gateway.validation import CallResultQuery
 from gateway.vendor import CAMPAIGN_NOT_FOUND, DEFAULT_LOCALE, SUCCESS
@@ -117,3 +121,89 @@ def freshness(entry: CacheEntry, now: float) -> Freshness:
 def age_seconds(entry: CacheEntry, now: float) -> int:
     """The ``Age`` header value: whole seconds since the upstream answered, never negative."""
     return max(0, int(now - entry.stored_at))
+
+
+# The ``X-Cache`` labels (design: "Cache semantics").
+HIT: Final = "HIT"
+MISS: Final = "MISS"
+STALE: Final = "STALE"
+COALESCED: Final = "COALESCED"
+BYPASS: Final = "BYPASS"
+
+
+@dataclass(frozen=True, slots=True)
+class FromCache:
+    """Answer with the fresh ``entry`` (``X-Cache: HIT``), ``age`` seconds old."""
+
+    entry: CacheEntry
+    age: int
+    lookup: ClassVar[str] = "hit"  # the ``result`` label of the lookups metric
+
+
+@dataclass(frozen=True, slots=True)
+class Revalidate:
+    """Answer with the stale ``entry`` at once (``X-Cache: STALE``) and refresh it in the
+    background: it expired less than ``swr`` seconds ago."""
+
+    entry: CacheEntry
+    age: int
+    lookup: ClassVar[str] = "stale"
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    """Ask the upstream (coalesced, under the limit). ``stale``: a copy past its TTL but still
+    kept, the answer instead of an overload or upstream error (stale-if-error)."""
+
+    stale: CacheEntry | None = None
+
+    @property
+    def lookup(self) -> str:
+        return "miss" if self.stale is None else "stale"
+
+
+Lookup = FromCache | Revalidate | Fetch
+_FETCH: Final = Fetch()
+
+
+def on_lookup(entry: CacheEntry | None, now: float, policy: CachePolicy) -> Lookup:
+    """What a cache lookup that found ``entry`` (None: nothing) at ``now`` means."""
+    if entry is None:
+        return _FETCH
+    state = freshness(entry, now)
+    if state is Freshness.FRESH:
+        return FromCache(entry, age_seconds(entry, now))
+    if state is Freshness.EXPIRED:
+        return _FETCH  # past its stale retention: as good as absent
+    if now < entry.stored_at + entry.ttl + policy.swr:
+        return Revalidate(entry, age_seconds(entry, now))
+    return Fetch(entry)
+
+
+def fetched_label(*, led: bool, cached: bool, cache_on: bool, refresh: bool) -> str:
+    """``X-Cache`` of an answer that went through the coalescer: COALESCED for a follower of
+    another request's call; HIT when the leader found a fresh answer on its double check
+    (``cached``); BYPASS without a cache or for a caller's ``no-cache``; else MISS."""
+    if not led:
+        return COALESCED
+    if cached:
+        return HIT
+    if not cache_on or refresh:
+        return BYPASS
+    return MISS
+
+
+def stale_reason(*, overloaded: bool) -> str:
+    """The ``reason`` label of a stale copy served instead of an error (stale-if-error)."""
+    return "overload" if overloaded else "upstream_error"
+
+
+def stale_warning(why: str) -> str:
+    """The ``Warning`` header of a stale answer (RFC 7234 code 110)."""
+    return f'110 isales-gateway "Response is stale: {why}"'
+
+
+def reusable(entry: CacheEntry, since: float, now: float) -> bool:
+    """An entry a leader may answer with instead of calling: fresh and stored at or after
+    ``since`` (the double check before a call; ``no-cache`` sets ``since``)."""
+    return entry.stored_at >= since and freshness(entry, now) is Freshness.FRESH

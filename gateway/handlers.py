@@ -33,8 +33,8 @@ from gateway.limiter import ANONYMOUS
 from gateway.metrics import PARAMETER_CODE
 from gateway.redis_client import REDIS_FAILURES
 from gateway.request_trace import current as current_trace
-from gateway.state import BREAKER, CALLER, PARTS, REQUEST_ID, SERVICE, Parts
-from gateway.traceparent import outgoing_traceparent
+from gateway.service import CallResultService
+from gateway.state import BREAKER, CALLER, PARTS, SERVICE, Parts
 from gateway.validation import CallResultQuery, parse_path_id, parse_request
 from gateway.vendor import CALLRESULT_ROUTE, LOCALE_HEADER, LOCALES, MAX_INT, MAX_VDN_ID, MIN_VDN_ID
 
@@ -128,19 +128,25 @@ CACHE_STATUS = {
 
 
 async def callresult(request: web.Request) -> web.Response:
-    spans = request.app[PARTS].spans
+    app = request.app  # a property chain in aiohttp: read once per request
+    parts = app[PARTS]
+    spans = parts.spans
     if spans is None:
-        return await _callresult(request)
+        return await _callresult(request, parts, app[SERVICE])
     with spans.request("POST callresult", request.headers):
-        return await _callresult(request)
+        return await _callresult(request, parts, app[SERVICE])
 
 
-async def _callresult(request: web.Request) -> web.Response:
-    parts = request.app[PARTS]
+async def _callresult(
+    request: web.Request, parts: Parts, service: CallResultService
+) -> web.Response:
     callers = parts.keys.current.callers
     caller = None if callers is None else callers.authenticate(_key(request))
+    trace = current_trace.get()
     if caller is not None:
         request[CALLER] = caller.name
+        if trace is not None:
+            trace.caller = caller.name  # the access line's
     share = share_name(request, parts, caller)
     parts.metrics.count_caller_request(share)
     if request.content_type != "application/json":
@@ -149,17 +155,15 @@ async def _callresult(request: web.Request) -> web.Response:
     query = parse_query(
         request.match_info["vdnId"], request.match_info["campaignId"], raw, request.charset
     )
-    trace = current_trace.get()
     if trace is not None:
         trace.vdn_id, trace.campaign_id = query.vdn_id, query.campaign_id
-        trace.request_id = request.get(REQUEST_ID)
-        trace.traceparent = outgoing_traceparent(request.headers.get("traceparent"))
+        trace.incoming_traceparent = request.headers.get("traceparent", "")  # used if it calls
     if caller is not None:
         Callers.authorize(caller, query.vdn_id)  # before the cache: no peeking at other VDNs
     locale = request.headers.get(LOCALE_HEADER)
     refresh = "no-cache" in request.headers.get("Cache-Control", "").lower()
     asked = parts.clock.monotonic()
-    answer = await request.app[SERVICE].answer(
+    answer = await service.answer(
         query, locale=locale if locale in LOCALES else None, refresh=refresh, caller=share
     )
     if parts.spans is not None and answer.cache == "COALESCED":

@@ -27,7 +27,6 @@ from prometheus_client import (
 from gateway import __version__, vendor
 from gateway.build import revision
 from gateway.errors import GatewayError
-from gateway.request_trace import current as current_trace
 
 # From a sub-millisecond cache hit to the upstream timeout.
 LATENCY_BUCKETS = (
@@ -328,14 +327,15 @@ class GatewayMetrics:
         for result in RELOAD_RESULTS:
             self.config_reloads.labels(result)
 
-    def observe_request(self, route: str, status: int, cache: str, seconds: float) -> None:
+    def observe_request(
+        self, route: str, status: int, cache: str, seconds: float, error: str | None = None
+    ) -> None:
         """One answered request: counted by route, status class, cache result and code, timed.
 
-        The code is the gateway error's (``GW41500``...) that the request's trace recorded,
-        else one that the status implies, else ``none``.
+        The code is ``error``, the gateway error's (``GW41500``...) that the request's trace
+        recorded, else one that the status implies, else ``none``.
         """
-        trace = current_trace.get()
-        code = error_code_label(status, None if trace is None else trace.error_code)
+        code = error_code_label(status, error)
         self.requests_by[route, status_class(status), cache, code].inc()
         self.request_duration_by[route, cache].observe(seconds)
 

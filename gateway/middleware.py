@@ -34,7 +34,7 @@ from gateway.errors import (
 from gateway.logs import access_log, bind_request_id, reset_request_id
 from gateway.request_trace import RequestTrace
 from gateway.request_trace import current as current_trace
-from gateway.state import CALLER, PARTS, REQUEST_ID
+from gateway.state import PARTS, REQUEST_ID, Parts
 from gateway.vendor import RESPONSE_CONTENT_TYPE
 
 access_logger = logging.getLogger("gateway.access")
@@ -145,46 +145,53 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
     given = request.headers.get(REQUEST_ID_HEADER)
     request_id = given if given and _SAFE_ID.match(given) else _ids.next()
     request[REQUEST_ID] = request_id
-    trace = RequestTrace()
+    trace = RequestTrace(request_id=request_id)
     current_trace.set(trace)
     bound = bind_request_id(request_id)  # every line logged during the request carries it
     try:
         response = await handler(request)
     finally:
         reset_request_id(bound)
-    response.headers[REQUEST_ID_HEADER] = request_id
+    headers = response.headers
+    headers[REQUEST_ID_HEADER] = request_id
     elapsed = clock.monotonic() - started
     route = request.match_info.route.name or "other"
-    cache = response.headers.get("X-Cache", "NONE")
+    cache = headers.get("X-Cache", "NONE")
     status = response.status
-    parts.metrics.observe_request(route, status, cache, elapsed)
+    parts.metrics.observe_request(route, status, cache, elapsed, trace.error_code)
     level = logging.DEBUG if route in _QUIET_ROUTES else logging.INFO
     fast = access_log()
     if fast is not None:
         if fast.enabled(level):
-            fast.request(level, *_access_line(request, response, trace, elapsed))
+            fast.request(level, *_access_line(request, response, cache, trace, elapsed, parts))
     elif access_logger.isEnabledFor(level):
-        message, values = _access_line(request, response, trace, elapsed)
+        message, values = _access_line(request, response, cache, trace, elapsed, parts)
         fields = dict(zip(ACCESS_FIELDS, values, strict=True))
         access_logger.log(level, "%s", message, extra=fields)
     return response
 
 
 def _access_line(
-    request: web.Request, response: web.StreamResponse, trace: RequestTrace, elapsed: float
+    request: web.Request,
+    response: web.StreamResponse,
+    cache: str,
+    trace: RequestTrace,
+    elapsed: float,
+    parts: Parts,
 ) -> tuple[str, AccessValues]:
     """The access line's message and its values, in the order of ``ACCESS_FIELDS``."""
+    request_id = trace.request_id or request[REQUEST_ID]
     method, path, status = request.method, request.path, response.status
-    cache = response.headers.get("X-Cache", "NONE")
     headers = request.headers
-    trusted = request.app[PARTS].settings.server.trusted_proxies
-    client = client_address(request.remote, headers.get("X-Forwarded-For"), trusted)
+    peer = request.remote
+    trusted = parts.settings.server.trusted_proxies
+    client = client_address(peer, headers.get("X-Forwarded-For"), trusted) if trusted else peer
     size = response.content_length if isinstance(response, web.Response) else None
     duration = elapsed * 1000
     return f"{method} {path} {status} {cache} {duration:.1f}ms", (
-        request[REQUEST_ID],
-        request.get(CALLER),
-        client,
+        request_id,
+        trace.caller,
+        client or "",
         method,
         path,
         status,

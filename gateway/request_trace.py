@@ -11,6 +11,8 @@ from __future__ import annotations
 from contextvars import ContextVar
 from dataclasses import dataclass
 
+from gateway.traceparent import outgoing_traceparent
+
 
 @dataclass(slots=True)
 class RequestTrace:
@@ -23,9 +25,24 @@ class RequestTrace:
     error_code: str | None = None
     # A HIT or COALESCED answer: the X-Request-ID of the request whose upstream call it got.
     source_request_id: str | None = None
-    # The X-Request-ID and W3C ``traceparent`` this request forwards upstream, if it calls.
+    # This request's X-Request-ID (forwarded upstream if it calls) and its API-key caller.
     request_id: str | None = None
-    traceparent: str | None = None
+    caller: str | None = None
+    # The caller's ``traceparent`` header ("" without one); None: the request forwards none.
+    incoming_traceparent: str | None = None
+    _traceparent: str | None = None
+
+    @property
+    def traceparent(self) -> str | None:
+        """The W3C ``traceparent`` this request forwards upstream, made on first use: a cache
+        hit never pays for its random ids."""
+        if self._traceparent is None and self.incoming_traceparent is not None:
+            self._traceparent = outgoing_traceparent(self.incoming_traceparent or None)
+        return self._traceparent
+
+    @traceparent.setter
+    def traceparent(self, value: str | None) -> None:
+        self._traceparent = value
 
 
 current: ContextVar[RequestTrace | None] = ContextVar("request_trace", default=None)

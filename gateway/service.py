@@ -15,13 +15,21 @@ from datetime import UTC, date, datetime
 
 from gateway.cache import CacheStore
 from gateway.cache_policy import (
+    HIT,
+    STALE,
     CacheEntry,
     CachePolicy,
-    Freshness,
+    Fetch,
+    FromCache,
+    Revalidate,
     age_seconds,
     cache_key,
+    fetched_label,
     fresh_ttl,
-    freshness,
+    on_lookup,
+    reusable,
+    stale_reason,
+    stale_warning,
 )
 from gateway.clock import Clock
 from gateway.coalesce import Coalescer
@@ -112,27 +120,26 @@ class CallResultService:
                 self._metrics.redis_errors.labels("cache_get").inc()
             else:
                 now = self._clock.time()
-                state = freshness(entry, now) if entry is not None else Freshness.EXPIRED
-                if entry is not None and state is Freshness.FRESH:
-                    self._metrics.cache_lookups_by["hit"].inc()
-                    if self._popularity is not None and self._popularity.hit(key, entry, now):
-                        self._refresh_ahead(query, key, locale, entry)
-                    age = age_seconds(entry, now)
+                decision = on_lookup(entry, now, self._policy)
+                self._metrics.cache_lookups_by[decision.lookup].inc()
+                if isinstance(decision, FromCache):
+                    hit = decision.entry
+                    if self._popularity is not None and self._popularity.hit(key, hit, now):
+                        self._refresh_ahead(query, key, locale, hit)
                     return Answer(
                         200,
-                        entry.body,
-                        entry.content_type,
-                        "HIT",
-                        age,
-                        source_request_id=entry.request_id,  # whose upstream call stored it
-                        gzip=entry.gzip,
+                        hit.body,
+                        hit.content_type,
+                        HIT,
+                        decision.age,
+                        source_request_id=hit.request_id,  # whose upstream call stored it
+                        gzip=hit.gzip,
                     )
-                if entry is not None and state is Freshness.STALE:
-                    stale = entry
-                self._metrics.cache_lookups_by["stale" if stale else "miss"].inc()
-                if stale is not None and now < stale.stored_at + stale.ttl + self._policy.swr:
+                if isinstance(decision, Revalidate):
                     self._revalidate(query, key, locale, caller)
-                    return self._stale(stale, "revalidate", "revalidating")
+                    return self._stale(decision.entry, "revalidate", "revalidating")
+                assert isinstance(decision, Fetch)
+                stale = decision.stale
         asked = self._clock.monotonic()
         # no-cache: an answer that landed within no_cache_min_age is as good as a new call.
         since = self._clock.time() - self._no_cache_min_age if refresh else 0.0
@@ -143,26 +150,28 @@ class CallResultService:
         except (Overloaded, UpstreamError) as exc:
             if stale is None:
                 raise
-            reason = "overload" if isinstance(exc, Overloaded) else "upstream_error"
-            return self._stale(stale, reason, exc.message)
+            return self._stale(
+                stale, stale_reason(overloaded=isinstance(exc, Overloaded)), exc.message
+            )
+        cached = led and response.cached_age is not None
+        label = fetched_label(
+            led=led, cached=cached, cache_on=self._cache is not None, refresh=refresh
+        )
         if not led:
             self._metrics.coalesced_wait.observe(self._clock.monotonic() - asked)
-            label = "COALESCED"
-        elif response.cached_age is not None:
-            label = "HIT"
+            source = response.request_id
+            return Answer(
+                response.status, response.body, response.content_type, label, 0, None, source
+            )
+        if response.cached_age is not None:
             return Answer(200, response.body, response.content_type, label, response.cached_age)
-        elif self._cache is None or refresh:
-            label = "BYPASS"
-        else:
-            label = "MISS"
-        source = response.request_id if label == "COALESCED" else None
-        return Answer(response.status, response.body, response.content_type, label, 0, None, source)
+        return Answer(response.status, response.body, response.content_type, label, 0)
 
     def _stale(self, entry: CacheEntry, reason: str, why: str) -> Answer:
         self._metrics.stale_served.labels(reason).inc()
         age = age_seconds(entry, self._clock.time())
-        warning = f'110 isales-gateway "Response is stale: {why}"'
-        return Answer(200, entry.body, entry.content_type, "STALE", age, warning, gzip=entry.gzip)
+        warning = stale_warning(why)
+        return Answer(200, entry.body, entry.content_type, STALE, age, warning, gzip=entry.gzip)
 
     def _revalidate(
         self, query: CallResultQuery, key: str, locale: str | None, caller: str
@@ -262,7 +271,7 @@ class CallResultService:
             self._metrics.redis_errors.labels("cache_get").inc()
             return None
         now = self._clock.time()
-        if entry is None or entry.stored_at < since or freshness(entry, now) is not Freshness.FRESH:
+        if entry is None or not reusable(entry, since, now):
             return None
         return UpstreamResponse(200, entry.body, entry.content_type, age_seconds(entry, now))
 

@@ -15,7 +15,7 @@ from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestClient
 
 from gateway import __version__
-from gateway.access_log import ACCESS_FIELDS
+from gateway.access_log import ACCESS_FIELDS, AccessLog, escape_text, logfmt
 from gateway.logs import (
     bind_request_id,
     close_access_log,
@@ -24,6 +24,8 @@ from gateway.logs import (
     setup_logging,
 )
 from gateway.middleware import RequestIds, client_address
+from gateway.request_trace import RequestTrace
+from gateway.traceparent import parse
 from tests.conftest import StartGateway, StartSimulator, Upstream, gateway_settings
 from tests.support.fleet import gateway_environ
 from tests.support.processes import Process, free_port
@@ -31,6 +33,7 @@ from tests.support.waiting import until
 
 PATH = "/rest/isales/v1/openapi/campaigns/11/callresult/3"
 LOGFMT_NAME = re.compile(r' ([a-z_]+)=(?:"(?:[^"\\]|\\.)*"|\S*)')  # each key=value's key
+LOGFMT_PAIR = re.compile(r' ([a-z_]+)=("(?:[^"\\]|\\.)*"|\S*)')  # each key=value
 
 
 @pytest.fixture
@@ -361,3 +364,57 @@ async def test_a_hits_access_line_names_the_request_whose_call_stored_the_answer
     access = {e["request_id"]: e for e in json_lines(log_stream) if e["logger"] == "gateway.access"}
     assert access["hit-2"]["cache"] == "HIT"
     assert access["hit-2"]["source_request_id"] == "stored-by-1"
+
+
+def access_values(path: str, agent: str | None = None) -> tuple[Any, ...]:
+    return (
+        "0123456789abcdef0123456789abcdef", None, "127.0.0.1", "POST", path, 200, "HIT",
+        "fedcba9876543210fedcba9876543210", 606, 11, 3, None, None, 0, 1.234, agent,
+        "isales-gateway", __version__,
+    )  # fmt: skip
+
+
+async def test_repeated_and_many_distinct_access_values_render_as_when_each_was_new() -> None:
+    stream = io.StringIO()  # in a loop, as served: lines go to the writer in batches
+    access = AccessLog(stream, "text")
+    forged = "/x\n2030-01-01T00:00:00.000Z INFO    gateway.access POST /forged"
+    paths = [forged, forged, '/q"uoted path', "/" + "long" * 100] * 2
+    paths += [f"/rest/{n}" for n in range(5000)]  # past the memo's bound: emptied, refilled
+    for path in paths:
+        access.request(logging.INFO, f"POST {path} 200 HIT 1.2ms", access_values(path, path))
+    access.close()
+
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == len(paths)  # no value started a line of its own
+    for path, line in zip(paths, lines, strict=True):
+        rendered = dict(LOGFMT_PAIR.findall(line))
+        assert rendered["path"] == rendered["user_agent"] == logfmt(path), line
+    assert not any(line.startswith("2030-") for line in lines)
+    assert "\\x0a2030-01-01" in lines[0]
+    assert "\\x0a2030-01-01" in lines[1]
+
+
+def test_escape_text_escapes_exactly_the_unsafe_characters() -> None:
+    unsafe = {*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029, *range(0xD800, 0xE000)}
+    for code in range(0x110000):
+        text = "a" + chr(code)
+        escaped = escape_text(text)
+        if code in unsafe:
+            assert escaped.startswith("a\\"), hex(code)
+            assert chr(code) not in escaped, hex(code)
+        else:
+            assert escaped == text, hex(code)
+
+
+def test_the_forwarded_traceparent_is_made_on_first_use_and_kept() -> None:
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert RequestTrace().traceparent is None  # a request that forwards nothing
+    fresh = RequestTrace(incoming_traceparent="")
+    first = fresh.traceparent
+    assert first is not None
+    assert parse(first) is not None
+    assert fresh.traceparent == first  # the same hop on every read (retries, spans)
+    given = RequestTrace(incoming_traceparent=f"00-{trace_id}-00f067aa0ba902b7-01")
+    forwarded = parse(given.traceparent)
+    assert forwarded is not None
+    assert forwarded.trace_id == trace_id
