@@ -96,14 +96,27 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
     m = r.get("miss_storm")
     if u:
         gw = u["gateway"]
-        peer = f"; NGINX {u['nginx']['after_upstream_ms_median']:.1f} ms" if "nginx" in u else ""
+        nx = u.get("nginx", {})
+        peer = f"; NGINX {nx['after_upstream_ms_median']:.1f} ms" if nx else ""
+        added = gw.get("after_answer_ms_median")
+        if added is not None:  # measured from the upstream's written answer (newer runs)
+            peer_added = f"; NGINX {nx['after_answer_ms_median']:.1f} ms" if nx else ""
+            out.append(
+                (
+                    "time added to a miss after the upstream wrote its answer",
+                    f"{added:.1f} ms{peer_added}",
+                    "<= 2 ms",
+                    added <= 2.0,
+                )
+            )
         out.append(
             (
-                "time added to a miss after the upstream answers" + LIMITER,
+                "time from the upstream's arrival + its 200 ms to the caller's answer"
+                + ("" if added is not None else LIMITER),
                 f"{gw['after_upstream_ms_median']:.1f} ms (before it: "
                 f"{gw['before_upstream_ms_median']:.1f} ms){peer}",
-                "<= 2 ms",
-                gw["after_upstream_ms_median"] <= 2.0,
+                "" if added is not None else "<= 2 ms",
+                None if added is not None else gw["after_upstream_ms_median"] <= 2.0,
             )
         )
     if m:
@@ -144,6 +157,19 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
                 None if shallow is None or deep is None else deep <= shallow * 1.2,
             )
         )
+        split_shallow = u["gateway"].get("redis_calls_last_round")
+        split_deep = m.get("redis_calls")
+        if split_shallow and split_deep:
+            out.append(
+                (
+                    "Redis commands per miss without the coalescer's lock renewals",
+                    f"{split_shallow['rest']} with 10 queued, {split_deep['rest']} with "
+                    f"{m['queries']} queued (renewals: {split_shallow['coalescer_renewals']}, "
+                    f"{split_deep['coalescer_renewals']})",
+                    "bounded, independent of queue depth",
+                    split_deep["rest"] <= split_shallow["rest"] * 1.2,
+                )
+            )
     if u:
         peer = ""
         if "nginx" in u:

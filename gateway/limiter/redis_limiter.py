@@ -46,12 +46,21 @@ three. A permit that falls to a caller waiting on another replica is left for th
 Background work (refresh-ahead) gets a permit only when no caller waits anywhere, within its
 cap; ``max_in_flight`` caps count a caller's leases fleet-wide.
 
-Waiting never polls: the dispatcher retries on a release message, or when the script's hint
-has passed (oldest start leaving the window, nearest lease expiry, the gate, or a short pause
-while permits wait for other replicas), plus 0-5 ms of jitter so replicas do not stampede.
+Waiting never polls, and one acquire serves every local waiter: it tells Redis the waiters per
+caller (at most ``max`` each), takes what falls to them, and says when to try again and what
+may end the wait sooner (``redis_scripts.Wait``). A full window (or a closed gate) only time
+ends: the timer is aimed at the oldest start's exit on Redis's clock, and releases or messages
+meanwhile cost no try (a release records a start, it never removes one). Every permit held,
+or permits left for callers waiting elsewhere: a release message or "spare" message ends the
+wait, else the hint (nearest lease expiry, or a short pause), plus 0-5 ms of jitter so
+replicas woken by one message do not stampede. A new waiter costs a try only when it changes
+what Redis hears (a new caller, or one below ``max``). So the Redis work per permit does not
+grow with the queue's depth (``tests/test_limiter_redis_costs.py``).
 
-A start is granted pending and recorded at Redis's ``TIME`` when the permit's ``sent()`` runs,
-or at release if it never did. Redis errors become ``BackendUnavailable`` in ``_redis`` only
+A start is granted pending and recorded when the permit's ``sent()`` runs, in the background
+(the request does not wait for Redis), at Redis's ``TIME`` less the time since ``sent()``
+counted before the call, so never earlier than it went out; or at release if it never did.
+Redis errors become ``BackendUnavailable`` in ``_redis`` only
 and are reported to ``on_failure``; a failed release is logged, not raised: the lease lapses
 by itself. ``close`` gives back the permits that never went out and leaves the sent ones to
 lapse (the vendor may still be working on them). Needs Redis >= 5 (scripts that call TIME).
@@ -332,10 +341,12 @@ class RedisLimiter:
         if self._clock.monotonic() > grant.asked_at + self._fence_s:
             raise PermitLost("This permit was not used in time; its lease may have lapsed.")
 
-    async def record_sent(self, lease: str) -> bool:
-        """Record ``lease``'s start at Redis's time now; False (logged) if Redis failed."""
+    async def record_sent(self, lease: str, sent_at: float | None = None) -> bool:
+        """Record ``lease``'s start at Redis's time, as of ``sent_at`` (monotonic; default now);
+        False (logged) if Redis failed."""
+        ago_s = 0.0 if sent_at is None else self._clock.monotonic() - sent_at
         try:
-            await self._redis("sent", self._scripts.sent(lease))
+            await self._redis("sent", self._scripts.sent(lease, ago_s=ago_s))
         except BackendUnavailable as exc:
             log.log(self._level, "limiter start not recorded, stays pending: %s", exc.__cause__)
             return False
@@ -616,7 +627,7 @@ class RedisPermit:
     async def sent(self) -> None:
         if not self.went_out:
             self.went_out = True
-            self._limiter._spawn(self._record())
+            self._limiter._spawn(self._record(self._limiter._clock.monotonic()))
 
-    async def _record(self) -> None:
-        self.recorded = await self._limiter.record_sent(self.lease)
+    async def _record(self, sent_at: float) -> None:
+        self.recorded = await self._limiter.record_sent(self.lease, sent_at)

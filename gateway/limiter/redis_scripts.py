@@ -329,11 +329,13 @@ return reply
 """
     )
 
-    # KEYS starts; ARGV lease. Records its start now (XX: a lapsed one is not revived).
+    # KEYS starts; ARGV lease, ms since it was sent. Records its start then, as Redis's clock
+    # has it: no earlier than it was, since the ms were counted before this ran (XX: a lapsed
+    # lease is not revived).
     SENT = (
         _CLOCK
         + """
-redis.call('ZADD', KEYS[1], 'XX', clock(), ARGV[1])
+redis.call('ZADD', KEYS[1], 'XX', clock() - tonumber(ARGV[2]), ARGV[1])
 """
     )
 
@@ -436,9 +438,10 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', 1000)
             lost=tuple(map(_text, reply[4:])),
         )
 
-    def sent(self, lease: str) -> Awaitable[object]:
-        """Record ``lease``'s start at Redis's time now (a lapsed lease is not revived)."""
-        return self._sent([self.keys.starts], [lease])
+    def sent(self, lease: str, *, ago_s: float) -> Awaitable[object]:
+        """Record ``lease``'s start ``ago_s`` before Redis's time now (a lapsed lease is not
+        revived); ``ago_s`` must be counted before the call, so the record is never early."""
+        return self._sent([self.keys.starts], [lease, max(0.0, ago_s * 1000)])
 
     def release(self, lease: str, *, record_start: bool) -> Awaitable[object]:
         """End ``lease`` (publishing "freed" if it was held); ``record_start``: its start was
