@@ -17,7 +17,6 @@ from bench import nginx, wrk
 
 BEGIN = "<!-- bench:table:begin -->"
 END = "<!-- bench:table:end -->"
-LIMITER = " (limiter work; measured as is)"
 
 
 def machine(load_before: list[float]) -> dict[str, Any]:
@@ -112,7 +111,7 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
         out.append(
             (
                 "time from the upstream's arrival + its 200 ms to the caller's answer"
-                + ("" if added is not None else LIMITER),
+                + ("" if added is not None else " (limiter work)"),
                 f"{gw['after_upstream_ms_median']:.1f} ms (before it: "
                 f"{gw['before_upstream_ms_median']:.1f} ms){peer}",
                 "" if added is not None else "<= 2 ms",
@@ -122,8 +121,7 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
     if m:
         out.append(
             (
-                f"miss storm, {m['queries']} distinct: budget used; batch start past the window"
-                + LIMITER,
+                f"miss storm, {m['queries']} distinct: budget used; batch start past the window",
                 f"{m['budget_used']:.1%} ({m['starts_per_s']:.2f} of "
                 f"{m['budget_starts_per_s']:.2f}/s); late by {m['batch_late_ms_median']:.1f} ms "
                 f"median, {m['batch_late_ms_p90']:.1f} p90",
@@ -151,7 +149,7 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
         deep = m.get("redis_commands_per_miss")
         out.append(
             (
-                "Redis commands per miss" + LIMITER,
+                "Redis commands per miss",
                 f"{shallow} with 10 queued, {deep} with {m['queries']} queued",
                 "bounded, independent of queue depth",
                 None if shallow is None or deep is None else deep <= shallow * 1.2,

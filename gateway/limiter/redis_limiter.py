@@ -253,9 +253,10 @@ class RedisLimiter:
             self._queue.finished(name, background=background)
             # Closed mid-call (shutdown): the vendor may still be working on it; it lapses.
             if not (self._closed and permit.went_out):
-                # Shielded: a cancellation arriving now must not abandon the release half-way.
-                release = self._release(grant.lease, record_start=not permit.recorded)
-                await asyncio.shield(self._spawn(release))
+                # In the background: the caller's answer does not wait for Redis (the lease
+                # counts until the release lands: the safe side), and a cancellation arriving
+                # now cannot abandon it half-way. ``close`` waits for it.
+                self._spawn(self._release(grant.lease, record_start=not permit.recorded))
 
     def shed(self) -> None:
         self._shedding = True
