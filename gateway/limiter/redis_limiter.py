@@ -55,7 +55,9 @@ or permits left for callers waiting elsewhere: a release message or "spare" mess
 wait, else the hint (nearest lease expiry, or a short pause), plus 0-5 ms of jitter so
 replicas woken by one message do not stampede. A new waiter costs a try only when it changes
 what Redis hears (a new caller, or one below ``max``). So the Redis work per permit does not
-grow with the queue's depth (``tests/test_limiter_redis_costs.py``).
+grow with the queue's depth (``tests/test_limiter_redis_costs.py``). A full window's wait
+does not end when a replica joins (the budget grows by its share): the grant that allows then
+comes at the window's edge, at most one window later.
 
 A start is granted pending and recorded when the permit's ``sent()`` runs, in the background
 (the request does not wait for Redis), at Redis's ``TIME`` less the time since ``sent()``
