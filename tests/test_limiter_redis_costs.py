@@ -106,27 +106,32 @@ async def test_a_full_window_costs_one_try_per_freed_start_not_one_per_release(
     redis_client: aioredis.Redis, made: list[RedisLimiter]
 ) -> None:
     # MAX permits held and sent fill the window (long: nothing leaves it during the test).
-    # Releasing them frees leases but no start: a caller waiting meanwhile is not tried again
-    # on each release (nor on its message), only when the window lets a start in.
+    # A caller waiting meanwhile waits for a release (every permit is held); the first release
+    # costs it one try, which finds the window full; the other releases (and their messages)
+    # cost no try: only time frees a start.
     limiter = build(redis_client, 3.0)
     made.append(limiter)
     await joined(limiter)
-    release = asyncio.Event()
+    release = [asyncio.Event() for _ in range(MAX)]
     permits: list[RedisPermit] = []
 
-    async def holder() -> None:
+    async def holder(done: asyncio.Event) -> None:
         async with limiter.permit() as permit:
             await permit.sent()
             permits.append(permit)
-            await release.wait()
+            await done.wait()
 
-    holders = [asyncio.create_task(holder()) for _ in range(MAX)]
+    holders = [asyncio.create_task(holder(done)) for done in release]
     await until(lambda: len(permits) == MAX and all(p.recorded for p in permits))
-    waiter = asyncio.create_task(holder())
-    await until(lambda: limiter._waiting_on is Wait.TIME)  # its one try: only time helps
+    waiter = asyncio.create_task(holder(asyncio.Event()))
+    await until(lambda: limiter._waiting_on is Wait.RELEASE)  # its one try: every permit held
     await redis_client.config_resetstat()
-    release.set()
-    await asyncio.gather(*holders)
+    release[0].set()
+    await holders[0]
+    await until(lambda: limiter._waiting_on is Wait.TIME)  # one try, on that release
+    for done in release[1:]:
+        done.set()
+    await asyncio.gather(*holders[1:])
     await until(lambda: limiter.snapshot().in_flight == 0)
     for _ in range(10):  # any wake-up the releases caused has had its turn
         await asyncio.sleep(0)
@@ -135,6 +140,6 @@ async def test_a_full_window_costs_one_try_per_freed_start_not_one_per_release(
     assert not wait.done()  # the dispatcher still waits for the window's edge
     stats = await calls(redis_client)
     assert not waiter.done()  # the window (3 s) is still full: nothing could be granted
-    assert stats.get("evalsha", 0) == MAX, stats  # the releases alone, no try
+    assert stats.get("evalsha", 0) == MAX + 1, stats  # the releases, and one try
     waiter.cancel()
     await asyncio.gather(waiter, return_exceptions=True)

@@ -47,17 +47,19 @@ Background work (refresh-ahead) gets a permit only when no caller waits anywhere
 cap; ``max_in_flight`` caps count a caller's leases fleet-wide.
 
 Waiting never polls, and one acquire serves every local waiter: it tells Redis the waiters per
-caller (at most ``max`` each), takes what falls to them, and says when to try again and what
-may end the wait sooner (``redis_scripts.Wait``). A full window (or a closed gate) only time
-ends: the timer is aimed at the oldest start's exit on Redis's clock, and releases or messages
-meanwhile cost no try (a release records a start, it never removes one). Every permit held,
-or permits left for callers waiting elsewhere: a release message or "spare" message ends the
-wait, else the hint (nearest lease expiry, or a short pause), plus 0-5 ms of jitter so
-replicas woken by one message do not stampede. A new waiter costs a try only when it changes
-what Redis hears (a new caller, or one below ``max``). So the Redis work per permit does not
-grow with the queue's depth (``tests/test_limiter_redis_costs.py``). A full window's wait
-does not end when a replica joins (the budget grows by its share): the grant that allows then
-comes at the window's edge, at most one window later.
+caller (counted up to ``max`` each), takes what falls to them, and says when to try again and
+what may end the wait sooner (``redis_scripts.Wait``). Every permit held (checked first), or
+permits left for callers waiting elsewhere: a release message or "spare" message ends the
+wait (so a batch's first release costs one try, which then finds the window full), else the
+hint (nearest lease expiry, or a short pause), plus 0-5 ms of jitter so replicas woken by one
+message do not stampede. A full window (or a closed gate) only time ends: the timer is aimed
+at the oldest start's exit on Redis's clock, and releases or messages meanwhile cost no try
+(a release records a start, it never removes one). A new waiter costs a try only when it
+changes what Redis hears (a new caller, or one below ``max``); a grant that serves all of a
+caller's waiters here ends its demand in the same script (no withdraw). So the Redis work per
+permit does not grow with the queue's depth (``tests/test_limiter_redis_costs.py``). A full
+window's wait does not end when a replica joins (the budget grows by its share): the grant
+that allows then comes at the window's edge, at most one window later.
 
 A start is granted pending and recorded when the permit's ``sent()`` runs, in the background
 (the request does not wait for Redis), at Redis's ``TIME`` less the time since ``sent()``
@@ -431,10 +433,10 @@ class RedisLimiter:
             self._kick()  # so the dispatcher withdraws the demand now, not after its hint
 
     def _demand(self) -> dict[str, int]:
-        """Waiters per caller, as Redis should hear it (at most ``max`` each)."""
+        """Waiters per caller (the script counts at most ``max`` of each)."""
         demand: dict[str, int] = {}
         for caller in self._waiters.values():
-            demand[caller] = min(demand.get(caller, 0) + 1, self._max)
+            demand[caller] = demand.get(caller, 0) + 1
         return demand
 
     async def _dispatch(self) -> None:
@@ -463,7 +465,9 @@ class RedisLimiter:
                 except BackendUnavailable as exc:
                     self._fail_waiters(exc)
                     continue
-                self._registered = set(demand)
+                # A caller granted all its waiters has no demand in Redis any more.
+                served = {c for c, n in result.grants if n >= demand.get(c, 0)}
+                self._registered = set(demand) - served
                 if result.stale or result.epoch != self._epoch:
                     self._new_epoch(result.epoch)
                     continue  # nothing was done under the old epoch: ask again in this one

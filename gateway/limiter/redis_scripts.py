@@ -92,7 +92,7 @@ class CallerDemand:
     """One caller's demand on this replica, as ``acquire`` tells Redis."""
 
     caller: str
-    waiters: int  # 0: nobody of it waits here any more (its demand is removed)
+    waiters: int  # all of them (Redis counts at most max); 0: its demand here is removed
     weight: float
     cap: int  # permits it may hold fleet-wide at once; 0: no cap
 
@@ -163,14 +163,16 @@ if #dead > 0 then
   redis.call('HDEL', KEYS[6], unpack(dead))
   redis.call('ZREM', KEYS[9], unpack(dead))
 end
--- this replica's demand per caller (demand "replica\ncaller" -> waiters, kept alive)
-local mine = {}
+-- this replica's demand per caller (demand "replica\ncaller" -> waiters, at most max, kept
+-- alive); ``asked``: all its waiters here, so a grant that serves them all ends the demand
+local mine, asked = {}, {}
 for i = 16, 15 + 4 * tonumber(ARGV[15]), 4 do
-  local caller, want = ARGV[i], tonumber(ARGV[i + 1])
+  local caller = ARGV[i]
+  local want = math.min(tonumber(ARGV[i + 1]), tonumber(ARGV[2]))
   local d = replica .. '\n' .. caller
   redis.call('HSET', KEYS[8], caller, ARGV[i + 2] .. ' ' .. ARGV[i + 3])
   if want > 0 then
-    mine[caller] = want
+    mine[caller], asked[caller] = want, tonumber(ARGV[i + 1])
     redis.call('ZADD', KEYS[5], now + ttl, d)
     redis.call('HSET', KEYS[6], d, want)
     redis.call('ZADD', KEYS[9], 'NX', now, d)
@@ -186,19 +188,20 @@ if gate > now then return {0, us(math.min(gate - now, window)), epoch, 'time'} e
 local missing = math.max(0, tonumber(ARGV[8]) - redis.call('ZCARD', KEYS[4]))
 max = max - tonumber(ARGV[7]) * missing
 local leases, starts = redis.call('ZCARD', KEYS[2]), redis.call('ZCARD', KEYS[3])
--- what a replica with waiters left waits on next. A full window is checked first: only time
--- frees a start (a release records one, it never removes one), so releases cannot help then.
+-- what a replica with waiters left waits on next. Every permit held: a release (its message)
+-- or the nearest lease expiry. A full window: only time frees a start (a release records one,
+-- it never removes one), so the replica sleeps until the oldest start leaves, deaf to releases.
 local function blocked(leases, starts)
-  if starts >= max then
-    -- a pending start (scored in the future) leaves a window after it is sent: not before now
-    local oldest = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
-    return us(math.min(tonumber(oldest[2]), now) + window - now), 'time'
-  end
   if leases >= max then
     local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
     local hint = tonumber(ARGV[10])
     if first[2] then hint = math.min(tonumber(first[2]) - now, hint) end
     return us(hint), 'release'
+  end
+  if starts >= max then
+    -- a pending start (scored in the future) leaves a window after it is sent: not before now
+    local oldest = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+    return us(math.min(tonumber(oldest[2]), now) + window - now), 'time'
   end
   return us(tonumber(ARGV[11])), 'turn'
 end
@@ -271,7 +274,14 @@ local reply, granted, top = {0, 0, epoch, 'turn'}, 0, nil
 for caller, n in pairs(alloc) do
   local g = math.min(n - (before[caller] or 0), mine[caller] or 0)
   if g > 0 then
-    redis.call('ZADD', KEYS[9], 'XX', now, replica .. '\n' .. caller)
+    local d = replica .. '\n' .. caller
+    if g >= asked[caller] then  -- every waiter of it here served: its demand here ends
+      redis.call('ZREM', KEYS[5], d)
+      redis.call('HDEL', KEYS[6], d)
+      redis.call('ZREM', KEYS[9], d)
+    else
+      redis.call('ZADD', KEYS[9], 'XX', now, d)
+    end
     for i = 1, g do
       local lease = caller .. '\n' .. ticket .. ':' .. i
       redis.call('ZADD', KEYS[2], now + lease_ms, lease)
@@ -387,7 +397,8 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', 1000)
         callers: Sequence[CallerDemand],
     ) -> AcquireResult:
         """Tell Redis this replica's demand per caller and take the permits that fall to it
-        (leases named ``caller\\nticket:i``, their starts pending until sent)."""
+        (leases named ``caller\\nticket:i``, their starts pending until sent). A caller
+        granted as many as its ``waiters`` has no demand here any more (no withdraw needed)."""
         k = self.keys
         keys = [k.meta, k.leases, k.starts, k.members, k.demand, k.wants, k.finish, k.policy]
         keys.append(k.since)
