@@ -443,9 +443,10 @@ class RedisLimiter:
         """Serve the local queue until it is empty; at most one runs per limiter.
 
         One acquire serves every local waiter (the script grants up to ``max`` at once) and
-        says when to try again and what may end the wait sooner (``Wait``): a full window or a
-        closed gate only time ends, so releases and other replicas' messages are not answered
-        with a try then; this replica's own demand changing always is (``_kick``).
+        says when to try again and what may end the wait sooner (``Wait``): a release or a
+        message when every permit is held or permits wait for others; only time when the
+        window is full or the gate closed, so releases and messages cost no try then. This
+        replica's own demand changing always ends the wait (``_kick``).
         """
         try:
             while True:
@@ -475,7 +476,7 @@ class RedisLimiter:
                 if result.grants:
                     self._grant(ticket, result.grants, asked_at)
                     if not self._waiters:
-                        continue  # everyone served: withdraw
+                        continue  # everyone served (the script ended what it could)
                 self._waiting_on = result.wait
                 if result.wait is Wait.TIME:
                     if self._wake.done() and not self._kicked:
