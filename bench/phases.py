@@ -106,6 +106,30 @@ def commands(url: str) -> int:
     return int(redis_info(url)["total_commands_processed"])
 
 
+def command_calls(url: str) -> dict[str, int]:
+    """Calls per command name (``INFO commandstats``: a script's own commands included)."""
+    conn = redis.Redis.from_url(url)
+    try:
+        stats: dict[str, Any] = conn.info("commandstats")
+    finally:
+        conn.close()
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+
+def calls_per_miss(before: dict[str, int], after: dict[str, int], misses: int) -> dict[str, Any]:
+    """Commands per miss between two ``command_calls``, by name (largest first), and the part
+    that is the coalescer's lock renewals (each an EVALSHA running GET and PEXPIRE; the cache's
+    write script runs one PEXPIRE per stored answer)."""
+    spent = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    per = {k: round(v / misses, 2) for k, v in sorted(spent.items(), key=lambda kv: -kv[1]) if v}
+    renewals = max(0, spent.get("pexpire", 0) - misses)
+    return {
+        "by_command": per,
+        "coalescer_renewals": round(3 * renewals / misses, 1),
+        "rest": round((sum(spent.values()) - 3 * renewals) / misses, 1),
+    }
+
+
 def redis_gets(url: str) -> int:
     """GET commands Redis has served (the cache's lookups)."""
     conn = redis.Redis.from_url(url)
@@ -138,15 +162,20 @@ def batch_lateness(seen: list[float], limit: int, window_s: float) -> list[float
 
 
 async def single_miss(port: int, sim_port: int, raw: bytes, latency_s: float) -> dict[str, float]:
-    """One miss on an idle limiter: time before the upstream saw it, and time added after the
-    upstream answered (completion - arrival - the upstream's fixed latency), in ms."""
+    """One miss on an idle limiter: time before the upstream saw it, time added after the
+    upstream answered (completion - arrival - the upstream's fixed latency), and time added
+    after the upstream had written its answer (completion - that), in ms."""
     await reset(sim_port)
     (result,) = await prime(port, [raw])
     assert result.status == 200, result.head
-    (arrived,) = await arrivals(sim_port)
+    got = await client.get_json(sim_port, "/__bench/arrivals")
+    times = {name: got[name] for name in ("arrivals", "answered")}
+    assert all(isinstance(v, list) and len(v) == 1 for v in times.values()), got
+    arrived, answered = (float(v[0]) for v in times.values())  # type: ignore[index]
     return {
         "before_upstream_ms": ms(arrived - result.sent),
         "after_upstream_ms": ms(result.done - arrived - latency_s),
+        "after_answer_ms": ms(result.done - answered),
         "total_ms": ms(result.latency),
     }
 

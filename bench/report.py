@@ -17,7 +17,6 @@ from bench import nginx, wrk
 
 BEGIN = "<!-- bench:table:begin -->"
 END = "<!-- bench:table:end -->"
-LIMITER = " (limiter work; measured as is)"
 
 
 def machine(load_before: list[float]) -> dict[str, Any]:
@@ -96,21 +95,33 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
     m = r.get("miss_storm")
     if u:
         gw = u["gateway"]
-        peer = f"; NGINX {u['nginx']['after_upstream_ms_median']:.1f} ms" if "nginx" in u else ""
+        nx = u.get("nginx", {})
+        peer = f"; NGINX {nx['after_upstream_ms_median']:.1f} ms" if nx else ""
+        added = gw.get("after_answer_ms_median")
+        if added is not None:  # measured from the upstream's written answer (newer runs)
+            peer_added = f"; NGINX {nx['after_answer_ms_median']:.1f} ms" if nx else ""
+            out.append(
+                (
+                    "time added to a miss after the upstream wrote its answer",
+                    f"{added:.1f} ms{peer_added}",
+                    "<= 2 ms",
+                    added <= 2.0,
+                )
+            )
         out.append(
             (
-                "time added to a miss after the upstream answers" + LIMITER,
+                "time from the upstream's arrival + its 200 ms to the caller's answer"
+                + ("" if added is not None else " (limiter work)"),
                 f"{gw['after_upstream_ms_median']:.1f} ms (before it: "
                 f"{gw['before_upstream_ms_median']:.1f} ms){peer}",
-                "<= 2 ms",
-                gw["after_upstream_ms_median"] <= 2.0,
+                "" if added is not None else "<= 2 ms",
+                None if added is not None else gw["after_upstream_ms_median"] <= 2.0,
             )
         )
     if m:
         out.append(
             (
-                f"miss storm, {m['queries']} distinct: budget used; batch start past the window"
-                + LIMITER,
+                f"miss storm, {m['queries']} distinct: budget used; batch start past the window",
                 f"{m['budget_used']:.1%} ({m['starts_per_s']:.2f} of "
                 f"{m['budget_starts_per_s']:.2f}/s); late by {m['batch_late_ms_median']:.1f} ms "
                 f"median, {m['batch_late_ms_p90']:.1f} p90",
@@ -138,12 +149,25 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
         deep = m.get("redis_commands_per_miss")
         out.append(
             (
-                "Redis commands per miss" + LIMITER,
+                "Redis commands per miss",
                 f"{shallow} with 10 queued, {deep} with {m['queries']} queued",
                 "bounded, independent of queue depth",
                 None if shallow is None or deep is None else deep <= shallow * 1.2,
             )
         )
+        split_shallow = u["gateway"].get("redis_calls_last_round")
+        split_deep = m.get("redis_calls")
+        if split_shallow and split_deep:
+            out.append(
+                (
+                    "Redis commands per miss without the coalescer's lock renewals",
+                    f"{split_shallow['rest']} with 10 queued, {split_deep['rest']} with "
+                    f"{m['queries']} queued (renewals: {split_shallow['coalescer_renewals']}, "
+                    f"{split_deep['coalescer_renewals']})",
+                    "bounded, independent of queue depth",
+                    split_deep["rest"] <= split_shallow["rest"] * 1.2,
+                )
+            )
     if u:
         peer = ""
         if "nginx" in u:

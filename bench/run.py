@@ -45,6 +45,8 @@ from bench.nginx import available as nginx_binary
 from bench.phases import (
     arrivals,
     batch_lateness,
+    calls_per_miss,
+    command_calls,
     commands,
     fetch_answers,
     ms,
@@ -251,9 +253,11 @@ async def storm_through(
         await asyncio.sleep(WINDOW_S + 0.2)
         await reset(sim_port)
         before = commands(redis_url) if redis_url else 0
+        calls = command_calls(redis_url) if redis_url else {}
         requests = [post_bytes(path(c), b'{"pageSize":10,"pageNum":7}') for c in range(1, n + 1)]
         results = await pool.fire(requests, within=n / BUDGET + 180)
         spent = commands(redis_url) - before if redis_url else 0
+        calls_after = command_calls(redis_url) if redis_url else {}
         stats = await client.get_json(sim_port, "/__sim/stats")
         seen = await arrivals(sim_port)
     finally:
@@ -278,6 +282,7 @@ async def storm_through(
         "batch_late_ms_median": ms(pct(late, 50)) if late else None,
         "batch_late_ms_p90": ms(pct(late, 90)) if late else None,
         "redis_commands_per_miss": round(spent / misses, 1) if redis_url and misses else None,
+        **({"redis_calls": calls_per_miss(calls, calls_after, misses)} if calls and misses else {}),
     }
 
 
@@ -312,7 +317,7 @@ async def burst(plan: Plan, redis: procs.RedisServer, sim: procs.Proc) -> dict[s
     gw = procs.gateway(sim, redis.url)
     ngx = Nginx(sim.port) if nginx_available() else None
     found: dict[str, dict[str, list[Any]]] = {
-        name: {"spreads": [], "alone": [], "per_miss": []}
+        name: {"spreads": [], "alone": [], "per_miss": [], "calls": []}
         for name in ("gateway", "nginx")
         if name == "gateway" or ngx is not None
     }
@@ -330,14 +335,17 @@ async def burst(plan: Plan, redis: procs.RedisServer, sim: procs.Proc) -> dict[s
                 body = b'{"pageSize":10,"pageNum":%d}' % (r + 2)
                 requests = [post_bytes(path(c), body) for c in range(1, MAX_CONCURRENT + 1)]
                 before = commands(redis.url)
+                calls = command_calls(redis.url)
                 results = await prime(port, requests, MAX_CONCURRENT)
                 spent = commands(redis.url) - before
+                calls_after = command_calls(redis.url)
                 assert all(x.status == 200 for x in results), [x.status for x in results]
                 seen = await arrivals(sim.port)
                 assert len(seen) == MAX_CONCURRENT, seen
                 found[name]["spreads"].append(seen[-1] - seen[0])
                 if name == "gateway":
                     found[name]["per_miss"].append(spent / MAX_CONCURRENT)
+                    found[name]["calls"].append(calls_per_miss(calls, calls_after, MAX_CONCURRENT))
     finally:
         gw.stop()
         if ngx is not None:
@@ -351,9 +359,11 @@ async def burst(plan: Plan, redis: procs.RedisServer, sim: procs.Proc) -> dict[s
             "alone": f["alone"],
             "after_upstream_ms_median": pct([a["after_upstream_ms"] for a in f["alone"]], 50),
             "before_upstream_ms_median": pct([a["before_upstream_ms"] for a in f["alone"]], 50),
+            "after_answer_ms_median": pct([a["after_answer_ms"] for a in f["alone"]], 50),
         }
         if f["per_miss"]:
             out[name]["redis_commands_per_miss"] = round(pct(f["per_miss"], 50), 1)
+            out[name]["redis_calls_last_round"] = f["calls"][-1]
     return out
 
 

@@ -2,7 +2,9 @@
 
 ``GET /__bench/arrivals`` lists ``arrival`` (the simulator clock's monotonic seconds, the
 system's CLOCK_MONOTONIC, so comparable with the bench's ``time.monotonic``) of the requests
-it kept (the last 1,000), from the simulator's own ``SIM_STATE``.
+it kept (the last 1,000), from the simulator's own ``SIM_STATE``, and ``answered``: when the
+simulator had written each answer of the vendor's route (since the last reset, in order), so
+the time a client adds after the upstream answered is measured from the answer itself.
 
 NGINX, the peer the bench compares with, cannot compute the vendor's AK/SK signature. A request
 that carries ``X-Bench-Unsigned`` is signed here, on arrival, with the simulator's own keys,
@@ -25,9 +27,26 @@ from gateway.simulator import SIM_STATE, add_arguments, config_from_args, create
 UNSIGNED = "X-Bench-Unsigned"
 
 
+ANSWERED = web.AppKey("answered", list[float])
+
+
 async def arrivals(request: web.Request) -> web.Response:
     received = request.app[SIM_STATE].received
-    return web.json_response({"arrivals": [r.arrival for r in received]})
+    answered = request.app[ANSWERED]
+    return web.json_response({"arrivals": [r.arrival for r in received], "answered": answered})
+
+
+@web.middleware
+async def note_answered(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The vendor's route writes its answer itself: note when it was written."""
+    if request.path.startswith("/__"):
+        if request.path == "/__sim/reset":
+            request.app[ANSWERED].clear()
+        return await handler(request)
+    try:
+        return await handler(request)
+    finally:
+        request.app[ANSWERED].append(time.monotonic())
 
 
 @web.middleware
@@ -59,6 +78,8 @@ def main() -> None:
     add_arguments(parser)
     config = config_from_args(parser.parse_args())
     app = create_simulator_app(config)
+    app[ANSWERED] = []
+    app.middlewares.append(note_answered)
     app.middlewares.append(sign_for_the_peer)
     app.router.add_get("/__bench/arrivals", arrivals)
     web.run_app(

@@ -1,6 +1,6 @@
 """The upstream limit, one room: the contract (``protocol``), the fair turn order
-(``scheduler``), and the backends (``memory``, ``redis_limiter`` with its Lua in
-``redis_scripts``, ``failover``). See ``protocol`` for the map.
+(``scheduler``), and the backends (``memory``, ``redis_limiter`` with its Lua scripts and
+their typed callers in ``redis_scripts``, ``failover``). See ``protocol`` for the map.
 """
 
 from gateway.limiter.protocol import (

@@ -37,8 +37,15 @@ import redis.asyncio as aioredis
 from gateway.clock import Clock, Rearm
 from gateway.errors import BackendUnavailable, QueueFull, QueueTimeout
 from gateway.limiter.memory import WindowBudget
-from gateway.limiter.protocol import ANONYMOUS, LimiterSnapshot, Permit, shutting_down
-from gateway.limiter.redis_limiter import RedisLimiter, RedisPermit
+from gateway.limiter.protocol import (
+    ANONYMOUS,
+    FleetLimiter,
+    FleetPermit,
+    LimiterSnapshot,
+    Permit,
+    shutting_down,
+)
+from gateway.limiter.redis_limiter import RedisLimiter
 from gateway.limiter.scheduler import CallerPolicy, FairScheduler
 
 log = logging.getLogger("gateway.limiter")
@@ -71,7 +78,7 @@ class FailoverPermit:
 
     owner: FailoverLimiter
     name: str
-    shared: RedisPermit | None  # None: a local permit
+    shared: FleetPermit | None  # None: a local permit
     pending: bool = field(default=True, init=False)
 
     def check(self) -> None:
@@ -115,7 +122,8 @@ class FailoverLimiter:
         on_degraded: Callable[[bool], None] = lambda degraded: None,
     ) -> None:
         share = max_concurrent // replicas
-        self.shared = RedisLimiter(
+        # Used only through ``FleetLimiter``: what this class needs of it, declared.
+        self.shared: FleetLimiter = RedisLimiter(
             client,
             max_concurrent=max_concurrent,
             window_s=window_s,
@@ -241,7 +249,7 @@ class FailoverLimiter:
 
     async def _enter_global(
         self, stack: AsyncExitStack, deadline: float | None, caller: str, background: bool
-    ) -> RedisPermit:
+    ) -> FleetPermit:
         permit = self.shared.permit(caller, background=background)
         if deadline is None:
             return await stack.enter_async_context(permit)

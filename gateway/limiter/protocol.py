@@ -3,8 +3,8 @@
 ``Limiter`` hands out upstream permits; ``Permit`` is what a holder checks and marks as sent.
 The backends: ``memory.InMemoryLimiter`` (one process), ``redis_limiter.RedisLimiter`` (the
 fleet, through Redis) and ``failover.FailoverLimiter`` (the Redis one, falling back to a local
-share when Redis is out of reach). ``scheduler.FairScheduler`` decides whose turn is next in
-each of them.
+share when Redis is out of reach; what it uses of the Redis one is ``FleetLimiter``).
+``scheduler.FairScheduler`` decides whose turn is next in each of them.
 """
 
 from __future__ import annotations
@@ -87,4 +87,47 @@ class Limiter(Protocol):
 
     async def close(self) -> None:
         """Stop background work and give back what is held (at shutdown)."""
+        ...
+
+
+class FleetPermit(Permit, Protocol):
+    """A permit of a fleet-wide limiter, named by its lease in the shared state."""
+
+    @property
+    def lease(self) -> str: ...
+
+
+class FleetLimiter(Protocol):
+    """What ``failover.FailoverLimiter`` uses of the fleet-wide limiter it wraps
+    (``redis_limiter.RedisLimiter``): the ``Limiter`` calls, with permits named by lease, and
+    the membership it steers while Redis fails.
+    """
+
+    beating: bool
+    """Whether heartbeats claim membership now (off while on the fallback share)."""
+
+    @property
+    def claimed_at(self) -> float:
+        """When the latest membership claim was sent (monotonic): settling counts from it."""
+        ...
+
+    def permit(
+        self, caller: str = ANONYMOUS, *, background: bool = False
+    ) -> AbstractAsyncContextManager[FleetPermit]: ...
+
+    def snapshot(self) -> LimiterSnapshot: ...
+
+    def start(self) -> None: ...
+
+    def shed(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def probe(self) -> None:
+        """Raise ``BackendUnavailable`` unless the shared state takes a write now."""
+        ...
+
+    async def beat(self) -> int:
+        """Claim membership now (and renew held leases); the number of members. Raises
+        ``BackendUnavailable``, also for a claim that arrived too late to count."""
         ...

@@ -47,12 +47,25 @@ three. A permit that falls to a caller waiting on another replica is left for th
 Background work (refresh-ahead) gets a permit only when no caller waits anywhere, within its
 cap; ``max_in_flight`` caps count a caller's leases fleet-wide.
 
-Waiting never polls: the dispatcher retries on a release message, or when the script's hint
-has passed (oldest start leaving the window, nearest lease expiry, the gate, or a short pause
-while permits wait for other replicas), plus 0-5 ms of jitter so replicas do not stampede.
+Waiting never polls, and one acquire serves every local waiter: it tells Redis the waiters per
+caller (counted up to ``max`` each), takes what falls to them, and says when to try again and
+what may end the wait sooner (``redis_scripts.Wait``). Every permit held (checked first), or
+permits left for callers waiting elsewhere: a release message or "spare" message ends the
+wait (so a batch's first release costs one try, which then finds the window full), else the
+hint (nearest lease expiry, or a short pause), plus 0-5 ms of jitter so replicas woken by one
+message do not stampede. A full window (or a closed gate) only time ends: the timer is aimed
+at the oldest start's exit on Redis's clock, and releases or messages meanwhile cost no try
+(a release records a start, it never removes one). A new waiter costs a try only when it
+changes what Redis hears (a new caller, or one below ``max``); a grant that serves all of a
+caller's waiters here ends its demand in the same script (no withdraw). So the Redis work per
+permit does not grow with the queue's depth (``tests/test_limiter_redis_costs.py``). A full
+window's wait does not end when a replica joins (the budget grows by its share): the grant
+that allows then comes at the window's edge, at most one window later.
 
-A start is granted pending and recorded at Redis's ``TIME`` when the permit's ``sent()`` runs,
-or at release if it never did. Redis errors become ``BackendUnavailable`` in ``_redis`` only
+A start is granted pending and recorded when the permit's ``sent()`` runs, in the background
+(the request does not wait for Redis), at Redis's ``TIME`` less the time since ``sent()``
+counted before the call, so never earlier than it went out; or at release if it never did.
+Redis errors become ``BackendUnavailable`` in ``_redis`` only
 and are reported to ``on_failure``; a failed release is logged, not raised: the lease lapses
 by itself. ``close`` gives back the permits that never went out and leaves the sent ones to
 lapse (the vendor may still be working on them). Needs Redis >= 5 (scripts that call TIME).
@@ -78,13 +91,12 @@ from gateway.clock import Clock
 from gateway.errors import BackendUnavailable, PermitLost, QueueFull, QueueTimeout
 from gateway.limiter import ANONYMOUS, BACKGROUND, LimiterSnapshot, shutting_down
 from gateway.limiter.redis_scripts import (
-    ACQUIRE,
-    HEARTBEAT,
-    PROBE,
-    RELEASE,
-    SENT,
-    WITHDRAW,
+    AcquireResult,
+    CallerDemand,
     LimiterKeys,
+    LimiterScripts,
+    Limits,
+    Wait,
 )
 from gateway.limiter.scheduler import CallerPolicy, FairScheduler
 from gateway.redis_bus import RedisBus
@@ -154,6 +166,8 @@ class RedisLimiter:
         self._replicas = replicas
         self._share = share
         self.beat_s = beat_s
+        self._beat_period = min(beat_s, lease_s / 3)  # held leases are renewed in time too
+        self._renew_s = self._beat_period / 2
         self._fence_s = fence_s
         self._claim_s = claim_s
         self._on_failure = on_failure
@@ -165,16 +179,19 @@ class RedisLimiter:
         self._demand_ttl_ms = round(2 * longest_hint + 500)
         self._policy = policy or (lambda _: CallerPolicy())
         self._background_max = background_max
-        sources = {
-            "acquire": ACQUIRE,
-            "heartbeat": HEARTBEAT,
-            "withdraw": WITHDRAW,
-            "probe": PROBE,
-            "sent": SENT,
-            "release": RELEASE,
-        }
-        self._scripts = {name: client.register_script(src) for name, src in sources.items()}
         self.replica = uuid.uuid4().hex
+        self._scripts = LimiterScripts(client, self.keys, self.replica)
+        self._limits = Limits(
+            max_concurrent=max_concurrent,
+            window_ms=window_s * 1000,
+            lease_ms=lease_s * 1000,
+            hold_ms=self.hold_s * 1000,
+            share=share,
+            replicas=replicas,
+            demand_ttl_ms=self._demand_ttl_ms,
+            blocked_hint_ms=_BLOCKED_HINT_MS,
+            behind_hint_ms=_BEHIND_HINT_MS,
+        )
         self._tickets = itertools.count()
         # Every waiter queues here, even one that finds the budget free (its try takes a round
         # trip): each caller's bound counts one more, the waiter being tried.
@@ -196,6 +213,8 @@ class RedisLimiter:
         self.members = 0  # replicas counted at the latest heartbeat
         self.fleet: tuple[int, int] | None = None  # in flight, starts: the latest heartbeat
         self._wake: asyncio.Future[None] | None = None
+        self._waiting_on: Wait | None = None  # what the dispatcher's current wait is for
+        self._kicked = False  # the wait was ended by a local change or its timer
         self._dispatcher: asyncio.Task[None] | None = None
         self._beater: asyncio.Task[None] | None = None
         self._subscriber: asyncio.Task[None] | None = None
@@ -239,14 +258,15 @@ class RedisLimiter:
             self._queue.finished(name, background=background)
             # Closed mid-call (shutdown): the vendor may still be working on it; it lapses.
             if not (self._closed and permit.went_out):
-                # Shielded: a cancellation arriving now must not abandon the release half-way.
-                release = self._release(grant.lease, record_start=not permit.recorded)
-                await asyncio.shield(self._spawn(release))
+                # In the background: the caller's answer does not wait for Redis (the lease
+                # counts until the release lands: the safe side), and a cancellation arriving
+                # now cannot abandon it half-way. ``close`` waits for it.
+                self._spawn(self._release(grant.lease, record_start=not permit.recorded))
 
     def shed(self) -> None:
         self._shedding = True
         self._fail_waiters(shutting_down())
-        self._wake_up()  # the dispatcher withdraws this replica's demand
+        self._kick()  # the dispatcher withdraws this replica's demand
 
     async def close(self) -> None:
         """Stop background tasks, fail local waiters, give back the permits never sent.
@@ -270,31 +290,46 @@ class RedisLimiter:
         """Raise ``BackendUnavailable`` unless Redis takes a write within the client's budget
         (a Redis that answers PING but refuses writes is down for the limiter).
         """
-        await self._redis("probe", self._scripts["probe"]([self.keys.probe], [self.replica]))
+        await self._redis("probe", self._scripts.probe())
 
     async def beat(self) -> int:
         """Claim membership and renew held leases; the number of members. Raises
         ``BackendUnavailable`` (reported to ``on_failure``), also for a claim that arrived late.
         """
-        self.claimed_at = self._clock.monotonic()
-        not_after = round((self._clock.time() + self._claim_s) * 1000)
-        ttl_ms = round(_MEMBER_BEATS * self.beat_s * 1000)
-        args: list[str | int] = [self._epoch, self.replica, ttl_ms, not_after]
-        args += [round(self._lease_s * 1000), round(self.hold_s * 1000)]
-        args.append(round(self._window_s * 1000))
-        args += [lease for lease, p in self._held.items() if p.grant.generation == self._generation]
-        k = self.keys
-        heartbeat = self._scripts["heartbeat"]([k.meta, k.leases, k.starts, k.members], args)
-        reply = await self._redis("heartbeat", heartbeat)
-        if int(reply[0]) < 0:
+        now = self._clock.monotonic()
+        self.claimed_at = now
+        # A lease is renewed once older than half a beat period (most calls end sooner), so
+        # it is at most 1.5 periods (lease_s / 2) old when renewed: as safe as renewing all.
+        renew = [
+            lease
+            for lease, p in self._held.items()
+            if p.grant.generation == self._generation and now - p.renewed_at >= self._renew_s
+        ]
+        reply = await self._redis(
+            "heartbeat",
+            self._scripts.heartbeat(
+                epoch=self._epoch,
+                member_ttl_ms=round(_MEMBER_BEATS * self.beat_s * 1000),
+                not_after_ms=round((self._clock.time() + self._claim_s) * 1000),
+                lease_ms=round(self._lease_s * 1000),
+                hold_ms=round(self.hold_s * 1000),
+                window_ms=round(self._window_s * 1000),
+                renew=renew,
+            ),
+        )
+        if reply.late:
             raise self._failure("heartbeat", TimeoutError("the heartbeat reached Redis too late"))
-        members, epoch = int(reply[0]), _text(reply[1])
-        self.fleet = (int(reply[2]), int(reply[3]))
-        if epoch != self._epoch:
-            self._new_epoch(epoch)
-        for lease in map(_text, reply[4:]):
+        self.fleet = (reply.in_flight, reply.starts)
+        if reply.epoch != self._epoch:
+            self._new_epoch(reply.epoch)
+        else:
+            for lease in renew:
+                if (permit := self._held.get(lease)) is not None:
+                    permit.renewed_at = now
+        for lease in reply.lost:
             if lease in self._held:
                 log.error("limiter lease %s lapsed while held; the limit may be exceeded", lease)
+        members = reply.members
         if members > self._replicas and self.members <= self._replicas:
             log.error(
                 "limiter: %d replicas share this Redis but limit.replicas is %d: set it to the "
@@ -312,11 +347,12 @@ class RedisLimiter:
         if self._clock.monotonic() > grant.asked_at + self._fence_s:
             raise PermitLost("This permit was not used in time; its lease may have lapsed.")
 
-    async def record_sent(self, lease: str) -> bool:
-        """Record ``lease``'s start at Redis's time now; False (logged) if Redis failed."""
-        sent = self._scripts["sent"]([self.keys.starts], [lease])
+    async def record_sent(self, lease: str, sent_at: float | None = None) -> bool:
+        """Record ``lease``'s start at Redis's time, as of ``sent_at`` (monotonic; default now);
+        False (logged) if Redis failed."""
+        ago_s = 0.0 if sent_at is None else self._clock.monotonic() - sent_at
         try:
-            await self._redis("sent", sent)
+            await self._redis("sent", self._scripts.sent(lease, ago_s=ago_s))
         except BackendUnavailable as exc:
             log.log(self._level, "limiter start not recorded, stays pending: %s", exc.__cause__)
             return False
@@ -333,7 +369,7 @@ class RedisLimiter:
         self._generation += 1  # held leases of the lost epoch: nothing to renew any more
 
     async def _beat_forever(self) -> None:
-        period = min(self.beat_s, self._lease_s / 3)  # held leases are renewed in time too
+        period = self._beat_period
         while not self._closed:
             if self.beating:
                 with contextlib.suppress(BackendUnavailable):  # reported to on_failure
@@ -357,6 +393,8 @@ class RedisLimiter:
             raise QueueFull(self._queue.retry_after(caller))
         waiter: _Waiter = asyncio.get_running_loop().create_future()
         idle = not self._waiters
+        # What Redis hears of this caller (at most max waiters) changes only below max.
+        news = self._queue.queued(caller) < self._max
         self._queue.join(caller, waiter, background=background)  # background: may raise
         self._waiters[waiter] = caller
         if idle:
@@ -364,8 +402,8 @@ class RedisLimiter:
         deadline = self._clock.call_later(self._max_wait, lambda: self._expire(waiter))
         if self._dispatcher is None or self._dispatcher.done():
             self._dispatcher = asyncio.create_task(self._dispatch())
-        else:
-            self._wake_up()  # a new caller's demand changes what Redis should hear
+        elif news:
+            self._kick()  # a new caller's demand changes what Redis should hear
         try:
             return await waiter
         except asyncio.CancelledError:
@@ -393,17 +431,24 @@ class RedisLimiter:
         self._waiters.pop(waiter, None)
         self._queue.leave(waiter)
         if not self._waiters:
-            self._wake_up()  # so the dispatcher withdraws the demand now, not after its hint
+            self._kick()  # so the dispatcher withdraws the demand now, not after its hint
 
     def _demand(self) -> dict[str, int]:
-        """Waiters per caller, as Redis should hear it (at most ``max`` each)."""
+        """Waiters per caller (the script counts at most ``max`` of each)."""
         demand: dict[str, int] = {}
         for caller in self._waiters.values():
-            demand[caller] = min(demand.get(caller, 0) + 1, self._max)
+            demand[caller] = demand.get(caller, 0) + 1
         return demand
 
     async def _dispatch(self) -> None:
-        """Serve the local queue until it is empty; at most one runs per limiter."""
+        """Serve the local queue until it is empty; at most one runs per limiter.
+
+        One acquire serves every local waiter (the script grants up to ``max`` at once) and
+        says when to try again and what may end the wait sooner (``Wait``): a release or a
+        message when every permit is held or permits wait for others; only time when the
+        window is full or the gate closed, so releases and messages cost no try then. This
+        replica's own demand changing always ends the wait (``_kick``).
+        """
         try:
             while True:
                 demand = self._demand()
@@ -414,25 +459,37 @@ class RedisLimiter:
                     self._registered = set()
                     continue
                 self._wake = asyncio.get_running_loop().create_future()
+                self._kicked, self._waiting_on = False, None  # while trying: any news counts
                 asked_at = self._clock.monotonic()
                 ticket = f"{self.replica}:{next(self._tickets)}"
                 try:
-                    grants, hint_ms, epoch = await self._try(ticket, demand)
+                    result = await self._try(ticket, demand)
                 except BackendUnavailable as exc:
                     self._fail_waiters(exc)
                     continue
-                self._registered = set(demand)
-                if epoch != self._epoch:
-                    self._new_epoch(epoch)
+                # A caller granted all its waiters has no demand in Redis any more.
+                served = {c for c, n in result.grants if n >= demand.get(c, 0)}
+                self._registered = set(demand) - served
+                if result.stale or result.epoch != self._epoch:
+                    self._new_epoch(result.epoch)
                     continue  # nothing was done under the old epoch: ask again in this one
                 self._trying = None
-                if grants:
-                    self._grant(ticket, grants, asked_at)
-                    continue
-                if self._subscriber is None or self._subscriber.done():
-                    self._subscriber = asyncio.create_task(self._listen())
-                jitter_ms = random.uniform(0, _JITTER_MS)  # noqa: S311 - spreading, not secrecy
-                timer = self._clock.call_later((hint_ms + jitter_ms) / 1000, self._wake_up)
+                if result.grants:
+                    self._grant(ticket, result.grants, asked_at)
+                    if not self._waiters:
+                        continue  # everyone served (the script ended what it could)
+                self._waiting_on = result.wait
+                if result.wait is Wait.TIME:
+                    if self._wake.done() and not self._kicked:
+                        # only fleet news came meanwhile, and it cannot free a start
+                        self._wake = asyncio.get_running_loop().create_future()
+                    delay = result.hint_s  # aimed at the window's edge on Redis's clock
+                else:
+                    if self._subscriber is None or self._subscriber.done():
+                        self._subscriber = asyncio.create_task(self._listen())
+                    jitter = random.uniform(0, _JITTER_MS) / 1000  # noqa: S311 - not secrecy
+                    delay = result.hint_s + jitter  # replicas woken by one message spread
+                timer = self._clock.call_later(delay, self._kick)
                 try:
                     await self._wake
                 finally:
@@ -441,31 +498,21 @@ class RedisLimiter:
             if self._closed and self._registered:  # cancelled by close()
                 self._spawn(self._withdraw(self._registered))
 
-    async def _try(
-        self, ticket: str, demand: dict[str, int]
-    ) -> tuple[list[tuple[str, int]], int, str]:
-        k = self.keys
-        args: list[str | float] = [self._epoch, self._max, self._window_s * 1000]
-        args += [self._lease_s * 1000, self.replica, self.hold_s * 1000, self._share]
-        args += [self._replicas, self._demand_ttl_ms, _BLOCKED_HINT_MS, _BEHIND_HINT_MS]
-        args += [k.released, BACKGROUND, ticket]
-        callers = {c: demand.get(c, 0) for c in self._registered | set(demand)}
-        args.append(len(callers))
-        for caller, want in callers.items():
+    async def _try(self, ticket: str, demand: dict[str, int]) -> AcquireResult:
+        callers = []
+        for caller in sorted(self._registered | set(demand)):
             if caller == BACKGROUND:
                 weight, cap = 1.0, self._background_max
             else:
                 rule = self._policy(caller)
                 weight, cap = rule.weight, rule.max_in_flight or 0
-            args += [caller, want, weight, cap]
-        keys = [k.meta, k.leases, k.starts, k.members, k.demand, k.wants, k.finish, k.policy]
-        keys.append(k.since)
-        reply = await self._redis("acquire", self._scripts["acquire"](keys, args))
-        pairs = reply[3:]
-        grants = [(_text(pairs[i]), int(pairs[i + 1])) for i in range(0, len(pairs), 2)]
-        return grants, int(reply[1]), _text(reply[2])
+            callers.append(CallerDemand(caller, demand.get(caller, 0), weight, cap))
+        call = self._scripts.acquire(
+            self._limits, epoch=self._epoch, ticket=ticket, background=BACKGROUND, callers=callers
+        )
+        return await self._redis("acquire", call)
 
-    def _grant(self, ticket: str, grants: list[tuple[str, int]], asked_at: float) -> None:
+    def _grant(self, ticket: str, grants: tuple[tuple[str, int], ...], asked_at: float) -> None:
         for caller, count in grants:
             for i in range(1, count + 1):
                 grant = Grant(f"{caller}\n{ticket}:{i}", asked_at, self._generation)
@@ -491,28 +538,32 @@ class RedisLimiter:
                 waiter.set_exception(failure)
 
     def _wake_up(self) -> None:
+        """News from the fleet (a release, spare permits, a withdrawal): try again now, unless
+        only time can end the current wait (a full window, a closed gate)."""
+        if self._waiting_on is not Wait.TIME:
+            self._resolve_wake()
+
+    def _kick(self) -> None:
+        """Try again now, whatever the wait: this replica's demand changed, or the hint came."""
+        self._kicked = True
+        self._resolve_wake()
+
+    def _resolve_wake(self) -> None:
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(None)
 
     async def _release(self, lease: str, record_start: bool) -> None:
         """``record_start``: never sent, or not recorded; it may have gone out until now."""
-        k = self.keys
-        args: list[str | int] = [k.released, lease, int(record_start)]
-        release = self._scripts["release"]([k.leases, k.starts], args)
         try:
-            await self._redis("release", release)
+            await self._redis("release", self._scripts.release(lease, record_start=record_start))
         except BackendUnavailable as exc:
             log.log(self._level, "limiter release failed, the lease will lapse: %s", exc.__cause__)
         else:
             self._wake_up()  # the local head may retry now, before the message comes round
 
     async def _withdraw(self, callers: set[str]) -> None:
-        k = self.keys
-        withdraw = self._scripts["withdraw"](
-            [k.demand, k.wants, k.since], [k.released, self.replica, *sorted(callers)]
-        )
         with contextlib.suppress(BackendUnavailable):  # a dead replica's demand lapses
-            await self._redis("withdraw", withdraw)
+            await self._redis("withdraw", self._scripts.withdraw(sorted(callers)))
 
     async def _listen(self) -> None:
         """One subscription per limiter: any release in the fleet wakes the dispatcher."""
@@ -558,24 +609,29 @@ def _one_more(rule: CallerPolicy) -> CallerPolicy:
     return CallerPolicy(rule.weight, rule.max_in_flight, rule.max_queue + 1)
 
 
-def _text(value: bytes | str | int) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 class RedisPermit:
-    """A permit of ``RedisLimiter``: ``sent()`` records its start at Redis's time (once)."""
+    """A permit of ``RedisLimiter``: ``sent()`` records its start at Redis's time (once).
+
+    The start is recorded in the background: the request goes out without waiting for Redis,
+    and until the record lands the start stays pending (counted as in the window), the safe
+    side. A permit released before it landed records its start at release, later still.
+    """
 
     def __init__(self, limiter: RedisLimiter, grant: Grant) -> None:
         self.lease = grant.lease
         self.grant = grant
         self.recorded = False
         self.went_out = False
+        self.renewed_at = grant.asked_at  # its lease runs from no earlier than this (monotonic)
         self._limiter = limiter
 
     def check(self) -> None:
         self._limiter.check(self.grant)
 
     async def sent(self) -> None:
-        self.went_out = True
-        if not self.recorded:
-            self.recorded = await self._limiter.record_sent(self.lease)
+        if not self.went_out:
+            self.went_out = True
+            self._limiter._spawn(self._record(self._limiter._clock.monotonic()))
+
+    async def _record(self, sent_at: float) -> None:
+        self.recorded = await self._limiter.record_sent(self.lease, sent_at)

@@ -1,10 +1,15 @@
-"""The Lua scripts of ``RedisLimiter`` and the names of its keys (see ``redis_limiter``).
+"""The Lua scripts of ``RedisLimiter``, each beside the typed method that calls it.
+
+As redis-py's ``Lock`` does it: ``LimiterScripts`` holds each script's source next to the
+method that builds its ``KEYS`` and ``ARGV`` (the one place their order is written) and
+parses its reply. The methods return the awaitable of the call; ``RedisLimiter`` bounds it
+and translates its errors.
 
 Times are Redis ``TIME`` in ms; every key shares one hash tag (Redis Cluster). No key carries a
 TTL: under a ``volatile-*`` eviction policy Redis never evicts them (``allkeys-*`` is refused
 at start-up), and the scripts remove what has lapsed themselves.
 
-Every script that can grant or claim runs ``GENERATION`` first: the shared state's epoch lives
+Every script that can grant or claim runs ``generation`` first: the shared state's epoch lives
 in ``meta``; when it is missing, Redis lost its data (restarted empty, flushed, evicted), so a
 new epoch starts with a gate that opens only after every lease nobody can see any more has
 surely lapsed (``hold``: the longest lease plus a window). So does one kept by another lineage
@@ -12,26 +17,17 @@ surely lapsed (``hold``: the longest lease plus a window). So does one kept by a
 primary that lost a replica (a failover) may lack, or be alone in holding, recent grants. A
 caller naming another epoch gets ``{-1, 0, epoch}`` and nothing else happens.
 
-    ACQUIRE    KEYS meta leases starts members demand wants finish policy since
-               ARGV epoch, max, window ms, lease ms, replica, hold ms, share, replicas, demand
-                    ttl ms, blocked hint ms, behind hint ms, channel, background caller, ticket,
-                    n, then n x (caller, waiters, weight, cap: 0 for none)
-               -> {granted, 0, epoch, caller, n, caller, n...} or {0, hint ms, epoch}
-    HEARTBEAT  KEYS meta leases starts members
-               ARGV epoch ('' to join any), replica, member ttl ms, not after (unix ms), lease
-                    ms, hold ms, window ms, leases...
-               -> {live members, epoch, leases in flight, starts in window, lost leases...};
-                  {-2} if it arrived after ``not after``
-    SENT       KEYS starts; ARGV lease. Records its start now (XX: a lapsed one is not revived).
-    RELEASE    KEYS leases starts; ARGV channel, lease, 1 to record its start now (never sent).
-    WITHDRAW   KEYS demand wants since; ARGV channel, replica, callers... This replica's demand for
-               those callers is gone (nobody waits any more); publishes if there was any.
-    PROBE      KEYS probe; ARGV replica. A write: Redis takes writes again.
+Redis counts every command a script runs (``INFO commandstats``), so the scripts are written
+to run few: a try that finds nothing free costs about 15, whatever the queue's depth.
 """
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
+
+import redis.asyncio as aioredis
 
 _CLOCK = """
 local function clock()
@@ -69,15 +65,116 @@ local function generation(meta, now, hold)
 end
 """
 
-ACQUIRE = (
-    _CLOCK
-    + _GENERATION
-    + r"""
+
+@dataclass(frozen=True, slots=True)
+class LimiterKeys:
+    """The limiter's keys under one hash tag, ``{namespace:limit}:name``."""
+
+    meta: str
+    leases: str
+    starts: str
+    members: str
+    demand: str
+    wants: str
+    finish: str
+    policy: str
+    since: str
+    probe: str
+    released: str  # the pub/sub channel
+
+    @classmethod
+    def for_namespace(cls, namespace: str) -> LimiterKeys:
+        tag = f"{{{namespace}:limit}}"
+        names = (
+            "meta",
+            "leases",
+            "starts",
+            "members",
+            "demand",
+            "wants",
+            "finish",
+            "policy",
+            "since",
+            "probe",
+        )
+        return cls(*(f"{tag}:{name}" for name in (*names, "released")))
+
+
+class Wait(enum.Enum):
+    """What can end a replica's wait for permits sooner than the hint."""
+
+    TIME = "time"  # the window or the gate: only time frees a start, never a release
+    RELEASE = "release"  # every permit is held: a release frees one
+    TURN = "turn"  # permits are free but fell to callers waiting elsewhere (or to a cap)
+
+
+@dataclass(frozen=True, slots=True)
+class CallerDemand:
+    """One caller's demand on this replica, as ``acquire`` tells Redis."""
+
+    caller: str
+    waiters: int  # all of them (Redis counts at most max); 0: its demand here is removed
+    weight: float
+    cap: int  # permits it may hold fleet-wide at once; 0: no cap
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What every ``acquire`` says about the limit and this replica (fixed per limiter)."""
+
+    max_concurrent: int
+    window_ms: float
+    lease_ms: float
+    hold_ms: float
+    share: int  # what a replica not heard from may use on its own
+    replicas: int
+    demand_ttl_ms: int  # a replica's demand lapses this long after its latest try
+    blocked_hint_ms: int  # every permit held: retry after this at the latest
+    behind_hint_ms: int  # others' turns: retry after this at the latest
+
+
+@dataclass(frozen=True, slots=True)
+class AcquireResult:
+    """An ``acquire``'s outcome: the epoch it ran in (``stale`` when it was not the one asked
+    for: nothing was done), the permits granted here per caller, and when to try again
+    (``hint_s`` at the latest, sooner on what ``wait`` names) if waiters are left."""
+
+    epoch: str
+    stale: bool
+    grants: tuple[tuple[str, int], ...]
+    hint_s: float
+    wait: Wait
+
+
+@dataclass(frozen=True, slots=True)
+class BeatResult:
+    """A heartbeat's reply (``late``: it reached Redis after its "not after", nothing done)."""
+
+    late: bool
+    members: int = 0
+    epoch: str = ""
+    in_flight: int = 0
+    starts: int = 0
+    lost: tuple[str, ...] = ()  # leases asked to renew that were gone
+
+
+class LimiterScripts:
+    """The limiter's scripts, registered once on ``client`` (``EVALSHA``, loaded on demand)."""
+
+    # KEYS meta leases starts members demand wants finish policy since
+    # ARGV see ``acquire``
+    # -> {granted, hint us, epoch, wait, caller, n, caller, n...}; {-1, 0, epoch, 'time'} when
+    #    the epoch asked for is not the current one (nothing done)
+    ACQUIRE = (
+        _CLOCK
+        + _GENERATION
+        + r"""
 local now = clock()
 local epoch = generation(KEYS[1], now, tonumber(ARGV[6]))
-if epoch ~= ARGV[1] then return {-1, 0, epoch} end
-local window, lease_ms, ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[9])
-local replica, bg, ticket = ARGV[5], ARGV[13], ARGV[14]
+if epoch ~= ARGV[1] then return {-1, 0, epoch, 'time'} end
+local max, window, lease_ms = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local ttl, replica, bg, ticket = tonumber(ARGV[9]), ARGV[5], ARGV[13], ARGV[14]
+local function us(ms) return math.max(1, math.ceil(ms * 1000)) end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - window)
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
@@ -87,14 +184,16 @@ if #dead > 0 then
   redis.call('HDEL', KEYS[6], unpack(dead))
   redis.call('ZREM', KEYS[9], unpack(dead))
 end
--- this replica's demand per caller (demand "replica\ncaller" -> waiters, kept alive)
-local mine = {}
+-- this replica's demand per caller (demand "replica\ncaller" -> waiters, at most max, kept
+-- alive); ``asked``: all its waiters here, so a grant that serves them all ends the demand
+local mine, asked = {}, {}
 for i = 16, 15 + 4 * tonumber(ARGV[15]), 4 do
-  local caller, want = ARGV[i], tonumber(ARGV[i + 1])
+  local caller = ARGV[i]
+  local want = math.min(tonumber(ARGV[i + 1]), tonumber(ARGV[2]))
   local d = replica .. '\n' .. caller
   redis.call('HSET', KEYS[8], caller, ARGV[i + 2] .. ' ' .. ARGV[i + 3])
   if want > 0 then
-    mine[caller] = want
+    mine[caller], asked[caller] = want, tonumber(ARGV[i + 1])
     redis.call('ZADD', KEYS[5], now + ttl, d)
     redis.call('HSET', KEYS[6], d, want)
     redis.call('ZADD', KEYS[9], 'NX', now, d)
@@ -105,21 +204,31 @@ for i = 16, 15 + 4 * tonumber(ARGV[15]), 4 do
   end
 end
 local gate = tonumber(redis.call('HGET', KEYS[1], 'gate') or '0')
-if gate > now then return {0, math.max(1, math.ceil(math.min(gate - now, window))), epoch} end
+if gate > now then return {0, us(math.min(gate - now, window)), epoch, 'time'} end
 -- every replica not heard from may be on its fallback share: that much is not the fleet's
 local missing = math.max(0, tonumber(ARGV[8]) - redis.call('ZCARD', KEYS[4]))
-local max = tonumber(ARGV[2]) - tonumber(ARGV[7]) * missing
+max = max - tonumber(ARGV[7]) * missing
 local leases, starts = redis.call('ZCARD', KEYS[2]), redis.call('ZCARD', KEYS[3])
-if leases >= max then
-  local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-  local hint = tonumber(ARGV[10])
-  if first[2] then hint = math.min(tonumber(first[2]) - now, hint) end
-  return {0, math.max(1, math.ceil(hint)), epoch}
+-- what a replica with waiters left waits on next. Every permit held: a release (its message)
+-- or the nearest lease expiry. A full window: only time frees a start (a release records one,
+-- it never removes one), so the replica sleeps until the oldest start leaves, deaf to releases.
+local function blocked(leases, starts)
+  if leases >= max then
+    local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+    local hint = tonumber(ARGV[10])
+    if first[2] then hint = math.min(tonumber(first[2]) - now, hint) end
+    return us(hint), 'release'
+  end
+  if starts >= max then
+    -- a pending start (scored in the future) leaves a window after it is sent: not before now
+    local oldest = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+    return us(math.min(tonumber(oldest[2]), now) + window - now), 'time'
+  end
+  return us(tonumber(ARGV[11])), 'turn'
 end
-if starts >= max then
-  -- a pending start (scored in the future) leaves a window after it is sent: not before now
-  local oldest = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
-  return {0, math.max(1, math.ceil(math.min(tonumber(oldest[2]), now) + window - now)), epoch}
+if leases >= max or starts >= max then
+  local hint, wait = blocked(leases, starts)
+  return {0, hint, epoch, wait}
 end
 local free = math.min(max - leases, max - starts)
 -- the fleet's demand and holdings per caller (a lease is named "caller\nticket:i")
@@ -182,11 +291,18 @@ if not callers and mine[bg] then
 end
 -- this replica takes what fell to its callers, after the older demand of the same caller on
 -- other replicas; the rest waits for the replicas it fell to (then this demand goes last)
-local reply, granted, top = {0, 0, epoch}, 0, nil
+local reply, granted, top = {0, 0, epoch, 'turn'}, 0, nil
 for caller, n in pairs(alloc) do
   local g = math.min(n - (before[caller] or 0), mine[caller] or 0)
   if g > 0 then
-    redis.call('ZADD', KEYS[9], 'XX', now, replica .. '\n' .. caller)
+    local d = replica .. '\n' .. caller
+    if g >= asked[caller] then  -- every waiter of it here served: its demand here ends
+      redis.call('ZREM', KEYS[5], d)
+      redis.call('HDEL', KEYS[6], d)
+      redis.call('ZREM', KEYS[9], d)
+    else
+      redis.call('ZADD', KEYS[9], 'XX', now, d)
+    end
     for i = 1, g do
       local lease = caller .. '\n' .. ticket .. ':' .. i
       redis.call('ZADD', KEYS[2], now + lease_ms, lease)
@@ -203,16 +319,22 @@ for caller, n in pairs(alloc) do
 end
 if top then redis.call('HSET', KEYS[1], 'v', top) end
 reply[1] = granted
-if granted == 0 then reply[2] = tonumber(ARGV[11]) end
+-- when to try again if waiters are left here: the caller need not ask only to hear it
+reply[2], reply[4] = blocked(leases + granted, starts + granted)
 if free > granted and #ds > 0 then redis.call('PUBLISH', ARGV[12], 'spare') end
 return reply
 """
-)
+    )
 
-HEARTBEAT = (
-    _CLOCK
-    + _GENERATION
-    + """
+    # KEYS meta leases starts members
+    # ARGV epoch ('' to join any), replica, member ttl ms, not after (unix ms), lease ms,
+    #      hold ms, window ms, leases to renew...
+    # -> {live members, epoch, leases in flight, starts in window, lost leases...};
+    #    {-2} if it arrived after "not after"
+    HEARTBEAT = (
+        _CLOCK
+        + _GENERATION
+        + """
 local now = clock()
 -- a claim that waited in a paused or cut-off Redis must not revive a replica on its fallback
 if now > tonumber(ARGV[4]) then return {-2} end
@@ -236,24 +358,30 @@ for i = 8, #ARGV do
 end
 return reply
 """
-)
+    )
 
-SENT = (
-    _CLOCK
-    + """
-redis.call('ZADD', KEYS[1], 'XX', clock(), ARGV[1])
+    # KEYS starts; ARGV lease, ms since it was sent. Records its start then, as Redis's clock
+    # has it: no earlier than it was, since the ms were counted before this ran (XX: a lapsed
+    # lease is not revived).
+    SENT = (
+        _CLOCK
+        + """
+redis.call('ZADD', KEYS[1], 'XX', clock() - tonumber(ARGV[2]), ARGV[1])
 """
-)
+    )
 
-RELEASE = (
-    _CLOCK
-    + """
+    # KEYS leases starts; ARGV channel, lease, 1 to record its start now (never sent).
+    RELEASE = (
+        _CLOCK
+        + """
 if ARGV[3] == '1' then redis.call('ZADD', KEYS[2], 'XX', clock(), ARGV[2]) end
 if redis.call('ZREM', KEYS[1], ARGV[2]) > 0 then redis.call('PUBLISH', ARGV[1], 'freed') end
 """
-)
+    )
 
-WITHDRAW = r"""
+    # KEYS demand wants since; ARGV channel, replica, callers... This replica's demand for
+    # those callers is gone (nobody waits any more); publishes if there was any.
+    WITHDRAW = r"""
 local gone = 0
 for i = 3, #ARGV do
   local d = ARGV[2] .. '\n' .. ARGV[i]
@@ -265,40 +393,105 @@ if gone > 0 then redis.call('PUBLISH', ARGV[1], 'freed') end
 return gone
 """
 
-PROBE = """
+    # KEYS probe; ARGV replica. A write: Redis takes writes again.
+    PROBE = """
 redis.call('SET', KEYS[1], ARGV[1], 'PX', 1000)
 """
 
+    def __init__(self, client: aioredis.Redis, keys: LimiterKeys, replica: str) -> None:
+        self.keys = keys
+        self.replica = replica
+        self._acquire = client.register_script(self.ACQUIRE)
+        self._heartbeat = client.register_script(self.HEARTBEAT)
+        self._sent = client.register_script(self.SENT)
+        self._release = client.register_script(self.RELEASE)
+        self._withdraw = client.register_script(self.WITHDRAW)
+        self._probe = client.register_script(self.PROBE)
 
-@dataclass(frozen=True, slots=True)
-class LimiterKeys:
-    """The limiter's keys under one hash tag, ``{namespace:limit}:name``."""
-
-    meta: str
-    leases: str
-    starts: str
-    members: str
-    demand: str
-    wants: str
-    finish: str
-    policy: str
-    since: str
-    probe: str
-    released: str  # the pub/sub channel
-
-    @classmethod
-    def for_namespace(cls, namespace: str) -> LimiterKeys:
-        tag = f"{{{namespace}:limit}}"
-        names = (
-            "meta",
-            "leases",
-            "starts",
-            "members",
-            "demand",
-            "wants",
-            "finish",
-            "policy",
-            "since",
-            "probe",
+    async def acquire(
+        self,
+        limits: Limits,
+        *,
+        epoch: str,
+        ticket: str,
+        background: str,
+        callers: Sequence[CallerDemand],
+    ) -> AcquireResult:
+        """Tell Redis this replica's demand per caller and take the permits that fall to it
+        (leases named ``caller\\nticket:i``, their starts pending until sent). A caller
+        granted as many as its ``waiters`` has no demand here any more (no withdraw needed)."""
+        k = self.keys
+        keys = [k.meta, k.leases, k.starts, k.members, k.demand, k.wants, k.finish, k.policy]
+        keys.append(k.since)
+        args: list[str | float] = [epoch, limits.max_concurrent, limits.window_ms]  # 1-3
+        args += [limits.lease_ms, self.replica, limits.hold_ms, limits.share]  # 4-7
+        args += [limits.replicas, limits.demand_ttl_ms]  # 8-9
+        args += [limits.blocked_hint_ms, limits.behind_hint_ms]  # 10-11
+        args += [k.released, background, ticket, len(callers)]  # 12-15
+        for d in callers:  # 16..: 4 per caller
+            args += [d.caller, d.waiters, d.weight, d.cap]
+        reply = await self._acquire(keys, args)
+        pairs = reply[4:]
+        grants = tuple((_text(pairs[i]), int(pairs[i + 1])) for i in range(0, len(pairs), 2))
+        granted = int(reply[0])
+        return AcquireResult(
+            epoch=_text(reply[2]),
+            stale=granted < 0,
+            grants=grants,
+            hint_s=int(reply[1]) / 1e6,
+            wait=Wait(_text(reply[3])),
         )
-        return cls(*(f"{tag}:{name}" for name in (*names, "released")))
+
+    async def heartbeat(
+        self,
+        *,
+        epoch: str,
+        member_ttl_ms: int,
+        not_after_ms: int,
+        lease_ms: int,
+        hold_ms: int,
+        window_ms: int,
+        renew: Sequence[str],
+    ) -> BeatResult:
+        """Claim membership until ``member_ttl_ms`` from now (unless it is past
+        ``not_after_ms``, unix ms) and renew the leases in ``renew`` for ``lease_ms``."""
+        k = self.keys
+        args: list[str | int] = [epoch, self.replica, member_ttl_ms, not_after_ms, lease_ms]
+        args += [hold_ms, window_ms, *renew]
+        reply = await self._heartbeat([k.meta, k.leases, k.starts, k.members], args)
+        if int(reply[0]) < 0:
+            return BeatResult(late=True)
+        return BeatResult(
+            late=False,
+            members=int(reply[0]),
+            epoch=_text(reply[1]),
+            in_flight=int(reply[2]),
+            starts=int(reply[3]),
+            lost=tuple(map(_text, reply[4:])),
+        )
+
+    def sent(self, lease: str, *, ago_s: float) -> Awaitable[object]:
+        """Record ``lease``'s start ``ago_s`` before Redis's time now (a lapsed lease is not
+        revived); ``ago_s`` must be counted before the call, so the record is never early."""
+        return self._sent([self.keys.starts], [lease, max(0.0, ago_s * 1000)])
+
+    def release(self, lease: str, *, record_start: bool) -> Awaitable[object]:
+        """End ``lease`` (publishing "freed" if it was held); ``record_start``: its start was
+        never recorded, so it is recorded now."""
+        k = self.keys
+        return self._release([k.leases, k.starts], [k.released, lease, int(record_start)])
+
+    def withdraw(self, callers: Sequence[str]) -> Awaitable[object]:
+        """This replica's demand for ``callers`` is gone (publishes if there was any)."""
+        k = self.keys
+        return self._withdraw(
+            [k.demand, k.wants, k.since], [k.released, self.replica, *sorted(callers)]
+        )
+
+    def probe(self) -> Awaitable[object]:
+        """A write, so a Redis that refuses writes fails it."""
+        return self._probe([self.keys.probe], [self.replica])
+
+
+def _text(value: bytes | str | int) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
