@@ -11,12 +11,10 @@ import contextlib
 import logging
 import math
 from collections.abc import AsyncIterator, Callable
-from typing import cast
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
-from redis.asyncio import Redis
 
 from gateway.auth import AccessKeys, Callers, KeyRing, load_callers
 from gateway.breaker import CircuitBreaker
@@ -137,9 +135,7 @@ def build_limiter(
     # The global limiter, falling back to floor(max_concurrent / replicas) per replica when
     # Redis fails (never failing open).
     return FailoverLimiter(
-        # The limiter calls only register_script and redis_bus, which a RedisCluster has too;
-        # its files (another helper's) still name the one-endpoint client.
-        cast(Redis, redis),
+        redis,
         max_concurrent=lim.max_concurrent,
         window_s=window_s,
         max_queue=lim.max_queue,

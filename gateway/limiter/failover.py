@@ -32,8 +32,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
-import redis.asyncio as aioredis
-
 from gateway.clock import Clock, Rearm
 from gateway.errors import BackendUnavailable, QueueFull, QueueTimeout
 from gateway.limiter.memory import WindowBudget
@@ -47,6 +45,7 @@ from gateway.limiter.protocol import (
 )
 from gateway.limiter.redis_limiter import RedisLimiter
 from gateway.limiter.scheduler import CallerPolicy, FairScheduler
+from gateway.redis_client import AnyRedis
 
 log = logging.getLogger("gateway.limiter")
 
@@ -101,7 +100,7 @@ class FailoverLimiter:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: AnyRedis,
         *,
         max_concurrent: int,
         window_s: float,

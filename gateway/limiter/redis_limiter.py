@@ -85,8 +85,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
-import redis.asyncio as aioredis
-
 from gateway.clock import Clock
 from gateway.errors import BackendUnavailable, PermitLost, QueueFull, QueueTimeout
 from gateway.limiter import ANONYMOUS, BACKGROUND, LimiterSnapshot, shutting_down
@@ -100,7 +98,7 @@ from gateway.limiter.redis_scripts import (
 )
 from gateway.limiter.scheduler import CallerPolicy, FairScheduler
 from gateway.redis_bus import RedisBus
-from gateway.redis_client import redis_errors
+from gateway.redis_client import AnyRedis, redis_errors
 
 log = logging.getLogger("gateway.limiter")
 T = TypeVar("T")
@@ -137,7 +135,7 @@ class RedisLimiter:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: AnyRedis,
         *,
         max_concurrent: int,
         window_s: float,

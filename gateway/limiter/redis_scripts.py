@@ -27,7 +27,9 @@ import enum
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+
+from gateway.redis_client import AnyRedis
 
 _CLOCK = """
 local function clock()
@@ -398,15 +400,15 @@ return gone
 redis.call('SET', KEYS[1], ARGV[1], 'PX', 1000)
 """
 
-    def __init__(self, client: aioredis.Redis, keys: LimiterKeys, replica: str) -> None:
+    def __init__(self, client: AnyRedis, keys: LimiterKeys, replica: str) -> None:
         self.keys = keys
         self.replica = replica
-        self._acquire = client.register_script(self.ACQUIRE)
-        self._heartbeat = client.register_script(self.HEARTBEAT)
-        self._sent = client.register_script(self.SENT)
-        self._release = client.register_script(self.RELEASE)
-        self._withdraw = client.register_script(self.WITHDRAW)
-        self._probe = client.register_script(self.PROBE)
+        self._acquire: AsyncScript = client.register_script(self.ACQUIRE)
+        self._heartbeat: AsyncScript = client.register_script(self.HEARTBEAT)
+        self._sent: AsyncScript = client.register_script(self.SENT)
+        self._release: AsyncScript = client.register_script(self.RELEASE)
+        self._withdraw: AsyncScript = client.register_script(self.WITHDRAW)
+        self._probe: AsyncScript = client.register_script(self.PROBE)
 
     async def acquire(
         self,
