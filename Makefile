@@ -40,12 +40,16 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff format --check gateway tests bench
 	$(BIN)/mypy
 
+# Two workers, whole files each (a file's tests share set-ups and some run in order): the
+# suite mostly waits on timers and subprocesses, so this halves the wall time on 2 cores.
+PYTEST_PARALLEL ?= -n 2 --dist loadfile --durations=15
+
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest $(PYTEST_PARALLEL)
 
 # The inner loop: everything but the load and fault tests (marked slow), a few minutes less.
 test-fast: lint
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -m "not slow" $(PYTEST_PARALLEL)
 
 # README "Performance": a few minutes; needs wrk and redis-server on PATH. BENCH_ARGS=--quick
 # for a smoke run.
