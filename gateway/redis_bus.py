@@ -213,11 +213,13 @@ class RedisBus:
     ) -> None:
         while True:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=READ_S)
+            _honour_cancellation()
             if not pubsub.subscribed:  # the server dropped it (a slot moved): start over
                 raise RedisConnectionError("unsubscribed by the server")
             if message is None:
                 # Silence: ask, so a link that stalls shows as silence, not as peace.
                 await pubsub.ping()
+                _honour_cancellation()
                 continue
             if state is not None:
                 state.heard = self.clock.monotonic()
@@ -228,3 +230,12 @@ class RedisBus:
                         on_message(data)
                     except Exception:  # a listener's bug must not end everyone's wake-ups
                         log.exception("pub/sub: a listener failed on a message; going on")
+
+
+def _honour_cancellation() -> None:
+    """Raise ``CancelledError`` if this task was asked to stop. redis-py 8.1's ``PubSub``
+    (seen in ``ping()``) can swallow the cancellation that ``Subscription.close`` sends; the
+    loop then went on reading and ``close`` never returned."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
