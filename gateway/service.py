@@ -2,12 +2,19 @@
 
 No HTTP here: handlers turn an ``Answer`` into a response. Cache hits never wait for a permit;
 misses for the same key share one upstream call; every upstream call holds a permit.
+
+The caller whose call reached the upstream is answered as soon as the upstream answers; the
+round goes on without it: the answer is stored, then the coalescer ends the round (publishes
+it to followers and frees the key's lock). The lock is held until the store has landed, so a
+miss that takes it next finds the answer in the cache (``_recheck``): identical misses still
+cost the upstream one call fleet-wide.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -45,6 +52,8 @@ from gateway.popularity import Popularity
 from gateway.upstream import UpstreamResponse
 from gateway.upstream_call import UpstreamCaller
 from gateway.validation import CallResultQuery, refuse_undocumented
+
+log = logging.getLogger("gateway.service")
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +97,7 @@ class CallResultService:
         self._metrics = metrics
         self._clock = clock
         self._refreshing: set[asyncio.Task[object]] = set()
+        self._finishing: set[asyncio.Future[tuple[UpstreamResponse, bool]]] = set()
 
     async def answer(
         self,
@@ -144,9 +154,7 @@ class CallResultService:
         # no-cache: an answer that landed within no_cache_min_age is as good as a new call.
         since = self._clock.time() - self._no_cache_min_age if refresh else 0.0
         try:
-            response, led = await self._coalescer.run(
-                key, lambda: self._fetch_and_store(query, key, locale, since, caller)
-            )
+            response, led = await self._round(query, key, locale, since, caller)
         except (Overloaded, UpstreamError) as exc:
             if stale is None:
                 raise
@@ -166,6 +174,33 @@ class CallResultService:
         if response.cached_age is not None:
             return Answer(200, response.body, response.content_type, label, response.cached_age)
         return Answer(response.status, response.body, response.content_type, label, 0)
+
+    async def _round(
+        self, query: CallResultQuery, key: str, locale: str | None, since: float, caller: str
+    ) -> tuple[UpstreamResponse, bool]:
+        """``coalescer.run``'s result, or as soon as this caller's own upstream call is
+        answered, that answer (led): the store and the round's end then go on without it."""
+        answered: asyncio.Future[UpstreamResponse] = asyncio.get_running_loop().create_future()
+        round_ = asyncio.ensure_future(
+            self._coalescer.run(
+                key, lambda: self._fetch_and_store(query, key, locale, since, caller, answered)
+            )
+        )
+        try:
+            await asyncio.wait((answered, round_), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            round_.cancel()  # the caller left, as if it had awaited the round itself
+            raise
+        if round_.done():
+            return round_.result()
+        self._finishing.add(round_)
+        round_.add_done_callback(self._finished)
+        return answered.result(), True
+
+    def _finished(self, round_: asyncio.Future[tuple[UpstreamResponse, bool]]) -> None:
+        self._finishing.discard(round_)
+        if not round_.cancelled() and (exc := round_.exception()) is not None:
+            log.error("a round failed after its caller was answered", exc_info=exc)
 
     def _stale(self, entry: CacheEntry, reason: str, why: str) -> Answer:
         self._metrics.stale_served.labels(reason).inc()
@@ -219,7 +254,9 @@ class CallResultService:
         task.add_done_callback(self._refreshing.discard)
 
     async def close(self) -> None:
-        """Stop background refreshes (at shutdown)."""
+        """Let answered rounds store and end (their locks then free), stop background
+        refreshes (at shutdown)."""
+        await asyncio.gather(*self._finishing, return_exceptions=True)
         for task in list(self._refreshing):
             task.cancel()
         await asyncio.gather(*self._refreshing, return_exceptions=True)
@@ -232,19 +269,23 @@ class CallResultService:
         locale: str | None,
         since: float,
         caller: str,
+        answered: asyncio.Future[UpstreamResponse] | None = None,
         *,
         background: bool = False,
     ) -> UpstreamResponse:
         """Call the upstream and store the answer, unless an answer stored at or after
         ``since`` is already fresh in the cache: another replica's call may have finished
         between this caller's lookup and its turn to lead (double-checked, so a burst still
-        costs the upstream one call)."""
+        costs the upstream one call). ``answered`` gets the upstream's answer before the
+        store."""
         fresh = await self._recheck(key, since)
         if fresh is not None:
             return fresh
         response, code = await self._caller.call(
             query, locale, caller=caller, background=background
         )
+        if answered is not None and not answered.done():
+            answered.set_result(response)
         now = self._clock.time()
         ttl = fresh_ttl(query, code, _utc_date(now), self._policy)
         if self._cache is not None and ttl > 0:

@@ -124,10 +124,12 @@ class UpstreamCaller:
         return len(self._holding)
 
     async def close(self) -> None:
-        """Stop the holds of abandoned calls without giving their permits back (shutdown)."""
+        """Stop the holds of abandoned calls without giving their permits back, and the
+        pause's background work (shutdown: this caller is the pause's one user)."""
         for task in list(self._holding):
             task.cancel()
         await asyncio.gather(*self._holding, return_exceptions=True)
+        await self._pause.close()
 
     async def call(
         self,
