@@ -18,8 +18,6 @@ alone keeps the vendor's limit).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -36,7 +34,6 @@ log = logging.getLogger("gateway.pause")
 # The subscription is trusted only if heard from (a message or the answer to its own PING,
 # sent every second) this recently: a stalled link shows as silence.
 SILENCE_S: Final = 3.0
-_CLOSE_RETRY_S: Final = 0.5  # how long a close waits for the listener before cancelling again
 
 
 def pause_key(namespace: str) -> str:
@@ -145,14 +142,8 @@ class RedisPause:
         self._closed = True
         self._synced = False
         listener, self._listener = self._listener, None
-        while listener is not None:
-            # ``Subscription.close`` cancels once, and Python 3.11's ``wait_for`` (in redis-py's
-            # connect) loses a cancel that lands as the connection completes (CPython
-            # gh-86296): the loop would then listen on. Cancel again until it has ended.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(_CLOSE_RETRY_S):
-                    await listener.close()
-                listener = None
+        if listener is not None:
+            await listener.close()
 
     def _listen(self) -> None:
         if self._listener is None and not self._closed:

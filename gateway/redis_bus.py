@@ -47,6 +47,7 @@ log = logging.getLogger("gateway.redis")
 READ_S: Final = 1.0  # a read's bound, and the PING interval when quiet; messages wake at once
 CONFIRM_S: Final = 5.0  # the longest a (re)subscription may take to be confirmed
 RETRY_S: Final = 1.0  # the pause before subscribing again after a loss
+_CLOSE_RETRY_S: Final = 0.5  # how long close() waits before cancelling again
 
 _NODE_KWARGS: Final = frozenset(
     {"username", "password", "credential_provider", "socket_timeout", "socket_connect_timeout"}
@@ -98,8 +99,12 @@ class Subscription:
         self._changed.set()
 
     async def close(self) -> None:
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+        """End the subscription; cancelled again until it has ended, since a cancellation can
+        be lost inside redis-py (``_honour_cancellation``; and on Python 3.11 a ``wait_for``
+        in its connect loses one that lands as the connection completes, CPython gh-86296)."""
+        while not self._task.done():
+            self._task.cancel()
+            await asyncio.wait([self._task], timeout=_CLOSE_RETRY_S)
         self.live = False
 
 
