@@ -22,6 +22,7 @@ from redis import Redis
 
 from gateway.clock import SystemClock
 from gateway.errors import ConfigError
+from gateway.limiter import FleetTimings, LimitConfig
 from gateway.limiter.redis_limiter import RedisLimiter
 from gateway.redis_client import REDIS_FAILURES, SentinelPool, check_eviction_policy, connect
 from gateway.settings import RedisSettings
@@ -41,6 +42,7 @@ from tests.test_limiter_contract import SKEW, Holder, finish, until
 
 WINDOW, LEASE = 0.3, 0.3
 HOLD = LEASE + WINDOW  # a new epoch grants nothing for this long
+LIMIT = LimitConfig(max_concurrent=2, window_s=WINDOW, max_queue=5, max_wait_s=3.0)
 
 
 @pytest.fixture
@@ -191,9 +193,8 @@ async def pair() -> AsyncIterator[tuple[RedisServer, RedisServer, TcpProxy]]:
 def limiter_on(server: RedisServer) -> tuple[RedisLimiter, aioredis.Redis]:
     client = aioredis.Redis.from_url(server.url)
     limiter = RedisLimiter(
-        client, max_concurrent=2, window_s=WINDOW, max_queue=5, max_wait_s=3.0,
-        lease_s=LEASE, clock=SystemClock(), fence_s=5.0, beat_s=0.1,
-    )  # fmt: skip
+        client, LIMIT, FleetTimings(lease_s=LEASE, fence_s=5.0, beat_s=0.1), clock=SystemClock()
+    )
     return limiter, client
 
 
@@ -293,9 +294,8 @@ async def test_a_redis_user_denied_info_still_gets_permits_on_the_epoch_alone() 
         )  # fmt: skip
     client = aioredis.Redis(port=server.port, username="gw", password="pw")
     limiter = RedisLimiter(
-        client, max_concurrent=2, window_s=WINDOW, max_queue=5, max_wait_s=3.0,
-        lease_s=LEASE, clock=SystemClock(), beat_s=0.1,
-    )  # fmt: skip
+        client, LIMIT, FleetTimings(lease_s=LEASE, beat_s=0.1), clock=SystemClock()
+    )
     try:
         holder = Holder(limiter)
         await until(holder.started.is_set, "granted on the epoch alone")

@@ -39,30 +39,29 @@ from gateway.limiter.protocol import (
     ANONYMOUS,
     FleetLimiter,
     FleetPermit,
+    FleetTimings,
+    LimitConfig,
     LimiterSnapshot,
     Permit,
     shutting_down,
 )
 from gateway.limiter.redis_limiter import RedisLimiter
-from gateway.limiter.scheduler import CallerPolicy, FairScheduler
+from gateway.limiter.scheduler import FairScheduler
 from gateway.redis_client import AnyRedis
 
 log = logging.getLogger("gateway.limiter")
 
-_MEMBER_BEATS = 3  # as ``redis_limiter``: a member counts three heartbeat periods
 
-
-def settle_time(
-    *, claim_s: float, skew_s: float, beat_s: float, lease_s: float, window_s: float
-) -> float:
+def settle_time(timings: FleetTimings, window_s: float) -> float:
     """Seconds from sending the latest membership claim until a cut-off replica may grant.
 
     The claim may still be applied ``claim_s`` (plus ``skew_s`` between the clocks) after it was
-    sent; the fleet counts the replica a member ``3 * beat_s`` past that and may grant out of
+    sent; the fleet counts the replica a member ``member_s`` past that and may grant out of
     the full budget until then; each such permit ends within ``lease_s`` and its start leaves
     the window ``window_s`` later.
     """
-    return claim_s + skew_s + _MEMBER_BEATS * beat_s + lease_s + window_s
+    t = timings
+    return t.claim_s + t.skew_s + t.member_s + t.lease_s + window_s
 
 
 class Mode(enum.Enum):
@@ -96,66 +95,45 @@ class FailoverLimiter:
     ``permit()`` raises ``QueueFull``/``QueueTimeout`` as any limiter, never
     ``BackendUnavailable`` for a Redis outage (only once closed). ``on_error`` is called once
     per failed Redis call; ``on_degraded`` with True/False when leaving/regaining GLOBAL.
+    The ``RedisLimiter`` it wraps gets the same ``limit`` and ``timings``, and ``limit.share``.
     """
 
     def __init__(
         self,
         client: AnyRedis,
+        limit: LimitConfig,
+        timings: FleetTimings,
         *,
-        max_concurrent: int,
-        window_s: float,
-        max_queue: int,
-        max_wait_s: float,
-        lease_s: float,
         clock: Clock,
-        replicas: int = 1,
         probe_s: float = 0.5,
-        beat_s: float = 0.5,
-        fence_s: float = 1.0,
-        claim_s: float = 1.0,
-        skew_s: float = 0.5,
         namespace: str = "isales:v1",
-        policy: Callable[[str], CallerPolicy] | None = None,
-        background_max: int = 0,
         on_error: Callable[[], None] = lambda: None,
         on_degraded: Callable[[bool], None] = lambda degraded: None,
     ) -> None:
-        share = max_concurrent // replicas
+        share = limit.share
         # Used only through ``FleetLimiter``: what this class needs of it, declared.
         self.shared: FleetLimiter = RedisLimiter(
             client,
-            max_concurrent=max_concurrent,
-            window_s=window_s,
-            max_queue=max_queue,
-            max_wait_s=max_wait_s,
-            lease_s=lease_s,
+            limit,
+            timings,
             clock=clock,
-            replicas=replicas,
             share=share,
-            beat_s=beat_s,
-            fence_s=fence_s,
-            claim_s=claim_s,
             namespace=namespace,
-            policy=policy,
-            background_max=background_max,
             on_failure=self._failed,
         )
-        self._budget = WindowBudget(share, window_s)
+        self._budget = WindowBudget(share, limit.window_s)
         # The local queue, while Redis cannot decide: the same fair rule, on this share.
         self._queue: FairScheduler[asyncio.Future[str | None]] = FairScheduler(
-            budget=max(1, share),
-            window_s=window_s,
-            max_queue=max_queue,
-            policy=policy,
-            background_max=min(background_max, share),
+            budget=share,
+            window_s=limit.window_s,
+            max_queue=limit.max_queue,
+            policy=limit.policy,
+            background_max=min(limit.background_max, share),
         )
-        self._window = window_s
-        self._max_queue = max_queue
-        self._max_wait = max_wait_s
+        self._window = limit.window_s
+        self._max_wait = limit.max_wait_s
         self._probe_s = probe_s
-        self.settle_s = settle_time(
-            claim_s=claim_s, skew_s=skew_s, beat_s=beat_s, lease_s=lease_s, window_s=window_s
-        )
+        self.settle_s = settle_time(timings, limit.window_s)
         self._clock = clock
         self._on_error = on_error
         self._on_degraded = on_degraded

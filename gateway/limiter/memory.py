@@ -23,8 +23,14 @@ from contextlib import asynccontextmanager
 
 from gateway.clock import Clock, Rearm
 from gateway.errors import QueueTimeout
-from gateway.limiter.protocol import ANONYMOUS, LimiterSnapshot, Permit, shutting_down
-from gateway.limiter.scheduler import CallerPolicy, FairScheduler
+from gateway.limiter.protocol import (
+    ANONYMOUS,
+    LimitConfig,
+    LimiterSnapshot,
+    Permit,
+    shutting_down,
+)
+from gateway.limiter.scheduler import FairScheduler
 
 
 class WindowBudget:
@@ -110,32 +116,20 @@ class InMemoryLimiter:
     """The single-process limiter: one ``WindowBudget`` and a ``FairScheduler`` of waiters.
 
     No dispatcher task: the queues are served whenever a permit is released, a waiter joins,
-    or the window timer fires, so an idle limiter costs nothing.
-    ``max_queue`` bounds each caller's queue (unless its policy sets its own ``max_queue``);
-    ``policy`` gives each caller its weight and caps; ``background_max`` is how many permits
-    (held, and granted per window) background work may take, 0 for none.
+    or the window timer fires, so an idle limiter costs nothing. One process is the whole
+    fleet: ``limit.replicas`` does not apply.
     """
 
-    def __init__(
-        self,
-        *,
-        max_concurrent: int,
-        window_s: float,
-        max_queue: int,
-        max_wait_s: float,
-        clock: Clock,
-        policy: Callable[[str], CallerPolicy] | None = None,
-        background_max: int = 0,
-    ) -> None:
-        self._budget = WindowBudget(max_concurrent, window_s)
+    def __init__(self, limit: LimitConfig, *, clock: Clock) -> None:
+        self._budget = WindowBudget(limit.max_concurrent, limit.window_s)
         self._scheduler: FairScheduler[asyncio.Future[None]] = FairScheduler(
-            budget=max_concurrent,
-            window_s=window_s,
-            max_queue=max_queue,
-            policy=policy,
-            background_max=background_max,
+            budget=limit.max_concurrent,
+            window_s=limit.window_s,
+            max_queue=limit.max_queue,
+            policy=limit.policy,
+            background_max=limit.background_max,
         )
-        self._max_wait = max_wait_s
+        self._max_wait = limit.max_wait_s
         self._clock = clock
         self._timer = Rearm(clock, self._serve)
         self._shedding = False

@@ -54,6 +54,11 @@ class CallerPolicy:
 DEFAULT_POLICY: Final = CallerPolicy()
 
 
+def same_policy(_caller: str) -> CallerPolicy:
+    """Every caller the default share (no callers file)."""
+    return DEFAULT_POLICY
+
+
 @dataclass(frozen=True, slots=True)
 class Turn(Generic[T]):
     """A grant decided by ``next``: whose waiter, and whether it was a background one."""
@@ -95,7 +100,7 @@ class FairScheduler(Generic[T]):
         self.max_queue = max_queue
         self.background_max = background_max
         self.max_total = max_total
-        self._policy = policy or (lambda _: DEFAULT_POLICY)
+        self._policy = policy or same_policy
         self._flows: dict[str, _Flow[T]] = {}
         self._where: dict[T, str] = {}  # queued caller item -> its caller
         self._waiting = 0  # caller waiters (background excluded)
