@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from gateway.clock import Clock, Rearm
 from gateway.errors import BackendUnavailable, QueueFull, QueueTimeout
-from gateway.limiter.memory import WindowBudget
+from gateway.limiter.memory import WindowBudget, still_waiting
 from gateway.limiter.protocol import (
     ANONYMOUS,
     FleetLimiter,
@@ -46,7 +46,7 @@ from gateway.limiter.protocol import (
     shutting_down,
 )
 from gateway.limiter.redis_limiter import RedisLimiter
-from gateway.limiter.scheduler import FairScheduler
+from gateway.limiter.scheduler import FairScheduler, Turn
 from gateway.redis_client import AnyRedis
 
 log = logging.getLogger("gateway.limiter")
@@ -310,20 +310,15 @@ class FailoverLimiter:
             busy = self._budget.in_flight + self.shared.snapshot().in_flight
             unsent_global = sum(p.shared is not None for p in self._unsent.values())
             delay = max(self._local_from - now, self._budget.delay(now, unsent_global))
-            if busy >= self._budget.max_concurrent or delay > 0:
-                if delay > 0 and delay != math.inf:
-                    self._timer.arm(now + delay)
-                return
-            turn = self._queue.next(now)
-            if turn is None:  # every waiter is capped, or background work is out of share
-                wake = self._queue.background_wake(now)
-                if wake != math.inf:
-                    self._timer.arm(wake)
+            if busy >= self._budget.max_concurrent and delay == 0:
+                return  # every permit of the share is held: a release serves again
+            # The next turn, or when to look again: the share's room first, then the caps.
+            turn = now + delay if delay > 0 else self._queue.next_live(now, still_waiting)
+            if not isinstance(turn, Turn):
+                if turn != math.inf:
+                    self._timer.arm(turn)
                 return
             self._waiters.pop(turn.item, None)
-            if turn.item.done():  # expired or cancelled, not yet out of the queue
-                self._queue.finished(turn.caller, background=turn.background)
-                continue
             self._budget.grant()
             turn.item.set_result(next(self._names))
 

@@ -20,6 +20,7 @@ import math
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from gateway.clock import Clock, Rearm
 from gateway.errors import QueueTimeout
@@ -30,7 +31,7 @@ from gateway.limiter.protocol import (
     Permit,
     shutting_down,
 )
-from gateway.limiter.scheduler import FairScheduler
+from gateway.limiter.scheduler import FairScheduler, Turn
 
 
 class WindowBudget:
@@ -214,18 +215,16 @@ class InMemoryLimiter:
         while self._scheduler.queued():
             now = self._clock.monotonic()
             delay = self._budget.delay(now)
-            if delay > 0:
-                if delay != math.inf:
-                    self._timer.arm(now + delay)
+            # The next turn, or when to look again: the budget's room first, then the caps.
+            turn = now + delay if delay > 0 else self._scheduler.next_live(now, still_waiting)
+            if not isinstance(turn, Turn):
+                if turn != math.inf:  # inf: a release or a join serves the queues again
+                    self._timer.arm(turn)
                 return
-            turn = self._scheduler.next(now)
-            if turn is None:  # every waiter is capped, or background work is out of share
-                wake = self._scheduler.background_wake(now)
-                if wake != math.inf:
-                    self._timer.arm(wake)
-                return
-            if turn.item.done():  # cancelled, not yet out of the queue: not a grant
-                self._scheduler.finished(turn.caller, background=turn.background)
-                continue
             self._budget.grant()
             turn.item.set_result(None)
+
+
+def still_waiting(waiter: asyncio.Future[Any]) -> bool:
+    """A waiter not done yet (a done one went away and is not yet out of its queue)."""
+    return not waiter.done()

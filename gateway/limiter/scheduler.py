@@ -178,6 +178,17 @@ class FairScheduler(Generic[T]):
             return Turn(caller, item, background=True)
         return None
 
+    def next_live(self, now: float, live: Callable[[T], bool]) -> Turn[T] | float:
+        """``next``, for a backend whose waiters may go away before leaving their queue: a turn
+        whose item is not ``live`` (cancelled, expired) is finished and skipped. With no turn
+        to give, when to ask again: ``background_wake`` (``inf``: at a release or a join).
+        Call only when the budget has room for one more start."""
+        while (turn := self.next(now)) is not None:
+            if live(turn.item):
+                return turn
+            self.finished(turn.caller, background=turn.background)
+        return self.background_wake(now)
+
     def order(self) -> list[str]:
         """Callers with a grantable waiter (not at their cap), in the order ``next`` would
         serve them if nobody joined meanwhile: for a backend that asks a shared store
