@@ -39,6 +39,9 @@ Build = Callable[..., Any]
 
 LIMIT = LimitConfig(max_concurrent=3, window_s=0.3, max_queue=50, max_wait_s=5.0)
 LEASES = FleetTimings(lease_s=5.0)
+# Under these a leaked Redis lease never lapses within a test (the in-memory limiter has no
+# leases: a leaked permit is leaked for good).
+LASTING = FleetTimings(lease_s=3600.0)
 
 
 def limit(**changes: Any) -> LimitConfig:
@@ -182,13 +185,6 @@ class Holder:
         await permit.sent()
 
 
-def leases_outlive_the_test(request: pytest.FixtureRequest) -> dict[str, FleetTimings]:
-    """Overrides for ``build`` under which a leaked Redis lease never lapses within the test
-    (the in-memory limiter has no leases: a leaked permit is leaked for good)."""
-    memory = request.node.callspec.params["build"] == "memory"
-    return {} if memory else {"timings": FleetTimings(lease_s=3600.0)}
-
-
 def queued_is(limiter: Limiter, count: int) -> Callable[[], bool]:
     return lambda: limiter.snapshot().queued == count
 
@@ -285,10 +281,8 @@ async def test_a_waiter_past_the_wait_bound_gets_queue_timeout(
     await finish(holder)
 
 
-async def test_cancelled_waiters_and_holders_leave_the_whole_budget_usable(
-    build: Build, request: pytest.FixtureRequest
-) -> None:
-    limiter = build(limit(max_concurrent=2, max_wait_s=3600.0), **leases_outlive_the_test(request))
+async def test_cancelled_waiters_and_holders_leave_the_whole_budget_usable(build: Build) -> None:
+    limiter = build(limit(max_concurrent=2, max_wait_s=3600.0), LASTING)
     holders = [Holder(limiter) for _ in range(6)]
     await until(lambda: limiter.snapshot() == LimiterSnapshot(in_flight=2, queued=4))
     for holder in holders:
@@ -320,10 +314,8 @@ async def test_shedding_turns_every_waiter_and_newcomer_away_and_keeps_held_perm
     await finish(holder)
 
 
-async def test_an_exception_inside_the_permit_gives_it_back(
-    build: Build, request: pytest.FixtureRequest
-) -> None:
-    limiter = build(limit(max_concurrent=1, window_s=0.05), **leases_outlive_the_test(request))
+async def test_an_exception_inside_the_permit_gives_it_back(build: Build) -> None:
+    limiter = build(limit(max_concurrent=1, window_s=0.05), LASTING)
     with pytest.raises(RuntimeError):
         async with limiter.permit():
             raise RuntimeError("upstream broke")
