@@ -341,21 +341,27 @@ async def test_a_start_counts_from_when_it_was_sent_not_when_it_was_granted(
     assert limiter.snapshot() == IDLE
 
 
-async def test_an_unsent_start_holds_its_place_in_the_window_past_the_window(
-    build: Build,
-) -> None:
-    limiter = build(limit(max_concurrent=2, window_s=0.15))
+async def an_unsent_start_keeps_its_place(limiter: Limiter, unsent_for_s: float) -> None:
+    """On a limiter of two permits and a 0.15 s window: a permit granted and not sent for
+    ``unsent_for_s``, then one sent; the next is granted only once the sent start has left
+    the window, as the window holds the unsent start and the sent one."""
     unsent = Holder(limiter, send_at_once=False)
     await unsent.started.wait()
-    await asyncio.sleep(0.3)  # granted two windows ago, still not sent
+    await asyncio.sleep(unsent_for_s)  # the holder stalls: its start stays pending
     sent = Holder(limiter)
     await until(lambda: sent.sent_at > 0)
     await finish(sent)
     waiter = Holder(limiter)
     await waiter.started.wait()
-    # The window holds the unsent start and the sent one: the next waits for the sent one.
     assert waiter.granted_at - sent.sent_at >= 0.15 - SKEW
     await finish(unsent, waiter)
+
+
+async def test_an_unsent_start_holds_its_place_in_the_window_past_the_window(
+    build: Build,
+) -> None:
+    limiter = build(limit(max_concurrent=2, window_s=0.15))
+    await an_unsent_start_keeps_its_place(limiter, 0.3)  # granted two windows ago
     assert limiter.snapshot() == IDLE
 
 
@@ -629,16 +635,8 @@ async def test_an_unsent_start_keeps_its_place_past_its_lease_while_the_permit_i
         redis_client, limit(max_concurrent=2, window_s=0.15), FleetTimings(lease_s=0.2)
     )
     closing.append(limiter)
-    unsent = Holder(limiter, send_at_once=False)
-    await unsent.started.wait()
-    await asyncio.sleep(0.5)  # past lease + window: renewals kept the start pending
-    sent = Holder(limiter)
-    await until(lambda: sent.sent_at > 0)
-    await finish(sent)
-    waiter = Holder(limiter)
-    await waiter.started.wait()
-    assert waiter.granted_at - sent.sent_at >= 0.15 - SKEW
-    await finish(unsent, waiter)
+    # Past lease + window: renewals kept the start pending.
+    await an_unsent_start_keeps_its_place(limiter, 0.5)
 
 
 async def test_every_key_the_scripts_touch_shares_one_hash_tag(
