@@ -26,10 +26,10 @@ from gateway.coalesce import Coalescer, InProcessCoalescer
 from gateway.coalesce_redis import RedisCoalescer
 from gateway.handlers import add_routes, on_response_prepare
 from gateway.health import probe_redis_at_start
-from gateway.limiter import Limiter
+from gateway.limiter import FleetTimings, LimitConfig, Limiter
 from gateway.limiter.failover import FailoverLimiter
 from gateway.limiter.memory import InMemoryLimiter
-from gateway.limiter.scheduler import DEFAULT_POLICY, CallerPolicy
+from gateway.limiter.scheduler import DEFAULT_POLICY, CallerPolicy, same_policy
 from gateway.metrics import BREAKER_STATES, GatewayMetrics
 from gateway.middleware import error_middleware, observe_middleware
 from gateway.openapi import add_openapi_route
@@ -120,34 +120,31 @@ def build_limiter(
     policy: Callable[[str], CallerPolicy] | None = None,
 ) -> Limiter:
     lim = settings.limit
-    window_s = (lim.window_ms + lim.margin_ms) / 1000
+    limit = LimitConfig(
+        max_concurrent=lim.max_concurrent,
+        window_s=(lim.window_ms + lim.margin_ms) / 1000,
+        max_queue=lim.max_queue,
+        max_wait_s=lim.max_wait_ms / 1000,
+        policy=policy or same_policy,
+        background_max=background_permits(settings),
+        replicas=lim.replicas,
+    )
     if redis is None:
-        return InMemoryLimiter(
-            max_concurrent=lim.max_concurrent,
-            window_s=window_s,
-            max_queue=lim.max_queue,
-            max_wait_s=lim.max_wait_ms / 1000,
-            clock=clock,
-            policy=policy,
-            background_max=background_permits(settings),
-        )
+        return InMemoryLimiter(limit, clock=clock)
+    timings = FleetTimings(
+        lease_s=limiter_lease_s(settings),
+        # Checked again once connected: the allowance covers the connection's set-up.
+        fence_s=PERMIT_FENCE_S + settings.upstream.connect_timeout_ms / 1000,
+        skew_s=lim.clock_skew_ms / 1000,
+    )
     degraded = metrics.degraded.labels("redis")
     # The global limiter, falling back to floor(max_concurrent / replicas) per replica when
     # Redis fails (never failing open).
     return FailoverLimiter(
         redis,
-        max_concurrent=lim.max_concurrent,
-        window_s=window_s,
-        max_queue=lim.max_queue,
-        max_wait_s=lim.max_wait_ms / 1000,
-        lease_s=limiter_lease_s(settings),
+        limit,
+        timings,
         clock=clock,
-        replicas=lim.replicas,
-        # Checked again once connected: the allowance covers the connection's set-up.
-        fence_s=PERMIT_FENCE_S + settings.upstream.connect_timeout_ms / 1000,
-        skew_s=lim.clock_skew_ms / 1000,
-        policy=policy,
-        background_max=background_permits(settings),
         on_error=metrics.redis_errors.labels("limiter").inc,
         on_degraded=lambda down: degraded.set(int(down)),
         namespace=settings.redis.namespace,

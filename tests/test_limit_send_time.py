@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
 
 import aiohttp
 import pytest
@@ -22,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from gateway.breaker import CircuitBreaker
 from gateway.clock import SystemClock
 from gateway.errors import PermitLost, UpstreamUnavailable
-from gateway.limiter import ANONYMOUS, Limiter, LimiterSnapshot, Permit
+from gateway.limiter import ANONYMOUS, FleetTimings, LimitConfig, Limiter, LimiterSnapshot, Permit
 from gateway.limiter.failover import FailoverLimiter
 from gateway.limiter.memory import InMemoryLimiter
 from gateway.metrics import GatewayMetrics
@@ -49,17 +48,13 @@ async def limiter(
     request: pytest.FixtureRequest, redis_client: aioredis.Redis
 ) -> AsyncIterator[Limiter]:
     """The gateway's limiters: embedded, and over Redis (global, with its local fallback)."""
-    options: dict[str, Any] = {
-        "max_concurrent": 10,
-        "window_s": SIM_WINDOW_S + MARGIN_S,
-        "max_queue": 100,
-        "max_wait_s": 10.0,
-        "clock": SystemClock(),
-    }
+    limit = LimitConfig(
+        max_concurrent=10, window_s=SIM_WINDOW_S + MARGIN_S, max_queue=100, max_wait_s=10.0
+    )
     if request.param == "memory":
-        yield InMemoryLimiter(**options)
+        yield InMemoryLimiter(limit, clock=SystemClock())
         return
-    failover = FailoverLimiter(redis_client, lease_s=5.0, **options)
+    failover = FailoverLimiter(redis_client, limit, FleetTimings(lease_s=5.0), clock=SystemClock())
     yield failover
     await failover.close()
 
@@ -132,6 +127,11 @@ class NotingPermit:
         await self.inner.sent()
 
 
+def embedded(max_wait_s: float) -> InMemoryLimiter:
+    limit = LimitConfig(max_concurrent=10, window_s=1.1, max_queue=10, max_wait_s=max_wait_s)
+    return InMemoryLimiter(limit, clock=SystemClock())
+
+
 class SendWatchingLimiter:
     """The embedded limiter, noting for each permit whether its request went out."""
 
@@ -168,11 +168,7 @@ async def test_a_request_that_never_reached_the_upstream_is_not_marked_sent(
     # The app's upstream session carries the send trace: a connection refused before any byte
     # went out leaves the permit unsent (its start then counts from its release).
     settings = gateway_settings(f"http://127.0.0.1:{free_port()}", upstream__retries=0)
-    watching = SendWatchingLimiter(
-        InMemoryLimiter(
-            max_concurrent=10, window_s=1.1, max_queue=10, max_wait_s=1.0, clock=SystemClock()
-        )
-    )
+    watching = SendWatchingLimiter(embedded(max_wait_s=1.0))
     gateway = await start_gateway(settings, limiter=watching)
     response = await gateway.post(
         "/rest/isales/v1/openapi/campaigns/11/callresult/5", data=b"{}", headers=JSON
@@ -187,12 +183,7 @@ async def test_a_permit_found_lapsed_on_the_ready_connection_sends_nothing_and_i
     # The permit passes its check before the fetch, then the holder "freezes" while the
     # connection is set up: checked again on the ready connection, it has lapsed.
     upstream = await start_simulator()
-    watching = SendWatchingLimiter(
-        InMemoryLimiter(
-            max_concurrent=10, window_s=1.1, max_queue=10, max_wait_s=5.0, clock=SystemClock()
-        ),
-        lapse_first_at_check=2,
-    )
+    watching = SendWatchingLimiter(embedded(max_wait_s=5.0), lapse_first_at_check=2)
     gateway = await start_gateway(gateway_settings(upstream.url), limiter=watching)
     response = await gateway.post(
         "/rest/isales/v1/openapi/campaigns/11/callresult/5", data=b"{}", headers=JSON

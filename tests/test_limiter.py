@@ -13,7 +13,7 @@ import pytest
 
 from gateway.clock import ManualClock
 from gateway.errors import QueueFull, QueueTimeout
-from gateway.limiter import ANONYMOUS, Permit
+from gateway.limiter import ANONYMOUS, FleetTimings, LimitConfig, Permit
 from gateway.limiter.memory import InMemoryLimiter, WindowBudget
 from gateway.limiter.scheduler import CallerPolicy
 
@@ -29,15 +29,15 @@ def make_limiter(
     background_max: int = 0,
 ) -> InMemoryLimiter:
     table = policies or {}
-    return InMemoryLimiter(
+    limit = LimitConfig(
         max_concurrent=max_concurrent,
         window_s=window_s,
         max_queue=max_queue,
         max_wait_s=max_wait_s,
-        clock=clock,
         policy=lambda caller: table.get(caller, CallerPolicy()),
         background_max=background_max,
     )
+    return InMemoryLimiter(limit, clock=clock)
 
 
 async def settle() -> None:
@@ -84,6 +84,38 @@ def one_start(budget: WindowBudget, sent_at: float) -> None:
     budget.grant()
     budget.sent(sent_at)
     budget.finish()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_concurrent", 0),
+        ("window_s", 0.0),
+        ("max_queue", -1),
+        ("max_wait_s", -0.5),
+        ("background_max", -1),
+        ("background_max", 4),  # more than the whole budget
+        ("replicas", 0),
+        ("replicas", 4),  # a replica with no share of its own
+    ],
+)
+def test_a_limit_out_of_range_is_refused_naming_its_field(field: str, value: float) -> None:
+    shape = {"max_concurrent": 3, "window_s": 1.1, "max_queue": 10, "max_wait_s": 5.0}
+    LimitConfig(**shape)  # in range as it is
+    with pytest.raises(ValueError, match=rf"^{field} must be .*, not {value!r}$"):
+        LimitConfig(**{**shape, field: value})
+
+
+@pytest.mark.parametrize("field", ["lease_s", "beat_s", "fence_s", "claim_s", "skew_s"])
+def test_fleet_timings_out_of_range_are_refused_naming_the_field(field: str) -> None:
+    FleetTimings(lease_s=5.0, skew_s=0.0)  # no skew assumed: in range
+    with pytest.raises(ValueError, match=rf"^{field} must be "):
+        FleetTimings(**{"lease_s": 5.0, field: -1.0})
+
+
+def test_each_replica_of_the_fleet_gets_a_whole_share_and_the_shares_add_up() -> None:
+    shares = {n: LimitConfig(10, 1.1, 10, 5.0, replicas=n).share for n in (1, 2, 3, 10)}
+    assert shares == {1: 10, 2: 5, 3: 3, 10: 1}
 
 
 def test_budget_allows_n_starts_then_waits_for_the_oldest_to_leave_the_window() -> None:

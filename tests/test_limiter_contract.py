@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -21,9 +22,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 
-from gateway.clock import ManualClock, SystemClock
+from gateway.clock import Clock, ManualClock, SystemClock
 from gateway.errors import BackendUnavailable, QueueFull, QueueTimeout
-from gateway.limiter import ANONYMOUS, Limiter, LimiterSnapshot, Permit
+from gateway.limiter import ANONYMOUS, FleetTimings, LimitConfig, Limiter, LimiterSnapshot, Permit
 from gateway.limiter.failover import FailoverLimiter
 from gateway.limiter.memory import InMemoryLimiter
 from gateway.limiter.redis_limiter import RedisLimiter
@@ -36,20 +37,27 @@ IDLE = LimiterSnapshot(in_flight=0, queued=0)
 Build = Callable[..., Any]
 
 
-def limiter_options(**overrides: Any) -> dict[str, Any]:
-    options: dict[str, Any] = {
-        "max_concurrent": 3,
-        "window_s": 0.3,
-        "max_queue": 50,
-        "max_wait_s": 5.0,
-        "clock": SystemClock(),
-    }
-    options.update(overrides)
-    return options
+LIMIT = LimitConfig(max_concurrent=3, window_s=0.3, max_queue=50, max_wait_s=5.0)
+LEASES = FleetTimings(lease_s=5.0)
+# Under these a leaked Redis lease never lapses within a test (the in-memory limiter has no
+# leases: a leaked permit is leaked for good).
+LASTING = FleetTimings(lease_s=3600.0)
 
 
-def redis_limiter(client: aioredis.Redis, **overrides: Any) -> RedisLimiter:
-    return RedisLimiter(client, **limiter_options(**{"lease_s": 5.0, **overrides}))
+def limit(**changes: Any) -> LimitConfig:
+    """The contract's limit, with ``changes``."""
+    return replace(LIMIT, **changes)
+
+
+def redis_limiter(
+    client: aioredis.Redis,
+    config: LimitConfig = LIMIT,
+    timings: FleetTimings = LEASES,
+    *,
+    clock: Clock | None = None,
+    namespace: str = "isales:v1",
+) -> RedisLimiter:
+    return RedisLimiter(client, config, timings, clock=clock or SystemClock(), namespace=namespace)
 
 
 @pytest.fixture
@@ -70,15 +78,20 @@ async def second_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Red
 
 @pytest.fixture(params=["memory", "redis", "failover"])
 def build(request: pytest.FixtureRequest) -> Build:
-    """Builds the implementation under test with the contract's defaults and any overrides."""
+    """Builds the implementation under test: the contract's limit unless given one, on the
+    system clock unless given one (``timings``: the fleet-wide ones' leases, heartbeats)."""
     if request.param == "memory":
-        return lambda **overrides: InMemoryLimiter(**limiter_options(**overrides))
+        return lambda config=LIMIT, timings=LEASES, clock=None: InMemoryLimiter(
+            config, clock=clock or SystemClock()
+        )  # no shared state: ``timings`` do not apply
     client = request.getfixturevalue("redis_client")
     closing = request.getfixturevalue("closing")  # set up after the client: closed before it
     kind = RedisLimiter if request.param == "redis" else FailoverLimiter
 
-    def make(**overrides: Any) -> RedisLimiter | FailoverLimiter:
-        limiter = kind(client, **limiter_options(**{"lease_s": 5.0, **overrides}))
+    def make(
+        config: LimitConfig = LIMIT, timings: FleetTimings = LEASES, clock: Clock | None = None
+    ) -> RedisLimiter | FailoverLimiter:
+        limiter = kind(client, config, timings, clock=clock or SystemClock())
         closing.append(limiter)
         return limiter
 
@@ -172,12 +185,6 @@ class Holder:
         await permit.sent()
 
 
-def leases_outlive_the_test(request: pytest.FixtureRequest) -> dict[str, float]:
-    """Overrides for ``build`` under which a leaked Redis lease never lapses within the test
-    (the in-memory limiter has no leases: a leaked permit is leaked for good)."""
-    return {} if request.node.callspec.params["build"] == "memory" else {"lease_s": 3600.0}
-
-
 def queued_is(limiter: Limiter, count: int) -> Callable[[], bool]:
     return lambda: limiter.snapshot().queued == count
 
@@ -222,7 +229,7 @@ async def test_in_flight_and_starts_per_window_stay_within_the_limit_under_load(
 
 
 async def test_callers_that_queue_in_order_are_granted_in_order(build: Build) -> None:
-    limiter = build(max_concurrent=1, window_s=0.05)
+    limiter = build(limit(max_concurrent=1, window_s=0.05))
     recorder = Recorder()
     first = Holder(limiter)
     await first.started.wait()
@@ -237,7 +244,7 @@ async def test_callers_that_queue_in_order_are_granted_in_order(build: Build) ->
 
 async def test_a_full_local_queue_rejects_at_once_with_a_retry_after(build: Build) -> None:
     # Nothing frees a place and the wait bound is an hour: only the full queue can answer.
-    limiter = build(max_concurrent=1, max_queue=2, max_wait_s=3600.0)
+    limiter = build(limit(max_concurrent=1, max_queue=2, max_wait_s=3600.0))
     holders = [Holder(limiter) for _ in range(3)]
     await until(lambda: limiter.snapshot() == LimiterSnapshot(in_flight=1, queued=2))
     with pytest.raises(QueueFull) as caught:
@@ -252,7 +259,8 @@ async def test_a_full_local_queue_rejects_at_once_with_a_retry_after(build: Buil
 async def test_a_waiter_past_the_wait_bound_gets_queue_timeout(
     build: Build, clock: ManualClock
 ) -> None:
-    limiter = build(max_concurrent=1, max_wait_s=0.2, clock=clock)  # the bound is on ``clock``
+    # The bound is on ``clock``.
+    limiter = build(limit(max_concurrent=1, max_wait_s=0.2), clock=clock)
     holder = Holder(limiter)
 
     def granted() -> bool:  # it may wait on a hint, a timer on ``clock`` too
@@ -273,10 +281,8 @@ async def test_a_waiter_past_the_wait_bound_gets_queue_timeout(
     await finish(holder)
 
 
-async def test_cancelled_waiters_and_holders_leave_the_whole_budget_usable(
-    build: Build, request: pytest.FixtureRequest
-) -> None:
-    limiter = build(max_concurrent=2, max_wait_s=3600.0, **leases_outlive_the_test(request))
+async def test_cancelled_waiters_and_holders_leave_the_whole_budget_usable(build: Build) -> None:
+    limiter = build(limit(max_concurrent=2, max_wait_s=3600.0), LASTING)
     holders = [Holder(limiter) for _ in range(6)]
     await until(lambda: limiter.snapshot() == LimiterSnapshot(in_flight=2, queued=4))
     for holder in holders:
@@ -293,7 +299,7 @@ async def test_cancelled_waiters_and_holders_leave_the_whole_budget_usable(
 async def test_shedding_turns_every_waiter_and_newcomer_away_and_keeps_held_permits(
     build: Build,
 ) -> None:
-    limiter = build(max_concurrent=1)
+    limiter = build(limit(max_concurrent=1))
     holder = Holder(limiter)
     await holder.started.wait()
     waiters = [Holder(limiter) for _ in range(3)]
@@ -308,10 +314,8 @@ async def test_shedding_turns_every_waiter_and_newcomer_away_and_keeps_held_perm
     await finish(holder)
 
 
-async def test_an_exception_inside_the_permit_gives_it_back(
-    build: Build, request: pytest.FixtureRequest
-) -> None:
-    limiter = build(max_concurrent=1, window_s=0.05, **leases_outlive_the_test(request))
+async def test_an_exception_inside_the_permit_gives_it_back(build: Build) -> None:
+    limiter = build(limit(max_concurrent=1, window_s=0.05), LASTING)
     with pytest.raises(RuntimeError):
         async with limiter.permit():
             raise RuntimeError("upstream broke")
@@ -322,7 +326,7 @@ async def test_an_exception_inside_the_permit_gives_it_back(
 async def test_a_start_counts_from_when_it_was_sent_not_when_it_was_granted(
     build: Build,
 ) -> None:
-    limiter = build(max_concurrent=1, window_s=0.2)
+    limiter = build(limit(max_concurrent=1, window_s=0.2))
     late = Holder(limiter, send_at_once=False)
     await late.started.wait()
     await asyncio.sleep(0.15)  # a stall between the grant and the send, longer than any margin
@@ -337,28 +341,34 @@ async def test_a_start_counts_from_when_it_was_sent_not_when_it_was_granted(
     assert limiter.snapshot() == IDLE
 
 
-async def test_an_unsent_start_holds_its_place_in_the_window_past_the_window(
-    build: Build,
-) -> None:
-    limiter = build(max_concurrent=2, window_s=0.15)
+async def an_unsent_start_keeps_its_place(limiter: Limiter, unsent_for_s: float) -> None:
+    """On a limiter of two permits and a 0.15 s window: a permit granted and not sent for
+    ``unsent_for_s``, then one sent; the next is granted only once the sent start has left
+    the window, as the window holds the unsent start and the sent one."""
     unsent = Holder(limiter, send_at_once=False)
     await unsent.started.wait()
-    await asyncio.sleep(0.3)  # granted two windows ago, still not sent
+    await asyncio.sleep(unsent_for_s)  # the holder stalls: its start stays pending
     sent = Holder(limiter)
     await until(lambda: sent.sent_at > 0)
     await finish(sent)
     waiter = Holder(limiter)
     await waiter.started.wait()
-    # The window holds the unsent start and the sent one: the next waits for the sent one.
     assert waiter.granted_at - sent.sent_at >= 0.15 - SKEW
     await finish(unsent, waiter)
+
+
+async def test_an_unsent_start_holds_its_place_in_the_window_past_the_window(
+    build: Build,
+) -> None:
+    limiter = build(limit(max_concurrent=2, window_s=0.15))
+    await an_unsent_start_keeps_its_place(limiter, 0.3)  # granted two windows ago
     assert limiter.snapshot() == IDLE
 
 
 async def test_a_permit_released_without_being_sent_counts_its_start_at_release(
     build: Build,
 ) -> None:
-    limiter = build(max_concurrent=1, window_s=0.2)
+    limiter = build(limit(max_concurrent=1, window_s=0.2))
     failed = Holder(limiter, send_at_once=False)  # the request broke before it was sent
     await failed.started.wait()
     await asyncio.sleep(0.15)  # a stall longer than any margin, then the request breaks
@@ -374,7 +384,7 @@ async def test_a_permit_released_without_being_sent_counts_its_start_at_release(
 
 
 async def test_a_flood_from_one_caller_fills_only_its_own_queue(fair_build: Build) -> None:
-    limiter = fair_build(max_concurrent=1, max_queue=2)
+    limiter = fair_build(limit(max_concurrent=1, max_queue=2))
     holders = [Holder(limiter, caller="flood") for _ in range(3)]
     await until(queued_is(limiter, 2))
     with pytest.raises(QueueFull):
@@ -387,7 +397,7 @@ async def test_a_flood_from_one_caller_fills_only_its_own_queue(fair_build: Buil
 
 
 async def test_a_late_caller_is_granted_before_the_flooders_backlog(fair_build: Build) -> None:
-    limiter = fair_build(max_concurrent=1, window_s=0.05)
+    limiter = fair_build(limit(max_concurrent=1, window_s=0.05))
     recorder = Recorder()
     first = Holder(limiter, caller="flood")
     await first.started.wait()
@@ -406,7 +416,7 @@ async def test_a_heavier_caller_gets_turns_in_proportion_to_its_weight(
     fair_build: Build,
 ) -> None:
     weights = policies(heavy=CallerPolicy(weight=3))
-    limiter = fair_build(max_concurrent=1, window_s=0.03, policy=weights)
+    limiter = fair_build(limit(max_concurrent=1, window_s=0.03, policy=weights))
     recorder = Recorder()
     first = Holder(limiter, caller="heavy")
     await first.started.wait()
@@ -424,7 +434,7 @@ async def test_a_caller_at_its_in_flight_cap_waits_while_others_are_granted(
     fair_build: Build,
 ) -> None:
     capped = policies(capped=CallerPolicy(max_in_flight=1))
-    limiter = fair_build(max_concurrent=3, policy=capped)
+    limiter = fair_build(limit(max_concurrent=3, policy=capped))
     held = Holder(limiter, caller="capped")
     await held.started.wait()
     second = Holder(limiter, caller="capped")
@@ -438,7 +448,7 @@ async def test_a_caller_at_its_in_flight_cap_waits_while_others_are_granted(
 
 
 async def test_background_work_waits_while_any_caller_waits(fair_build: Build) -> None:
-    limiter = fair_build(max_concurrent=1, window_s=0.05, background_max=1)
+    limiter = fair_build(limit(max_concurrent=1, window_s=0.05, background_max=1))
     recorder = Recorder()
     first = Holder(limiter, caller="a")
     await first.started.wait()
@@ -529,8 +539,8 @@ async def test_two_replicas_share_one_budget_and_take_fair_turns(
 ) -> None:
     # The far replica hears of every freed permit last and would lose every race for it;
     # only the limiter's own fairness gives it its turns.
-    options = {"max_concurrent": 4, "window_s": 0.15}
-    replicas = [redis_limiter(redis_client, **options), redis_limiter(far_client, **options)]
+    shape = limit(max_concurrent=4, window_s=0.15)
+    replicas = [redis_limiter(redis_client, shape), redis_limiter(far_client, shape)]
     closing.extend(replicas)
     recorder = Recorder()
     callers = [
@@ -552,13 +562,15 @@ CRASHING_REPLICA = """
 import asyncio, sys
 import redis.asyncio as aioredis
 from gateway.clock import SystemClock
+from gateway.limiter import FleetTimings, LimitConfig
 from gateway.limiter.redis_limiter import RedisLimiter
-from gateway.limiter.scheduler import CallerPolicy
 
 async def main() -> None:
     limiter = RedisLimiter(
-        aioredis.Redis.from_url(sys.argv[1]), max_concurrent=3, window_s=0.3, max_queue=5,
-        max_wait_s=5.0, lease_s=0.5, clock=SystemClock(),
+        aioredis.Redis.from_url(sys.argv[1]),
+        LimitConfig(max_concurrent=3, window_s=0.3, max_queue=5, max_wait_s=5.0),
+        FleetTimings(lease_s=0.5),
+        clock=SystemClock(),
     )
     permits = [limiter.permit() for _ in range(3)]  # referenced: never finalized, never exited
     for permit in permits:
@@ -573,7 +585,7 @@ asyncio.run(main())
 async def test_a_killed_replicas_permits_come_back_after_their_lease(
     redis_server: RedisServer, redis_client: aioredis.Redis, closing: list[RedisLimiter]
 ) -> None:
-    survivor = redis_limiter(redis_client, lease_s=0.5, max_wait_s=1.2)
+    survivor = redis_limiter(redis_client, limit(max_wait_s=1.2), FleetTimings(lease_s=0.5))
     closing.append(survivor)
     crashing = await asyncio.create_subprocess_exec(
         sys.executable, "-c", CRASHING_REPLICA, redis_server.url, stdout=asyncio.subprocess.PIPE
@@ -589,7 +601,8 @@ async def test_a_killed_replicas_permits_come_back_after_their_lease(
         crashing.kill()
         await crashing.wait()
     killed = time.monotonic()
-    patient = redis_limiter(redis_client, lease_s=0.5, max_wait_s=3600.0)  # waits for the lapse
+    # It waits for the lapse.
+    patient = redis_limiter(redis_client, limit(max_wait_s=3600.0), FleetTimings(lease_s=0.5))
     closing.append(patient)
     holders = [Holder(patient) for _ in range(3)]
     await until(lambda: all(h.started.is_set() for h in holders), "the leases lapse")
@@ -602,8 +615,9 @@ async def test_a_killed_replicas_permits_come_back_after_their_lease(
 async def test_a_call_longer_than_the_lease_keeps_its_permit(
     redis_client: aioredis.Redis, second_client: aioredis.Redis, closing: list[RedisLimiter]
 ) -> None:
-    holder_replica = redis_limiter(redis_client, max_concurrent=1, lease_s=0.2)
-    other_replica = redis_limiter(second_client, max_concurrent=1, lease_s=0.2, max_wait_s=0.5)
+    short = FleetTimings(lease_s=0.2)
+    holder_replica = redis_limiter(redis_client, limit(max_concurrent=1), short)
+    other_replica = redis_limiter(second_client, limit(max_concurrent=1, max_wait_s=0.5), short)
     closing.extend([holder_replica, other_replica])
     holder = Holder(holder_replica)
     await holder.started.wait()
@@ -617,24 +631,18 @@ async def test_a_call_longer_than_the_lease_keeps_its_permit(
 async def test_an_unsent_start_keeps_its_place_past_its_lease_while_the_permit_is_held(
     redis_client: aioredis.Redis, closing: list[RedisLimiter]
 ) -> None:
-    limiter = redis_limiter(redis_client, max_concurrent=2, window_s=0.15, lease_s=0.2)
+    limiter = redis_limiter(
+        redis_client, limit(max_concurrent=2, window_s=0.15), FleetTimings(lease_s=0.2)
+    )
     closing.append(limiter)
-    unsent = Holder(limiter, send_at_once=False)
-    await unsent.started.wait()
-    await asyncio.sleep(0.5)  # past lease + window: renewals kept the start pending
-    sent = Holder(limiter)
-    await until(lambda: sent.sent_at > 0)
-    await finish(sent)
-    waiter = Holder(limiter)
-    await waiter.started.wait()
-    assert waiter.granted_at - sent.sent_at >= 0.15 - SKEW
-    await finish(unsent, waiter)
+    # Past lease + window: renewals kept the start pending.
+    await an_unsent_start_keeps_its_place(limiter, 0.5)
 
 
 async def test_every_key_the_scripts_touch_shares_one_hash_tag(
     redis_client: aioredis.Redis, closing: list[RedisLimiter]
 ) -> None:
-    limiter = redis_limiter(redis_client, max_concurrent=1, namespace="isales:v1")
+    limiter = redis_limiter(redis_client, limit(max_concurrent=1), namespace="isales:v1")
     closing.append(limiter)
     holder, waiter = Holder(limiter), Holder(limiter)
     await holder.started.wait()
@@ -660,7 +668,7 @@ async def test_an_unreachable_redis_fails_fast_with_backend_unavailable_and_keep
     client = aioredis.Redis(
         port=free_port(), socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0)
     )
-    limiter = redis_limiter(client, max_wait_s=3600.0)  # a caller left waiting would hang
+    limiter = redis_limiter(client, limit(max_wait_s=3600.0))  # a caller left waiting would hang
 
     async def call() -> None:
         async with limiter.permit():
@@ -686,10 +694,10 @@ async def test_a_waiter_on_another_replica_is_woken_by_the_release_not_by_pollin
     # Other script calls within the 0.6 s counted: the waiting replica's first heartbeat (the
     # next comes 1.7 s later: every min(beat_s, lease_s / 3)), and the holder's start
     # being recorded, which may land after the reset.
-    options = {"max_concurrent": 1, "window_s": 0.05, "beat_s": 10.0}
-    holding = redis_limiter(redis_client, **options)
+    shape, timings = limit(max_concurrent=1, window_s=0.05), FleetTimings(lease_s=5.0, beat_s=10.0)
+    holding = redis_limiter(redis_client, shape, timings)
     # Its hints are timers on a clock that never moves: only the release message can wake it.
-    waiting = redis_limiter(second_client, **{**options, "clock": clock})
+    waiting = redis_limiter(second_client, shape, timings, clock=clock)
     closing.extend([holding, waiting])
     await waiting.beat()  # knows the epoch: no acquire is spent learning it
     holder = Holder(holding)
@@ -745,7 +753,7 @@ async def test_a_waiter_that_times_out_leaves_no_demand_in_redis(
 ) -> None:
     # A window of an hour: demand lapses hours after it (2 hints + 0.5 s), so only the
     # waiter's withdrawal can clear it within the test.
-    limiter = redis_limiter(redis_client, max_concurrent=1, max_wait_s=0.1, window_s=3600.0)
+    limiter = redis_limiter(redis_client, limit(max_concurrent=1, max_wait_s=0.1, window_s=3600.0))
     closing.append(limiter)
     holder = Holder(limiter)
     await holder.started.wait()
@@ -761,7 +769,7 @@ async def test_a_waiter_that_times_out_leaves_no_demand_in_redis(
 async def test_close_releases_unsent_leases_keeps_sent_ones_stops_listening_and_fails_waiters(
     redis_client: aioredis.Redis,
 ) -> None:
-    limiter = redis_limiter(redis_client, max_concurrent=2)
+    limiter = redis_limiter(redis_client, limit(max_concurrent=2))
     sent, unsent = Holder(limiter), Holder(limiter, send_at_once=False)
     await asyncio.gather(sent.started.wait(), unsent.started.wait())
     await until(lambda: sent.sent_at > 0)
@@ -822,7 +830,7 @@ async def test_every_replica_reads_the_fleets_permits_in_flight_and_starts_in_th
 
 
 async def test_the_embedded_limiter_counts_itself_as_the_whole_fleet() -> None:
-    limiter = InMemoryLimiter(**limiter_options())
+    limiter = InMemoryLimiter(LIMIT, clock=SystemClock())
     holder = Holder(limiter)
     await until(lambda: holder.sent_at > 0)
     assert (limiter.snapshot().fleet_in_flight, limiter.snapshot().fleet_starts) == (1, 1)

@@ -16,6 +16,7 @@ import logging
 import signal
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -27,7 +28,7 @@ from redis.backoff import NoBackoff
 from gateway.app import limiter_lease_s
 from gateway.clock import SystemClock
 from gateway.errors import PermitLost, QueueTimeout
-from gateway.limiter import LimiterSnapshot
+from gateway.limiter import FleetTimings, LimitConfig, LimiterSnapshot
 from gateway.limiter.failover import FailoverLimiter, Mode, settle_time
 from gateway.limiter.redis_limiter import RedisLimiter
 from gateway.metrics import GatewayMetrics
@@ -37,14 +38,26 @@ from tests.support.waiting import WITHIN_S, until
 from tests.test_limiter_contract import IDLE, SKEW, Holder, Recorder, finish
 
 WINDOW, LEASE, BEAT, CLAIM, PROBE, TIMEOUT = 0.3, 0.3, 0.1, 0.2, 0.1, 0.2
-SETTLE = settle_time(claim_s=CLAIM, skew_s=0.0, beat_s=BEAT, lease_s=LEASE, window_s=WINDOW)
+TIMINGS = FleetTimings(lease_s=LEASE, beat_s=BEAT, claim_s=CLAIM, skew_s=0.0)
+SETTLE = settle_time(TIMINGS, WINDOW)
 HOLD = LEASE + WINDOW
+LIMIT = LimitConfig(max_concurrent=4, window_s=WINDOW, max_queue=50, max_wait_s=5.0)
+
+
+def limit(**changes: Any) -> LimitConfig:
+    """This file's limit, with ``changes``."""
+    return replace(LIMIT, **changes)
 
 
 class Replica:
     """One gateway replica's limiter on its own short-timeout client, with what it reported."""
 
-    def __init__(self, server: RedisServer, **overrides: Any) -> None:
+    def __init__(
+        self,
+        server: RedisServer,
+        config: LimitConfig = LIMIT,
+        on_degraded: Callable[[bool], None] | None = None,
+    ) -> None:
         self.client = aioredis.Redis.from_url(
             server.url,
             socket_timeout=TIMEOUT,
@@ -53,22 +66,15 @@ class Replica:
         )
         self.errors = 0
         self.degraded: list[bool] = []
-        options: dict[str, Any] = {
-            "max_concurrent": 4,
-            "window_s": WINDOW,
-            "max_queue": 50,
-            "max_wait_s": 5.0,
-            "lease_s": LEASE,
-            "probe_s": PROBE,
-            "beat_s": BEAT,
-            "claim_s": CLAIM,
-            "skew_s": 0.0,
-            "clock": SystemClock(),
-            "on_error": self._count_error,
-            "on_degraded": self.degraded.append,
-        }
-        options.update(overrides)
-        self.limiter = FailoverLimiter(self.client, **options)
+        self.limiter = FailoverLimiter(
+            self.client,
+            config,
+            TIMINGS,
+            clock=SystemClock(),
+            probe_s=PROBE,
+            on_error=self._count_error,
+            on_degraded=on_degraded or self.degraded.append,
+        )
 
     def _count_error(self) -> None:
         self.errors += 1
@@ -95,8 +101,8 @@ def own_redis() -> Iterator[RedisServer]:
 async def replica() -> AsyncIterator[Callable[..., Replica]]:
     made: list[Replica] = []
 
-    def make(server: RedisServer, **overrides: Any) -> Replica:
-        made.append(Replica(server, **overrides))
+    def make(server: RedisServer, *args: Any, **kwargs: Any) -> Replica:
+        made.append(Replica(server, *args, **kwargs))
         made[-1].limiter.start()
         return made[-1]
 
@@ -119,7 +125,8 @@ async def call(replica: Replica, hold: float = 0.0) -> None:
 
 def test_a_cut_off_replica_settles_until_the_fleet_surely_counts_it_gone() -> None:
     # claim may land late + clocks + counted a member three beats + its grants end + window
-    assert settle_time(claim_s=1, skew_s=0.5, beat_s=0.5, lease_s=24, window_s=1.1) == 28.1
+    timings = FleetTimings(lease_s=24, beat_s=0.5, claim_s=1, skew_s=0.5)
+    assert settle_time(timings, window_s=1.1) == 28.1
 
 
 def test_the_defaults_keep_the_fallbacks_settle_time_within_the_wait_bound() -> None:
@@ -129,7 +136,8 @@ def test_the_defaults_keep_the_fallbacks_settle_time_within_the_wait_bound() -> 
         s.upstream.abandoned_hold_ms / 1000
     )
     window = (s.limit.window_ms + s.limit.margin_ms) / 1000
-    settle = settle_time(claim_s=1.0, skew_s=0.5, beat_s=0.5, lease_s=lease, window_s=window)
+    timings = FleetTimings(lease_s=lease, beat_s=0.5, claim_s=1.0, skew_s=0.5)
+    settle = settle_time(timings, window)
     assert settle <= s.limit.max_wait_ms / 1000
 
 
@@ -139,7 +147,7 @@ def test_the_defaults_keep_the_fallbacks_settle_time_within_the_wait_bound() -> 
 async def test_two_replicas_keep_the_combined_limit_while_redis_dies_and_comes_back_empty(
     own_redis: RedisServer, replica: Callable[..., Replica]
 ) -> None:
-    a, b = replica(own_redis, replicas=2), replica(own_redis, replicas=2)
+    a, b = replica(own_redis, limit(replicas=2)), replica(own_redis, limit(replicas=2))
     recorder = Recorder()
     failures: list[BaseException] = []
     running = True
@@ -213,7 +221,7 @@ async def test_after_redis_restarts_both_replicas_return_to_global_by_themselves
 async def test_during_an_outage_callers_wait_instead_of_failing_and_pay_no_redis_timeout(
     own_redis: RedisServer, replica: Callable[..., Replica]
 ) -> None:
-    r = replica(own_redis, max_concurrent=10)
+    r = replica(own_redis, limit(max_concurrent=10))
     await call(r)
     assert own_redis.proc is not None
     own_redis.proc.send_signal(signal.SIGSTOP)  # a hung Redis: every call waits its timeout
@@ -238,7 +246,7 @@ async def test_during_an_outage_callers_wait_instead_of_failing_and_pay_no_redis
 async def test_timeouts_and_cancellations_in_fallback_leave_the_whole_local_share_usable(
     own_redis: RedisServer, replica: Callable[..., Replica]
 ) -> None:
-    r = replica(own_redis, max_concurrent=2, max_wait_s=0.3)
+    r = replica(own_redis, limit(max_concurrent=2, max_wait_s=0.3))
     own_redis.stop()
     with pytest.raises(QueueTimeout):  # still settling: waited its bound, then a 503, no 500
         await call(r)
@@ -260,7 +268,7 @@ async def test_timeouts_and_cancellations_in_fallback_leave_the_whole_local_shar
 async def test_a_replica_rejoins_only_once_its_local_permits_have_ended_and_left_the_window(
     own_redis: RedisServer, replica: Callable[..., Replica]
 ) -> None:
-    r = replica(own_redis, max_concurrent=3)
+    r = replica(own_redis, limit(max_concurrent=3))
     own_redis.stop()
     holder = Holder(r.limiter)  # a local permit, once settled
     await holder.started.wait()
@@ -286,12 +294,12 @@ async def test_the_fleet_sets_aside_the_share_of_a_replica_it_does_not_hear_from
     own_redis: RedisServer, replica: Callable[..., Replica]
 ) -> None:
     # Two replicas of four permits: each may use 2 on its own when cut off from Redis.
-    a = replica(own_redis, replicas=2, max_wait_s=0.4)
+    a = replica(own_redis, limit(replicas=2, max_wait_s=0.4))
     held = [Holder(a.limiter) for _ in range(2)]
     await asyncio.gather(*(h.started.wait() for h in held))
     with pytest.raises(QueueTimeout):  # the silent replica's share is not the fleet's
         await call(a)
-    b = replica(own_redis, replicas=2)  # heard from now: its share is back in the pool
+    b = replica(own_redis, limit(replicas=2))  # heard from now: its share is back in the pool
     await until(lambda: a.limiter.shared.members == 2)
     more = [Holder(a.limiter) for _ in range(2)]
     await until(lambda: all(h.started.is_set() for h in more), "the share is back in the pool")
@@ -304,7 +312,7 @@ async def test_a_redis_that_refuses_writes_sends_replicas_to_their_share_on_time
 ) -> None:
     primary = RedisServer().start()
     try:
-        r = replica(own_redis, max_concurrent=2)
+        r = replica(own_redis, limit(max_concurrent=2))
         await call(r)
         admin = aioredis.Redis(port=own_redis.port)
         await admin.replicaof("127.0.0.1", primary.port)  # PING answers; writes are refused
@@ -329,9 +337,11 @@ async def test_a_heartbeat_that_reaches_redis_late_claims_nothing(
 ) -> None:
     client = aioredis.Redis.from_url(own_redis.url, socket_timeout=TIMEOUT)
     limiter = RedisLimiter(
-        client, max_concurrent=2, window_s=WINDOW, max_queue=5, max_wait_s=1.0,
-        lease_s=LEASE, clock=SystemClock(), claim_s=CLAIM,
-    )  # fmt: skip
+        client,
+        limit(max_concurrent=2, max_queue=5, max_wait_s=1.0),
+        FleetTimings(lease_s=LEASE, claim_s=CLAIM),
+        clock=SystemClock(),
+    )
     admin = aioredis.Redis(port=own_redis.port)
     try:
         await admin.client_pause(600, all=False)  # writes (scripts too) wait 0.6 s
@@ -351,7 +361,7 @@ async def test_a_heartbeat_that_reaches_redis_late_claims_nothing(
 async def test_a_flushed_redis_grants_nothing_until_every_older_lease_has_lapsed(
     own_redis: RedisServer, replica: Callable[..., Replica]
 ) -> None:
-    r = replica(own_redis, max_concurrent=2)
+    r = replica(own_redis, limit(max_concurrent=2))
     unsent = Holder(r.limiter, send_at_once=False)
     await unsent.started.wait()
     admin = aioredis.Redis(port=own_redis.port)
@@ -371,9 +381,11 @@ async def test_a_permit_of_a_lost_epoch_or_not_used_in_time_may_not_be_sent(
 ) -> None:
     client = aioredis.Redis.from_url(own_redis.url)
     limiter = RedisLimiter(
-        client, max_concurrent=2, window_s=WINDOW, max_queue=5, max_wait_s=2.0,
-        lease_s=LEASE, clock=SystemClock(), fence_s=0.2,
-    )  # fmt: skip
+        client,
+        limit(max_concurrent=2, max_queue=5, max_wait_s=2.0),
+        FleetTimings(lease_s=LEASE, fence_s=0.2),
+        clock=SystemClock(),
+    )
     try:
         async with limiter.permit() as permit:
             permit.check()  # fresh
@@ -396,7 +408,7 @@ async def test_a_permit_of_a_lost_epoch_or_not_used_in_time_may_not_be_sent(
 async def test_global_permits_still_held_count_against_the_local_share(
     own_redis: RedisServer, replica: Callable[..., Replica]
 ) -> None:
-    r = replica(own_redis, max_concurrent=2)
+    r = replica(own_redis, limit(max_concurrent=2))
     long_call = Holder(r.limiter)  # outlives the settle time (longer than any real call)
     await long_call.started.wait()
     own_redis.stop()
@@ -413,7 +425,7 @@ async def test_global_permits_still_held_count_against_the_local_share(
 async def test_in_fallback_a_local_start_counts_from_when_it_was_sent(
     own_redis: RedisServer, replica: Callable[..., Replica]
 ) -> None:
-    r = replica(own_redis, max_concurrent=1)
+    r = replica(own_redis, limit(max_concurrent=1))
     own_redis.stop()
     late = Holder(r.limiter, send_at_once=False)
     await late.started.wait()  # a local permit, once settled
@@ -432,7 +444,7 @@ async def test_in_fallback_a_local_start_counts_from_when_it_was_sent(
 async def test_an_unsent_global_permit_counts_in_the_local_window(
     own_redis: RedisServer, replica: Callable[..., Replica]
 ) -> None:
-    r = replica(own_redis, max_concurrent=2)
+    r = replica(own_redis, limit(max_concurrent=2))
     unsent = Holder(r.limiter, send_at_once=False)  # global; may go out during the outage
     await unsent.started.wait()
     own_redis.stop()

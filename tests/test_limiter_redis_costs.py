@@ -16,6 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.clock import SystemClock
+from gateway.limiter import FleetTimings, LimitConfig
 from gateway.limiter.redis_limiter import RedisLimiter, RedisPermit
 from gateway.limiter.redis_scripts import Wait
 from tests.support.processes import RedisServer
@@ -27,13 +28,10 @@ def build(client: aioredis.Redis, window_s: float) -> RedisLimiter:
     """A limiter on the keys ``redis_server.flush()`` leaves open (no gate to wait out)."""
     return RedisLimiter(
         client,
-        max_concurrent=MAX,
-        window_s=window_s,
-        max_queue=500,
-        max_wait_s=60.0,
-        lease_s=30.0,  # heartbeats every 10 s: none during a test after the first
+        LimitConfig(max_concurrent=MAX, window_s=window_s, max_queue=500, max_wait_s=60.0),
+        # Heartbeats every 10 s: none during a test after the first.
+        FleetTimings(lease_s=30.0, beat_s=30.0),
         clock=SystemClock(),
-        beat_s=30.0,
     )
 
 

@@ -9,6 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.breaker import CircuitBreaker
 from gateway.clock import ManualClock
 from gateway.health import readiness
+from gateway.limiter import LimitConfig
 from gateway.limiter.memory import InMemoryLimiter
 from tests.conftest import StartGateway, Upstream, gateway_settings
 from tests.support.fleet import path
@@ -17,9 +18,8 @@ from tests.support.waiting import until
 
 
 def limiter() -> InMemoryLimiter:
-    return InMemoryLimiter(
-        max_concurrent=1, window_s=1, max_queue=1, max_wait_s=1, clock=ManualClock()
-    )
+    limit = LimitConfig(max_concurrent=1, window_s=1, max_queue=1, max_wait_s=1)
+    return InMemoryLimiter(limit, clock=ManualClock())
 
 
 def test_readiness_is_503_only_while_starting_or_draining() -> None:

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 
 import pytest
 import redis.asyncio as aioredis
@@ -22,11 +23,14 @@ from redis import Redis
 
 from gateway.clock import SystemClock
 from gateway.errors import ConfigError
+from gateway.limiter import FleetTimings, LimitConfig
 from gateway.limiter.redis_limiter import RedisLimiter
 from gateway.redis_client import REDIS_FAILURES, SentinelPool, check_eviction_policy, connect
 from gateway.settings import RedisSettings
 from tests.support.faults import (
     NEW_SETTINGS,
+    Fleet,
+    MissLoad,
     Window,
     judge,
     miss_load,
@@ -41,6 +45,7 @@ from tests.test_limiter_contract import SKEW, Holder, finish, until
 
 WINDOW, LEASE = 0.3, 0.3
 HOLD = LEASE + WINDOW  # a new epoch grants nothing for this long
+LIMIT = LimitConfig(max_concurrent=2, window_s=WINDOW, max_queue=5, max_wait_s=3.0)
 
 
 @pytest.fixture
@@ -188,23 +193,33 @@ async def pair() -> AsyncIterator[tuple[RedisServer, RedisServer, TcpProxy]]:
         primary.close()
 
 
-def limiter_on(server: RedisServer) -> tuple[RedisLimiter, aioredis.Redis]:
+@pytest.fixture
+def extra() -> Iterator[RedisServer]:
+    """One more redis-server (to replicate from either of the pair)."""
+    server = RedisServer().start()
+    yield server
+    server.close()
+
+
+@asynccontextmanager
+async def limiter_on(server: RedisServer) -> AsyncIterator[tuple[RedisLimiter, aioredis.Redis]]:
+    """A replica's limiter on ``server`` and its client, both closed after the block."""
     client = aioredis.Redis.from_url(server.url)
     limiter = RedisLimiter(
-        client, max_concurrent=2, window_s=WINDOW, max_queue=5, max_wait_s=3.0,
-        lease_s=LEASE, clock=SystemClock(), fence_s=5.0, beat_s=0.1,
-    )  # fmt: skip
-    return limiter, client
+        client, LIMIT, FleetTimings(lease_s=LEASE, fence_s=5.0, beat_s=0.1), clock=SystemClock()
+    )
+    try:
+        yield limiter, client
+    finally:
+        await limiter.close()
+        await client.aclose()
 
 
 async def test_a_promoted_replica_that_lacks_the_last_grants_grants_nothing_until_they_lapsed(
-    pair: tuple[RedisServer, RedisServer, TcpProxy],
+    pair: tuple[RedisServer, RedisServer, TcpProxy], extra: RedisServer
 ) -> None:
     primary, replica, proxy = pair
-    old, old_client = limiter_on(primary)
-    new, new_client = limiter_on(replica)
-    extra = RedisServer().start()
-    try:
+    async with limiter_on(primary) as (old, old_client), limiter_on(replica) as (new, _):
         first = Holder(old)
         await first.started.wait()
         assert await old_client.wait(1, 5000) == 1  # the replica has the epoch, the first grant
@@ -226,20 +241,13 @@ async def test_a_promoted_replica_that_lacks_the_last_grants_grants_nothing_unti
         # nothing until every lease it could not see has lapsed and left the window.
         assert time.monotonic() - promoted >= HOLD - SKEW
         await finish(first, second, third)
-    finally:
-        await old.close()
-        await new.close()
-        await old_client.aclose()
-        await new_client.aclose()
-        extra.close()
 
 
 async def test_a_primary_that_lost_its_replica_grants_nothing_until_its_grants_lapsed(
     pair: tuple[RedisServer, RedisServer, TcpProxy],
 ) -> None:
     primary, replica, _ = pair
-    old, old_client = limiter_on(primary)
-    try:
+    async with limiter_on(primary) as (old, _):
         first = Holder(old)
         await first.started.wait()
         await finish(first)
@@ -255,18 +263,13 @@ async def test_a_primary_that_lost_its_replica_grants_nothing_until_its_grants_l
         await until(late.started.is_set, "granted once the new primary's gate passed")
         assert time.monotonic() - lost >= HOLD - SKEW
         await finish(late)
-    finally:
-        await old.close()
-        await old_client.aclose()
 
 
 async def test_a_new_replica_or_a_steady_primary_costs_no_pause(
-    pair: tuple[RedisServer, RedisServer, TcpProxy],
+    pair: tuple[RedisServer, RedisServer, TcpProxy], extra: RedisServer
 ) -> None:
     primary, _, _ = pair
-    limiter, client = limiter_on(primary)
-    extra = RedisServer().start()
-    try:
+    async with limiter_on(primary) as (limiter, client):
         first = Holder(limiter)
         await first.started.wait()
         epoch = await client.hget(LIMITER_KEYS.meta, "epoch")
@@ -278,10 +281,6 @@ async def test_a_new_replica_or_a_steady_primary_costs_no_pause(
         assert await client.hget(LIMITER_KEYS.meta, "epoch") == epoch  # no new epoch, no gate
         assert await client.hget(LIMITER_KEYS.meta, "replicas") == b"2"
         await finish(first, second)
-    finally:
-        await limiter.close()
-        await client.aclose()
-        extra.close()
 
 
 async def test_a_redis_user_denied_info_still_gets_permits_on_the_epoch_alone() -> None:
@@ -293,9 +292,8 @@ async def test_a_redis_user_denied_info_still_gets_permits_on_the_epoch_alone() 
         )  # fmt: skip
     client = aioredis.Redis(port=server.port, username="gw", password="pw")
     limiter = RedisLimiter(
-        client, max_concurrent=2, window_s=WINDOW, max_queue=5, max_wait_s=3.0,
-        lease_s=LEASE, clock=SystemClock(), beat_s=0.1,
-    )  # fmt: skip
+        client, LIMIT, FleetTimings(lease_s=LEASE, beat_s=0.1), clock=SystemClock()
+    )
     try:
         holder = Holder(limiter)
         await until(holder.started.is_set, "granted on the epoch alone")
@@ -317,14 +315,31 @@ def gateway_connections(server: RedisServer) -> int:
         return sum(1 for c in plain.client_list() if c.get("name") == "isales-gateway")
 
 
+def fleet_of_two(setup: SentinelSetup) -> Fleet:
+    """Two gateway replicas on the Sentinel URL (each told the fleet is two) and the simulator."""
+    return start_fleet([setup.url] * 2, limit__replicas="2")
+
+
+@asynccontextmanager
+async def miss_storm(setup: SentinelSetup) -> AsyncIterator[tuple[Fleet, MissLoad]]:
+    """``fleet_of_two`` under a storm of distinct misses, running for ``WARM_S`` already."""
+    fleet = fleet_of_two(setup)
+    async with miss_load(fleet) as load:
+        await asyncio.sleep(WARM_S)
+        yield fleet, load
+
+
+async def judge_the_switch(fleet: Fleet, load: MissLoad, switched: float) -> None:
+    """``judge``: the limit held throughout, and misses were served since ``switched``."""
+    await judge(fleet, load, served_in=[Window("after the switch", switched, time.monotonic())])
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 async def test_a_failover_during_a_distinct_miss_storm_keeps_the_limit_and_serves_after(
     sentinel_setup: SentinelSetup,
 ) -> None:
-    fleet = start_fleet([sentinel_setup.url] * 2, limit__replicas="2")
-    async with miss_load(fleet) as load:
-        await asyncio.sleep(WARM_S)
+    async with miss_storm(sentinel_setup) as (fleet, load):
         old = sentinel_setup.primary()
         load.mark("SENTINEL FAILOVER")
         await asyncio.to_thread(sentinel_setup.failover)
@@ -335,7 +350,7 @@ async def test_a_failover_during_a_distinct_miss_storm_keeps_the_limit_and_serve
         await asyncio.to_thread(sentinel_setup.wait_settled)
         load.mark("old primary demoted and synced")
         await asyncio.sleep(2)
-        await judge(fleet, load, served_in=[Window("after the switch", switched, time.monotonic())])
+        await judge_the_switch(fleet, load, switched)
 
 
 @pytest.mark.slow
@@ -343,15 +358,13 @@ async def test_a_failover_during_a_distinct_miss_storm_keeps_the_limit_and_serve
 async def test_the_primary_killed_during_a_distinct_miss_storm_keeps_the_limit(
     sentinel_setup: SentinelSetup,
 ) -> None:
-    fleet = start_fleet([sentinel_setup.url] * 2, limit__replicas="2")
-    async with miss_load(fleet) as load:
-        await asyncio.sleep(WARM_S)
+    async with miss_storm(sentinel_setup) as (fleet, load):
         load.mark("primary killed")
         new = await asyncio.to_thread(sentinel_setup.crash_primary)
         switched = load.mark("replica promoted and named")
         await until(lambda: gateway_connections(new) > 0, within=10)
         await asyncio.sleep(12)  # the new epoch's hold, or a settle on the share, then served
-        await judge(fleet, load, served_in=[Window("after the switch", switched, time.monotonic())])
+        await judge_the_switch(fleet, load, switched)
 
 
 @pytest.mark.slow
@@ -361,7 +374,7 @@ async def test_after_a_failover_identical_queries_over_two_replicas_cost_one_ups
 ) -> None:
     # Coalescing tells the waiting replica the outcome by pub/sub: a subscription left on the
     # old primary would never hear it, and that replica would call the upstream itself.
-    fleet = start_fleet([sentinel_setup.url] * 2, limit__replicas="2")
+    fleet = fleet_of_two(sentinel_setup)
     async with ClientSession() as session:
 
         async def ask(replica: int, campaign: int) -> tuple[int, str]:

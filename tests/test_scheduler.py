@@ -6,6 +6,7 @@ budget has room (here: always) and the test decides when permits are finished.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import pytest
@@ -246,3 +247,25 @@ def test_order_lists_the_callers_next_would_serve_and_next_for_serves_one_of_the
     assert scheduler.next_for("nobody") is None
     assert scheduler.order() == ["b", "a"]
     assert scheduler.next(0.0) == Turn("b", "b0")
+
+
+def test_a_turn_whose_waiter_went_away_is_skipped_and_its_grant_given_back() -> None:
+    scheduler = make({"a": CallerPolicy(max_in_flight=1)})
+    flood(scheduler, "a", 2)
+    flood(scheduler, "b", 1)
+    gone = {"a0"}  # cancelled, still in its queue
+    turn = scheduler.next_live(0.0, lambda item: item not in gone)
+    assert turn == Turn("b", "b0")
+    assert scheduler.in_flight("a") == 0, "the skipped turn holds nothing: a's cap is free"
+    assert scheduler.next_live(0.0, lambda item: item not in gone) == Turn("a", "a1")
+
+
+def test_with_no_live_turn_it_says_when_to_look_again() -> None:
+    scheduler = make(background_max=1, window_s=1.0)
+    assert scheduler.next_live(0.0, lambda _: True) == math.inf, "nobody waits: at a join"
+    scheduler.join("refresh", "r0", background=True)
+    scheduler.join("refresh", "r1", background=True)
+    assert scheduler.next_live(0.0, lambda _: True) == Turn("refresh", "r0", background=True)
+    scheduler.finished("refresh", background=True)
+    # Held back by the share's window alone: wake when the first grant leaves it.
+    assert scheduler.next_live(0.5, lambda _: True) == pytest.approx(1.0)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
-from aiohttp import web
+from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 
@@ -41,6 +42,36 @@ def callers_file(tmp_path: Path, queue: int = 3, **weights: float) -> str:
 
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
     return registry.get_sample_value(name, labels) or 0.0
+
+
+Gateway = TestClient[web.Request, web.Application]
+
+
+async def gateway_naming_callers(
+    start_simulator: StartSimulator,
+    start_gateway: StartGateway,
+    callers: str,
+    *,
+    latency_ms: int,
+    **settings: Any,
+) -> tuple[Upstream, Gateway, CollectorRegistry]:
+    """The simulator (answering after ``latency_ms``) behind a gateway that names the callers
+    of the ``callers`` file by the ``X-Caller`` header; and the gateway's metrics."""
+    upstream = await start_simulator(latency_ms=latency_ms)
+    registry = CollectorRegistry()
+    configured = gateway_settings(
+        upstream.url, auth__callers_file=callers, limit__caller_header="X-Caller", **settings
+    )
+    gateway = await start_gateway(configured, registry=registry)
+    return upstream, gateway, registry
+
+
+async def post_as(
+    gateway: Gateway, caller: str, campaign: int, body: dict[str, int] | None = None
+) -> ClientResponse:
+    """A query for ``campaign`` from ``caller`` (named by the ``X-Caller`` header)."""
+    url = PATH.format(campaign=campaign)
+    return await gateway.post(url, json=body or {}, headers={"X-Caller": caller})
 
 
 # --- no-cache -------------------------------------------------------------------------------
@@ -95,21 +126,15 @@ def test_a_caller_header_must_be_a_header_name_and_needs_a_callers_file(
 async def test_the_caller_header_names_configured_callers_only_and_the_leader_pays(
     start_simulator: StartSimulator, start_gateway: StartGateway, tmp_path: Path
 ) -> None:
-    upstream = await start_simulator(latency_ms=200)
-    registry = CollectorRegistry()
-    settings = gateway_settings(
-        upstream.url,
-        auth__callers_file=callers_file(tmp_path, screen=1, export=1),
-        limit__caller_header="X-Caller",
+    upstream, gateway, registry = await gateway_naming_callers(
+        start_simulator, start_gateway, callers_file(tmp_path, screen=1, export=1), latency_ms=200
     )
-    gateway = await start_gateway(settings, registry=registry)
-    path = PATH.format(campaign=3)
-    leader = asyncio.create_task(gateway.post(path, json={}, headers={"X-Caller": "export"}))
+    leader = asyncio.create_task(post_as(gateway, "export", campaign=3))
     await until(lambda: upstream.requests == 1)
-    follower = await gateway.post(path, json={}, headers={"X-Caller": "screen"})
+    follower = await post_as(gateway, "screen", campaign=3)
     assert follower.headers["X-Cache"] == "COALESCED"
     assert (await leader).headers["X-Cache"] == "MISS"
-    await gateway.post(PATH.format(campaign=4), json={}, headers={"X-Caller": "bob"})
+    await post_as(gateway, "bob", campaign=4)
     await gateway.post(PATH.format(campaign=5), json={})
     calls = "isales_gateway_caller_upstream_calls_total"
     assert sample(registry, calls, caller="export") == 1
@@ -124,24 +149,17 @@ async def test_the_caller_header_names_configured_callers_only_and_the_leader_pa
 async def test_a_callers_full_queue_turns_away_that_caller_only_with_503_and_retry_after(
     start_simulator: StartSimulator, start_gateway: StartGateway, tmp_path: Path
 ) -> None:
-    upstream = await start_simulator(latency_ms=300)
-    registry = CollectorRegistry()
-    settings = gateway_settings(
-        upstream.url,
-        auth__callers_file=callers_file(tmp_path, flood=1, quiet=1),  # max_queue = 3 each
-        limit__caller_header="X-Caller",
+    _, gateway, registry = await gateway_naming_callers(
+        start_simulator,
+        start_gateway,
+        callers_file(tmp_path, flood=1, quiet=1),  # max_queue = 3 each
+        latency_ms=300,
         limit__max_concurrent=1,
     )
-    gateway = await start_gateway(settings, registry=registry)
-    flood = [
-        asyncio.create_task(
-            gateway.post(PATH.format(campaign=c), json={}, headers={"X-Caller": "flood"})
-        )
-        for c in range(10, 20)
-    ]
+    flood = [asyncio.create_task(post_as(gateway, "flood", campaign=c)) for c in range(10, 20)]
     rejected = "isales_gateway_caller_rejections_total"
     await until(lambda: sample(registry, rejected, caller="flood", reason="queue_full") == 6)
-    quiet = await gateway.post(PATH.format(campaign=99), json={}, headers={"X-Caller": "quiet"})
+    quiet = await post_as(gateway, "quiet", campaign=99)
     assert quiet.status == 200
     answers = await asyncio.gather(*flood)
     turned_away = [r for r in answers if r.status == QueueFull.status]
@@ -207,9 +225,7 @@ async def test_a_popular_open_ended_entry_is_refreshed_before_its_ttl_ends_and_s
     assert upstream.requests == 2
 
 
-async def popular_then_past_its_ttl(
-    gateway: TestClient[web.Request, web.Application], clock: ManualClock
-) -> str:
+async def popular_then_past_its_ttl(gateway: Gateway, clock: ManualClock) -> str:
     """Ask one open-ended query three times (popular), once within refresh_ahead_s (5 s) of
     its TTL's end (30 s), then past it: the last answer's X-Cache. A refresh still under way
     would make it COALESCED, one that landed a HIT."""
@@ -251,14 +267,12 @@ async def test_a_share_too_small_for_one_permit_switches_refresh_ahead_off(
 async def test_weights_three_to_one_share_the_upstream_within_ten_percent_over_30_seconds(
     start_simulator: StartSimulator, start_gateway: StartGateway, tmp_path: Path
 ) -> None:
-    upstream = await start_simulator(latency_ms=200)
-    registry = CollectorRegistry()
-    settings = gateway_settings(
-        upstream.url,
-        auth__callers_file=callers_file(tmp_path, queue=50, heavy=3, light=1),
-        limit__caller_header="X-Caller",
+    _, gateway, registry = await gateway_naming_callers(
+        start_simulator,
+        start_gateway,
+        callers_file(tmp_path, queue=50, heavy=3, light=1),
+        latency_ms=200,
     )
-    gateway = await start_gateway(settings, registry=registry)
     pages = iter(range(1, 1_000_000))
     stop = asyncio.Event()
 
@@ -266,9 +280,7 @@ async def test_weights_three_to_one_share_the_upstream_within_ten_percent_over_3
         """One of 15 loops per caller, each always with a distinct miss outstanding."""
         while not stop.is_set():
             body = {"pageNum": next(pages), "pageSize": 1}
-            response = await gateway.post(
-                PATH.format(campaign=3), json=body, headers={"X-Caller": caller}
-            )
+            response = await post_as(gateway, caller, campaign=3, body=body)
             assert response.status == 200
 
     def calls(caller: str) -> float:

@@ -6,10 +6,21 @@ their typed callers in ``redis_scripts``, ``failover``). See ``protocol`` for th
 from gateway.limiter.protocol import (
     ANONYMOUS,
     BACKGROUND,
+    FleetTimings,
+    LimitConfig,
     Limiter,
     LimiterSnapshot,
     Permit,
     shutting_down,
 )
 
-__all__ = ["ANONYMOUS", "BACKGROUND", "Limiter", "LimiterSnapshot", "Permit", "shutting_down"]
+__all__ = [
+    "ANONYMOUS",
+    "BACKGROUND",
+    "FleetTimings",
+    "LimitConfig",
+    "Limiter",
+    "LimiterSnapshot",
+    "Permit",
+    "shutting_down",
+]

@@ -34,35 +34,34 @@ from dataclasses import dataclass, field
 
 from gateway.clock import Clock, Rearm
 from gateway.errors import BackendUnavailable, QueueFull, QueueTimeout
-from gateway.limiter.memory import WindowBudget
+from gateway.limiter.memory import WindowBudget, still_waiting
 from gateway.limiter.protocol import (
     ANONYMOUS,
     FleetLimiter,
     FleetPermit,
+    FleetTimings,
+    LimitConfig,
     LimiterSnapshot,
     Permit,
     shutting_down,
 )
 from gateway.limiter.redis_limiter import RedisLimiter
-from gateway.limiter.scheduler import CallerPolicy, FairScheduler
+from gateway.limiter.scheduler import FairScheduler, Turn
 from gateway.redis_client import AnyRedis
 
 log = logging.getLogger("gateway.limiter")
 
-_MEMBER_BEATS = 3  # as ``redis_limiter``: a member counts three heartbeat periods
 
-
-def settle_time(
-    *, claim_s: float, skew_s: float, beat_s: float, lease_s: float, window_s: float
-) -> float:
+def settle_time(timings: FleetTimings, window_s: float) -> float:
     """Seconds from sending the latest membership claim until a cut-off replica may grant.
 
     The claim may still be applied ``claim_s`` (plus ``skew_s`` between the clocks) after it was
-    sent; the fleet counts the replica a member ``3 * beat_s`` past that and may grant out of
+    sent; the fleet counts the replica a member ``member_s`` past that and may grant out of
     the full budget until then; each such permit ends within ``lease_s`` and its start leaves
     the window ``window_s`` later.
     """
-    return claim_s + skew_s + _MEMBER_BEATS * beat_s + lease_s + window_s
+    t = timings
+    return t.claim_s + t.skew_s + t.member_s + t.lease_s + window_s
 
 
 class Mode(enum.Enum):
@@ -96,66 +95,45 @@ class FailoverLimiter:
     ``permit()`` raises ``QueueFull``/``QueueTimeout`` as any limiter, never
     ``BackendUnavailable`` for a Redis outage (only once closed). ``on_error`` is called once
     per failed Redis call; ``on_degraded`` with True/False when leaving/regaining GLOBAL.
+    The ``RedisLimiter`` it wraps gets the same ``limit`` and ``timings``, and ``limit.share``.
     """
 
     def __init__(
         self,
         client: AnyRedis,
+        limit: LimitConfig,
+        timings: FleetTimings,
         *,
-        max_concurrent: int,
-        window_s: float,
-        max_queue: int,
-        max_wait_s: float,
-        lease_s: float,
         clock: Clock,
-        replicas: int = 1,
         probe_s: float = 0.5,
-        beat_s: float = 0.5,
-        fence_s: float = 1.0,
-        claim_s: float = 1.0,
-        skew_s: float = 0.5,
         namespace: str = "isales:v1",
-        policy: Callable[[str], CallerPolicy] | None = None,
-        background_max: int = 0,
         on_error: Callable[[], None] = lambda: None,
         on_degraded: Callable[[bool], None] = lambda degraded: None,
     ) -> None:
-        share = max_concurrent // replicas
+        share = limit.share
         # Used only through ``FleetLimiter``: what this class needs of it, declared.
         self.shared: FleetLimiter = RedisLimiter(
             client,
-            max_concurrent=max_concurrent,
-            window_s=window_s,
-            max_queue=max_queue,
-            max_wait_s=max_wait_s,
-            lease_s=lease_s,
+            limit,
+            timings,
             clock=clock,
-            replicas=replicas,
             share=share,
-            beat_s=beat_s,
-            fence_s=fence_s,
-            claim_s=claim_s,
             namespace=namespace,
-            policy=policy,
-            background_max=background_max,
             on_failure=self._failed,
         )
-        self._budget = WindowBudget(share, window_s)
+        self._budget = WindowBudget(share, limit.window_s)
         # The local queue, while Redis cannot decide: the same fair rule, on this share.
         self._queue: FairScheduler[asyncio.Future[str | None]] = FairScheduler(
-            budget=max(1, share),
-            window_s=window_s,
-            max_queue=max_queue,
-            policy=policy,
-            background_max=min(background_max, share),
+            budget=share,
+            window_s=limit.window_s,
+            max_queue=limit.max_queue,
+            policy=limit.policy,
+            background_max=min(limit.background_max, share),
         )
-        self._window = window_s
-        self._max_queue = max_queue
-        self._max_wait = max_wait_s
+        self._window = limit.window_s
+        self._max_wait = limit.max_wait_s
         self._probe_s = probe_s
-        self.settle_s = settle_time(
-            claim_s=claim_s, skew_s=skew_s, beat_s=beat_s, lease_s=lease_s, window_s=window_s
-        )
+        self.settle_s = settle_time(timings, limit.window_s)
         self._clock = clock
         self._on_error = on_error
         self._on_degraded = on_degraded
@@ -332,20 +310,15 @@ class FailoverLimiter:
             busy = self._budget.in_flight + self.shared.snapshot().in_flight
             unsent_global = sum(p.shared is not None for p in self._unsent.values())
             delay = max(self._local_from - now, self._budget.delay(now, unsent_global))
-            if busy >= self._budget.max_concurrent or delay > 0:
-                if delay > 0 and delay != math.inf:
-                    self._timer.arm(now + delay)
-                return
-            turn = self._queue.next(now)
-            if turn is None:  # every waiter is capped, or background work is out of share
-                wake = self._queue.background_wake(now)
-                if wake != math.inf:
-                    self._timer.arm(wake)
+            if busy >= self._budget.max_concurrent and delay == 0:
+                return  # every permit of the share is held: a release serves again
+            # The next turn, or when to look again: the share's room first, then the caps.
+            turn = now + delay if delay > 0 else self._queue.next_live(now, still_waiting)
+            if not isinstance(turn, Turn):
+                if turn != math.inf:
+                    self._timer.arm(turn)
                 return
             self._waiters.pop(turn.item, None)
-            if turn.item.done():  # expired or cancelled, not yet out of the queue
-                self._queue.finished(turn.caller, background=turn.background)
-                continue
             self._budget.grant()
             turn.item.set_result(next(self._names))
 

@@ -20,11 +20,18 @@ import math
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from gateway.clock import Clock, Rearm
 from gateway.errors import QueueTimeout
-from gateway.limiter.protocol import ANONYMOUS, LimiterSnapshot, Permit, shutting_down
-from gateway.limiter.scheduler import CallerPolicy, FairScheduler
+from gateway.limiter.protocol import (
+    ANONYMOUS,
+    LimitConfig,
+    LimiterSnapshot,
+    Permit,
+    shutting_down,
+)
+from gateway.limiter.scheduler import FairScheduler, Turn
 
 
 class WindowBudget:
@@ -110,32 +117,20 @@ class InMemoryLimiter:
     """The single-process limiter: one ``WindowBudget`` and a ``FairScheduler`` of waiters.
 
     No dispatcher task: the queues are served whenever a permit is released, a waiter joins,
-    or the window timer fires, so an idle limiter costs nothing.
-    ``max_queue`` bounds each caller's queue (unless its policy sets its own ``max_queue``);
-    ``policy`` gives each caller its weight and caps; ``background_max`` is how many permits
-    (held, and granted per window) background work may take, 0 for none.
+    or the window timer fires, so an idle limiter costs nothing. One process is the whole
+    fleet: ``limit.replicas`` does not apply.
     """
 
-    def __init__(
-        self,
-        *,
-        max_concurrent: int,
-        window_s: float,
-        max_queue: int,
-        max_wait_s: float,
-        clock: Clock,
-        policy: Callable[[str], CallerPolicy] | None = None,
-        background_max: int = 0,
-    ) -> None:
-        self._budget = WindowBudget(max_concurrent, window_s)
+    def __init__(self, limit: LimitConfig, *, clock: Clock) -> None:
+        self._budget = WindowBudget(limit.max_concurrent, limit.window_s)
         self._scheduler: FairScheduler[asyncio.Future[None]] = FairScheduler(
-            budget=max_concurrent,
-            window_s=window_s,
-            max_queue=max_queue,
-            policy=policy,
-            background_max=background_max,
+            budget=limit.max_concurrent,
+            window_s=limit.window_s,
+            max_queue=limit.max_queue,
+            policy=limit.policy,
+            background_max=limit.background_max,
         )
-        self._max_wait = max_wait_s
+        self._max_wait = limit.max_wait_s
         self._clock = clock
         self._timer = Rearm(clock, self._serve)
         self._shedding = False
@@ -220,18 +215,16 @@ class InMemoryLimiter:
         while self._scheduler.queued():
             now = self._clock.monotonic()
             delay = self._budget.delay(now)
-            if delay > 0:
-                if delay != math.inf:
-                    self._timer.arm(now + delay)
+            # The next turn, or when to look again: the budget's room first, then the caps.
+            turn = now + delay if delay > 0 else self._scheduler.next_live(now, still_waiting)
+            if not isinstance(turn, Turn):
+                if turn != math.inf:  # inf: a release or a join serves the queues again
+                    self._timer.arm(turn)
                 return
-            turn = self._scheduler.next(now)
-            if turn is None:  # every waiter is capped, or background work is out of share
-                wake = self._scheduler.background_wake(now)
-                if wake != math.inf:
-                    self._timer.arm(wake)
-                return
-            if turn.item.done():  # cancelled, not yet out of the queue: not a grant
-                self._scheduler.finished(turn.caller, background=turn.background)
-                continue
             self._budget.grant()
             turn.item.set_result(None)
+
+
+def still_waiting(waiter: asyncio.Future[Any]) -> bool:
+    """A waiter not done yet (a done one went away and is not yet out of its queue)."""
+    return not waiter.done()

@@ -5,21 +5,105 @@ The backends: ``memory.InMemoryLimiter`` (one process), ``redis_limiter.RedisLim
 fleet, through Redis) and ``failover.FailoverLimiter`` (the Redis one, falling back to a local
 share when Redis is out of reach; what it uses of the Redis one is ``FleetLimiter``).
 ``scheduler.FairScheduler`` decides whose turn is next in each of them.
+Every backend is built from one ``LimitConfig`` (the limit's shape); the fleet-wide ones also
+take ``FleetTimings`` (how their shared state keeps time). Both are checked when made.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 from gateway.errors import QueueFull
+from gateway.limiter.scheduler import CallerPolicy, same_policy
 
 # The caller of a request nobody named (auth off, no caller header): one share for all of them.
 ANONYMOUS: Final = "anonymous"
 # The caller of background work (refresh-ahead): it owns no share, it takes idle permits.
 BACKGROUND: Final = "background"
+
+
+# A fleet-wide limiter counts a replica a member this many heartbeat periods after its beat.
+MEMBER_BEATS: Final = 3
+
+
+def _require(ok: bool, name: str, rule: str, value: object) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {rule}, not {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class LimitConfig:
+    """The limit's own shape, the same for every backend and on every replica.
+
+    At most ``max_concurrent`` permits held and as many starts per ``window_s`` (seconds, the
+    safety margin included); each caller's queue holds ``max_queue`` waiters (unless its policy
+    sets its own) for at most ``max_wait_s``. ``policy`` gives each caller its weight and caps;
+    ``background_max`` is how many permits (held, and granted per window) background work may
+    take, 0 for none. ``replicas`` is the fleet's size: cut off from the shared state, each
+    replica keeps to its ``share``. Raises ``ValueError`` naming the field that is out of range.
+    """
+
+    max_concurrent: int
+    window_s: float
+    max_queue: int
+    max_wait_s: float
+    policy: Callable[[str], CallerPolicy] = same_policy
+    background_max: int = 0
+    replicas: int = 1
+
+    def __post_init__(self) -> None:
+        _require(self.max_concurrent >= 1, "max_concurrent", ">= 1", self.max_concurrent)
+        _require(self.window_s > 0, "window_s", "> 0", self.window_s)
+        _require(self.max_queue >= 0, "max_queue", ">= 0", self.max_queue)
+        _require(self.max_wait_s >= 0, "max_wait_s", ">= 0", self.max_wait_s)
+        _require(
+            0 <= self.background_max <= self.max_concurrent,
+            "background_max",
+            f"between 0 and max_concurrent ({self.max_concurrent})",
+            self.background_max,
+        )
+        _require(
+            1 <= self.replicas <= self.max_concurrent,
+            "replicas",
+            f"between 1 and max_concurrent ({self.max_concurrent}): each needs a share",
+            self.replicas,
+        )
+
+    @property
+    def share(self) -> int:
+        """What one replica may use on its own (cut off): the shares add up to the limit."""
+        return self.max_concurrent // self.replicas
+
+
+@dataclass(frozen=True, slots=True)
+class FleetTimings:
+    """How a fleet-wide limiter keeps time in its shared state (seconds; the same on every
+    replica): ``lease_s`` outlives any request's time at the vendor; a heartbeat every
+    ``beat_s`` claims membership, and counts only if applied within ``claim_s`` of its sending;
+    a permit is sent within ``fence_s`` of the call that granted it, or not at all;
+    ``skew_s`` is the most the replicas' and Redis's wall clocks may differ (an assumption).
+    Raises ``ValueError`` naming the field that is out of range.
+    """
+
+    lease_s: float
+    beat_s: float = 0.5
+    fence_s: float = 1.0
+    claim_s: float = 1.0
+    skew_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("lease_s", "beat_s", "fence_s", "claim_s"):
+            value = getattr(self, name)
+            _require(value > 0, name, "> 0", value)
+        _require(self.skew_s >= 0, "skew_s", ">= 0", self.skew_s)
+
+    @property
+    def member_s(self) -> float:
+        """How long a heartbeat keeps its replica a member."""
+        return MEMBER_BEATS * self.beat_s
 
 
 @dataclass(frozen=True, slots=True)

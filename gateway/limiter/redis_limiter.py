@@ -87,7 +87,14 @@ from typing import TypeVar
 
 from gateway.clock import Clock
 from gateway.errors import BackendUnavailable, PermitLost, QueueFull, QueueTimeout
-from gateway.limiter import ANONYMOUS, BACKGROUND, LimiterSnapshot, shutting_down
+from gateway.limiter.protocol import (
+    ANONYMOUS,
+    BACKGROUND,
+    FleetTimings,
+    LimitConfig,
+    LimiterSnapshot,
+    shutting_down,
+)
 from gateway.limiter.redis_scripts import (
     AcquireResult,
     CallerDemand,
@@ -107,7 +114,6 @@ _OP_BOUND_S = 2.0  # backstop over the client's own (shorter) timeouts: no call 
 _BLOCKED_HINT_MS = 250  # every permit is held: a release message normally comes sooner
 _BEHIND_HINT_MS = 100  # others' turns first; a spare-capacity message normally comes sooner
 _JITTER_MS = 5.0
-_MEMBER_BEATS = 3  # a member is counted this many heartbeat periods after its last beat
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,63 +135,44 @@ class RedisLimiter:
     nothing is left behind locally). ``on_failure`` hears of every Redis failure, background
     ones (heartbeat, release, subscription) included.
 
-    ``replicas`` and ``share`` (what each replica may use on its own when cut off) must be the
-    same on every replica; ``lease_s`` must outlive any request's time at the vendor.
+    ``limit``, ``timings`` and ``share`` (what the fleet sets aside for each replica not heard
+    from: ``limit.share`` under a ``failover``, else 0) must be the same on every replica.
     """
 
     def __init__(
         self,
         client: AnyRedis,
+        limit: LimitConfig,
+        timings: FleetTimings,
         *,
-        max_concurrent: int,
-        window_s: float,
-        max_queue: int,
-        max_wait_s: float,
-        lease_s: float,
         clock: Clock,
-        replicas: int = 1,
         share: int = 0,
-        beat_s: float = 0.5,
-        fence_s: float = 1.0,
-        claim_s: float = 1.0,
         namespace: str = "isales:v1",
-        policy: Callable[[str], CallerPolicy] | None = None,
-        background_max: int = 0,
         on_failure: Callable[[BackendUnavailable], None] | None = None,
     ) -> None:
         self.keys = LimiterKeys.for_namespace(namespace)
         self._client = client
-        self._max = max_concurrent
-        self._window_s = window_s
-        self._max_queue = max_queue
-        self._max_wait = max_wait_s
-        self._lease_s = lease_s
+        self._limit = limit
+        self._timings = timings
         self._clock = clock
-        self._replicas = replicas
-        self._share = share
-        self.beat_s = beat_s
-        self._beat_period = min(beat_s, lease_s / 3)  # held leases are renewed in time too
+        self._beat_period = min(timings.beat_s, timings.lease_s / 3)  # held leases renewed too
         self._renew_s = self._beat_period / 2
-        self._fence_s = fence_s
-        self._claim_s = claim_s
         self._on_failure = on_failure
         # The hook's owner reports outages once; a warning per failed call would flood the log.
         self._level = logging.WARNING if on_failure is None else logging.DEBUG
         # Twice the longest a live dispatcher goes between attempts (a lapsed live demand is
         # only registered again); a dead replica's demand is reserved no longer than this.
-        longest_hint = max(window_s * 1000, _BLOCKED_HINT_MS) + _JITTER_MS
+        longest_hint = max(limit.window_s * 1000, _BLOCKED_HINT_MS) + _JITTER_MS
         self._demand_ttl_ms = round(2 * longest_hint + 500)
-        self._policy = policy or (lambda _: CallerPolicy())
-        self._background_max = background_max
         self.replica = uuid.uuid4().hex
         self._scripts = LimiterScripts(client, self.keys, self.replica)
         self._limits = Limits(
-            max_concurrent=max_concurrent,
-            window_ms=window_s * 1000,
-            lease_ms=lease_s * 1000,
+            max_concurrent=limit.max_concurrent,
+            window_ms=limit.window_s * 1000,
+            lease_ms=timings.lease_s * 1000,
             hold_ms=self.hold_s * 1000,
             share=share,
-            replicas=replicas,
+            replicas=limit.replicas,
             demand_ttl_ms=self._demand_ttl_ms,
             blocked_hint_ms=_BLOCKED_HINT_MS,
             behind_hint_ms=_BEHIND_HINT_MS,
@@ -194,11 +181,11 @@ class RedisLimiter:
         # Every waiter queues here, even one that finds the budget free (its try takes a round
         # trip): each caller's bound counts one more, the waiter being tried.
         self._queue: FairScheduler[_Waiter] = FairScheduler(
-            budget=max_concurrent,
-            window_s=window_s,
-            max_queue=max_queue + 1,
-            policy=lambda caller: _one_more(self._policy(caller)),
-            background_max=background_max,
+            budget=limit.max_concurrent,
+            window_s=limit.window_s,
+            max_queue=limit.max_queue + 1,
+            policy=lambda caller: _one_more(limit.policy(caller)),
+            background_max=limit.background_max,
         )
         self._waiters: dict[_Waiter, str] = {}  # every waiter, by caller: to fail them all
         self._registered: set[str] = set()  # callers whose demand here Redis knows of
@@ -223,7 +210,7 @@ class RedisLimiter:
     @property
     def hold_s(self) -> float:
         """How long a new epoch grants nothing: every older lease lapses and leaves the window."""
-        return self._lease_s + self._window_s
+        return self._timings.lease_s + self._limit.window_s
 
     def snapshot(self) -> LimiterSnapshot:
         fleet_in_flight, fleet_starts = self.fleet or (None, None)
@@ -307,11 +294,11 @@ class RedisLimiter:
             "heartbeat",
             self._scripts.heartbeat(
                 epoch=self._epoch,
-                member_ttl_ms=round(_MEMBER_BEATS * self.beat_s * 1000),
-                not_after_ms=round((self._clock.time() + self._claim_s) * 1000),
-                lease_ms=round(self._lease_s * 1000),
+                member_ttl_ms=round(self._timings.member_s * 1000),
+                not_after_ms=round((self._clock.time() + self._timings.claim_s) * 1000),
+                lease_ms=round(self._timings.lease_s * 1000),
                 hold_ms=round(self.hold_s * 1000),
-                window_ms=round(self._window_s * 1000),
+                window_ms=round(self._limit.window_s * 1000),
                 renew=renew,
             ),
         )
@@ -328,12 +315,13 @@ class RedisLimiter:
             if lease in self._held:
                 log.error("limiter lease %s lapsed while held; the limit may be exceeded", lease)
         members = reply.members
-        if members > self._replicas and self.members <= self._replicas:
+        replicas = self._limit.replicas
+        if members > replicas and self.members <= replicas:
             log.error(
                 "limiter: %d replicas share this Redis but limit.replicas is %d: set it to the "
                 "fleet size, or a replica cut off from Redis may exceed the vendor's limit",
                 members,
-                self._replicas,
+                replicas,
             )
         self.members = members
         return members
@@ -342,7 +330,7 @@ class RedisLimiter:
         """Raise ``PermitLost`` unless ``grant`` may still be sent now."""
         if grant.generation != self._generation:
             raise PermitLost("The shared limiter's state was lost since this permit's grant.")
-        if self._clock.monotonic() > grant.asked_at + self._fence_s:
+        if self._clock.monotonic() > grant.asked_at + self._timings.fence_s:
             raise PermitLost("This permit was not used in time; its lease may have lapsed.")
 
     async def record_sent(self, lease: str, sent_at: float | None = None) -> bool:
@@ -392,12 +380,12 @@ class RedisLimiter:
         waiter: _Waiter = asyncio.get_running_loop().create_future()
         idle = not self._waiters
         # What Redis hears of this caller (at most max waiters) changes only below max.
-        news = self._queue.queued(caller) < self._max
+        news = self._queue.queued(caller) < self._limit.max_concurrent
         self._queue.join(caller, waiter, background=background)  # background: may raise
         self._waiters[waiter] = caller
         if idle:
             self._trying = waiter
-        deadline = self._clock.call_later(self._max_wait, lambda: self._expire(waiter))
+        deadline = self._clock.call_later(self._limit.max_wait_s, lambda: self._expire(waiter))
         if self._dispatcher is None or self._dispatcher.done():
             self._dispatcher = asyncio.create_task(self._dispatch())
         elif news:
@@ -415,8 +403,8 @@ class RedisLimiter:
             deadline.cancel()
 
     def _bound(self, caller: str) -> int:
-        bound = self._policy(caller).max_queue
-        return self._max_queue if bound is None else bound
+        bound = self._limit.policy(caller).max_queue
+        return self._limit.max_queue if bound is None else bound
 
     def _expire(self, waiter: _Waiter) -> None:
         if not waiter.done():
@@ -500,9 +488,9 @@ class RedisLimiter:
         callers = []
         for caller in sorted(self._registered | set(demand)):
             if caller == BACKGROUND:
-                weight, cap = 1.0, self._background_max
+                weight, cap = 1.0, self._limit.background_max
             else:
-                rule = self._policy(caller)
+                rule = self._limit.policy(caller)
                 weight, cap = rule.weight, rule.max_in_flight or 0
             callers.append(CallerDemand(caller, demand.get(caller, 0), weight, cap))
         call = self._scripts.acquire(

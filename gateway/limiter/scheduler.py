@@ -54,6 +54,11 @@ class CallerPolicy:
 DEFAULT_POLICY: Final = CallerPolicy()
 
 
+def same_policy(_caller: str) -> CallerPolicy:
+    """Every caller the default share (no callers file)."""
+    return DEFAULT_POLICY
+
+
 @dataclass(frozen=True, slots=True)
 class Turn(Generic[T]):
     """A grant decided by ``next``: whose waiter, and whether it was a background one."""
@@ -95,7 +100,7 @@ class FairScheduler(Generic[T]):
         self.max_queue = max_queue
         self.background_max = background_max
         self.max_total = max_total
-        self._policy = policy or (lambda _: DEFAULT_POLICY)
+        self._policy = policy or same_policy
         self._flows: dict[str, _Flow[T]] = {}
         self._where: dict[T, str] = {}  # queued caller item -> its caller
         self._waiting = 0  # caller waiters (background excluded)
@@ -172,6 +177,17 @@ class FairScheduler(Generic[T]):
             self.started(caller, now, background=True)
             return Turn(caller, item, background=True)
         return None
+
+    def next_live(self, now: float, live: Callable[[T], bool]) -> Turn[T] | float:
+        """``next``, for a backend whose waiters may go away before leaving their queue: a turn
+        whose item is not ``live`` (cancelled, expired) is finished and skipped. With no turn
+        to give, when to ask again: ``background_wake`` (``inf``: at a release or a join).
+        Call only when the budget has room for one more start."""
+        while (turn := self.next(now)) is not None:
+            if live(turn.item):
+                return turn
+            self.finished(turn.caller, background=turn.background)
+        return self.background_wake(now)
 
     def order(self) -> list[str]:
         """Callers with a grantable waiter (not at their cap), in the order ``next`` would

@@ -10,7 +10,7 @@ import time
 import redis
 from redis.cluster import ClusterNode, RedisCluster
 
-from tests.support.processes import LIMITER_KEYS, RedisServer, free_port, wait_for_port
+from tests.support.processes import LIMITER_KEYS, RedisServer, free_port
 
 NODE_TIMEOUT_MS = 5000  # a primary restarted within this is never marked failed
 
@@ -32,26 +32,13 @@ def node_port() -> int:
 class ClusterNodeServer(RedisServer):
     """One node; its cluster identity (``nodes.conf``) survives ``restart_empty``, its data not."""
 
-    def start(self) -> ClusterNodeServer:
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", self.dir,
-                "--maxmemory", self.maxmemory,
-                "--maxmemory-policy", self.policy,
-                "--cluster-enabled", "yes",
-                "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        wait_for_port(self.port, proc=self.proc)
-        return self
+    def command(self) -> list[str]:
+        return [
+            *super().command(),
+            "--cluster-enabled", "yes",
+            "--cluster-config-file", "nodes.conf",
+            "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
+        ]  # fmt: skip
 
     def cluster_ok(self) -> bool:
         client = redis.Redis(port=self.port)
