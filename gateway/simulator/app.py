@@ -9,6 +9,15 @@ header (``zh_CN`` by default, ``en_US``).
 
 The simulator is the vendor's stand-in, written from the vendor's document: it imports
 nothing of the gateway but its clock (a test keeps it so).
+
+An arrival is stamped when the handler starts, that is when this process's event loop gets to
+the request, not when the kernel received it. On a host whose CPUs are busy the two part: at
+load 3-5 on 2 cores a stalled loop stamped some requests 0.15-0.55 s after the sender wrote
+them, moving one batch's stamps towards the next and counting violations that never happened
+on the wire. An earlier hook in the loop gains nothing (``data_received`` ran within 1 ms of
+the handler); only the kernel's receive time (``SO_TIMESTAMP``, which asyncio's ``recv``
+discards) would. So a violation counted under CPU load is checked against the sender's own
+send times before it is blamed on the sender.
 """
 
 from __future__ import annotations
