@@ -1,10 +1,13 @@
 """The call to the vendor: sign afresh, send exactly the signed bytes, translate failures.
 
-The vendor counts a request's start on arrival, so the permit learns the moment its headers go
-out (aiohttp's ``on_request_headers_sent`` trace, given to the session by ``send_trace()``), not
-when it was granted: connection set-up, a TLS handshake or a stalled event loop in between
-cannot bunch starts up at the vendor. aiohttp fires it as it hands the headers to the
-connection, one loop step at most before the bytes are written; the margin covers that step.
+The vendor counts a request's start on arrival, so the permit learns the moment its bytes go
+out (aiohttp's ``on_request_chunk_sent`` trace for the body's first chunk, given to the session
+by ``send_trace()``), not when it was granted: connection set-up, a TLS handshake or a stalled
+event loop in between cannot bunch starts up at the vendor. aiohttp fires it in the loop step
+that writes the headers and that chunk to the transport, just before the write. Not
+``on_request_headers_sent``: aiohttp 3.14 fires that as it buffers the headers, and on Python
+3.11 the task that writes them with the body runs on a later loop pass, under load up to
+112 ms later (measured), more than the window's margin.
 
 aiohttp errors become ``UpstreamError`` subclasses here and nowhere else. What an answer
 means (``classify``): HTTP 200 with the vendor's JSON (any ``resultCode``) passes through
@@ -89,23 +92,29 @@ def ssl_context(settings: UpstreamSettings) -> ssl.SSLContext | bool:
     return ssl.create_default_context(cafile=settings.ca_file or None)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _SendHook:
-    """The ``trace_request_ctx`` of one fetch: what to await once its headers go out, and
-    what to call once its connection is ready, just before they are written (``ready`` may
-    raise to stop the request there: e.g. a permit that lapsed while the process was frozen).
+    """The ``trace_request_ctx`` of one fetch: what to await as its bytes go out, and what to
+    call once its connection is ready, before they are written (``ready`` may raise to stop
+    the request there: e.g. a permit that lapsed while the process was frozen).
     """
 
     on_sent: OnSent
     ready: Callable[[], None] | None = None
+    fired: bool = False  # on_sent ran (a body in several chunks sends it once)
+
+    async def sent(self) -> None:
+        if not self.fired:
+            self.fired = True
+            await self.on_sent()
 
 
 class SendTrace(aiohttp.TraceConfig):
-    """Awaits a fetch's ``on_sent`` when its request headers are written to the connection."""
+    """Awaits a fetch's ``on_sent`` as its request's bytes are written to the connection."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.on_request_headers_sent.append(self._headers_sent)
+        self.on_request_chunk_sent.append(self._chunk_sent)
         self.on_connection_create_end.append(self._connection_ready)
         self.on_connection_reuseconn.append(self._connection_ready)
 
@@ -118,14 +127,14 @@ class SendTrace(aiohttp.TraceConfig):
             hook.ready()
 
     @staticmethod
-    async def _headers_sent(
+    async def _chunk_sent(
         session: aiohttp.ClientSession,
         context: SimpleNamespace,
-        params: aiohttp.TraceRequestHeadersSentParams,
+        params: aiohttp.TraceRequestChunkSentParams,
     ) -> None:
         hook = context.trace_request_ctx
         if isinstance(hook, _SendHook):
-            await hook.on_sent()
+            await hook.sent()
 
 
 def send_trace() -> SendTrace:
@@ -198,7 +207,7 @@ class UpstreamClient:
         ready: Callable[[], None] | None = None,
     ) -> UpstreamResponse:
         """The vendor's answer, sent with ``locale`` if given (the caller resolves the setting);
-        ``on_sent`` is awaited as the request headers go out, so only if the request got that
+        ``on_sent`` is awaited as the request's bytes go out, so only if the request got that
         far (a redirect is never followed: at most once). ``ready`` is called once the
         connection is ready, just before the headers are written; what it raises stops the
         request unsent.
@@ -231,7 +240,7 @@ class UpstreamClient:
         if hook is not None and not self._traced:
             if ready is not None:
                 ready()
-            await hook.on_sent()
+            await hook.sent()
         try:
             async with self._session.post(
                 url,

@@ -8,6 +8,9 @@ The simulator runs in a process of its own, so its clock on arrival is independe
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -191,3 +194,67 @@ async def test_a_permit_found_lapsed_on_the_ready_connection_sends_nothing_and_i
     assert response.status == 200
     assert watching.sent == [False, True]  # the lapsed one never went out; a fresh one did
     assert upstream.requests == 1
+
+
+VENDOR_OK = (
+    b'{"resultCode":"0200000","resultDesc":"ok","returnCode":"0200000","returnDesc":"ok",'
+    b'"totalCount":0,"data":[]}'
+)
+
+
+class WireClock(threading.Thread):
+    """A one-request HTTP server in a thread: notes (``time.monotonic``) when the request's
+    first bytes reach it, whatever the test's event loop is doing, then answers 200."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.arrived = 0.0
+
+    def run(self) -> None:
+        connection, _ = self.listener.accept()
+        with connection, self.listener:
+            request = connection.recv(65536)
+            self.arrived = time.monotonic()
+            head, _, body = request.partition(b"\r\n\r\n")
+            length = int(
+                next(
+                    line.split(b":", 1)[1]
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+            )
+            while len(body) < length:
+                body += connection.recv(65536)
+            connection.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json;charset=UTF-8\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(VENDOR_OK), VENDOR_OK)
+            )
+
+
+async def test_a_start_is_counted_in_the_loop_step_that_writes_the_request() -> None:
+    # aiohttp fires on_request_headers_sent as it buffers the headers; on Python 3.11 they go
+    # out with the body from a task that runs on a later loop pass. Here the loop stalls for
+    # STALL right after the permit hears "sent": counted at the headers, the request would
+    # leave after the stall (a start counted earlier than the vendor sees it); counted at the
+    # write, it has left before.
+    stall = 1.0
+    wire = WireClock()
+    wire.start()
+    settings = gateway_settings(f"http://127.0.0.1:{wire.port}")
+    clock = SystemClock()
+    told: list[float] = []
+
+    async def on_sent() -> None:
+        told.append(time.monotonic())
+        asyncio.get_running_loop().call_soon(time.sleep, stall)  # the loop's next pass stalls
+
+    async with aiohttp.ClientSession(trace_configs=[send_trace()]) as session:
+        client = UpstreamClient(settings.upstream, settings.upstream_host, session, clock)
+        query = parse_request("11", "1", b'{"pageSize":10}')
+        answer = await client.fetch(query, on_sent=on_sent)
+    wire.join(timeout=10)
+    assert answer.status == 200
+    assert len(told) == 1, "told once per request"
+    assert wire.arrived - told[0] < stall, "the request left before the loop stalled"

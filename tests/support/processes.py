@@ -149,14 +149,22 @@ class Process:
     running: ClassVar[set[Process]] = set()
 
     def __init__(
-        self, args: Sequence[str], port: int, env: Mapping[str, str] | None = None
+        self,
+        args: Sequence[str],
+        port: int,
+        env: Mapping[str, str] | None = None,
+        *,
+        niceness: int = 0,
     ) -> None:
+        """``niceness``: run under ``nice -n`` (a negative one needs the privilege; without
+        it ``nice`` says so on the log and runs the command as it is)."""
         self.port = port
         self.log = tempfile.NamedTemporaryFile(prefix="gw-proc-", suffix=".log", delete=False)  # noqa: SIM115
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
         full_env.update(env or {})
+        nice = ["nice", "-n", str(niceness)] if niceness else []  # exec's: the pid is ours
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", *args],
+            [*nice, sys.executable, "-m", "gateway", *args],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             env=full_env,
