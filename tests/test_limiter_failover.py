@@ -163,7 +163,8 @@ async def test_two_replicas_keep_the_combined_limit_while_redis_dies_and_comes_b
         asyncio.create_task(worker(r, hold)) for hold in (0.15, 0.0, 0.05) * 2 for r in (a, b)
     ]
     await asyncio.sleep(0.5)  # the load runs in global mode for a while, then Redis goes
-    own_redis.stop()
+    stopping = time.monotonic()
+    own_redis.stop()  # blocks this loop until Redis has exited (under load: a while)
     stopped = time.monotonic()
     await until(modes_are(Mode.FALLBACK, a, b))
     await asyncio.sleep(SETTLE + 0.6)  # the load runs on the local shares for a while
@@ -180,8 +181,9 @@ async def test_two_replicas_keep_the_combined_limit_while_redis_dies_and_comes_b
     assert recorder.max_in_flight() <= 4
     assert recorder.max_starts_within(WINDOW - SKEW) <= 4
     starts = [s for s, _ in recorder.spans]
-    # Settling: the latest claim was at most a beat before the stop.
-    assert not [s for s in starts if stopped + 0.05 < s < stopped + SETTLE - BEAT - SKEW]
+    # Settling: the latest claim was at most a beat before the stop began; what Redis granted
+    # before it died may be recorded once the loop runs again.
+    assert not [s for s in starts if stopped + 0.05 < s < stopping + SETTLE - BEAT - SKEW]
     assert len([s for s in starts if stopped + SETTLE <= s < restarted]) >= 4  # local shares
     assert len([s for s in starts if s > restarted + HOLD + 0.3]) >= 4  # global again
     assert a.limiter.snapshot() == b.limiter.snapshot() == IDLE
