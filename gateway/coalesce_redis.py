@@ -273,7 +273,8 @@ class RedisCoalescer:
         self._max_wait_s = max_wait_s
         # A live leader's lock expires by itself only past the longest round; a longer one is
         # renewed a lease before that (never, when fetch keeps to max_wait_s).
-        self._backstop_s = max_wait_s + lease_s
+        self._renew_s = max(max_wait_s, lease_s)
+        self._backstop_s = self._renew_s + lease_s
         self._backstop_ms = max(1, round(self._backstop_s * 1000))
         self._clock = clock
         self._namespace = namespace
@@ -448,7 +449,7 @@ class RedisCoalescer:
     async def _renew(self, lock: str, value: str) -> None:
         """The backstop's renewal, for a round longer than ``max_wait_s`` (none in the app)."""
         while True:
-            await self._clock.sleep(self._backstop_s - self._lease_s)
+            await self._clock.sleep(self._renew_s)
             try:
                 with redis_errors("coalescing renew"):
                     if not await self._extend(keys=[lock], args=[value, self._backstop_ms]):

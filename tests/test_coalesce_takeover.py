@@ -11,8 +11,10 @@ and the namespace's outcome channel, subscribed to as any replica is.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import pytest
 import redis.asyncio as aioredis
@@ -89,11 +91,22 @@ async def upstream_calls(upstream: Process) -> int:
     return calls
 
 
-async def test_a_killed_leaders_round_is_taken_over_and_its_followers_answered(
-    redis_server: RedisServer, outcomes: Outcomes
-) -> None:
+@dataclass
+class Scene:
+    """A round led on ``leader`` whose call is at the upstream, ``FOLLOWERS`` callers of the
+    same question waiting on ``survivor``."""
+
+    upstream: Process
+    leader: Process
+    survivor: Process
+    led: asyncio.Future[tuple[int, bytes]]
+    followers: list[asyncio.Future[tuple[int, bytes]]]
+
+
+@contextlib.asynccontextmanager
+async def leader_mid_fetch(redis_url: str) -> AsyncIterator[Scene]:
     upstream = start_simulator_process("--latency-ms", "3000", "--enforce-limits")
-    leader, survivor = (start_replica(upstream, redis_server.url, **SETTINGS) for _ in range(2))
+    leader, survivor = (start_replica(upstream, redis_url, **SETTINGS) for _ in range(2))
     try:
         async with ClientSession(
             connector=TCPConnector(limit=0), timeout=ClientTimeout(total=60)
@@ -104,52 +117,45 @@ async def test_a_killed_leaders_round_is_taken_over_and_its_followers_answered(
                 asyncio.ensure_future(ask(session, survivor, f"follower-{n}"))
                 for n in range(FOLLOWERS)
             ]
-            leader.signal(signal.SIGKILL)
-            answers = await asyncio.gather(*followers)
-            await asyncio.gather(led, return_exceptions=True)
-        assert {status for status, _ in answers} == {200}
-        assert len({body for _, body in answers}) == 1
-        assert await upstream_calls(upstream) <= 2  # the dead leader's, and one more
-        assert (await sim_stats(upstream))["violations"] == 0
+            yield Scene(upstream, leader, survivor, led, followers)
+            await asyncio.gather(led, *followers, return_exceptions=True)
     finally:
         for process in [leader, survivor, upstream]:
             process.stop()
 
 
+async def test_a_killed_leaders_round_is_taken_over_and_its_followers_answered(
+    redis_server: RedisServer, outcomes: Outcomes
+) -> None:
+    async with leader_mid_fetch(redis_server.url) as scene:
+        scene.leader.signal(signal.SIGKILL)
+        answers = await asyncio.gather(*scene.followers)
+        assert {status for status, _ in answers} == {200}
+        assert len({body for _, body in answers}) == 1
+        assert await upstream_calls(scene.upstream) <= 2  # the dead leader's, and one more
+        assert (await sim_stats(scene.upstream))["violations"] == 0
+
+
 async def test_a_frozen_leader_is_replaced_and_once_resumed_does_not_answer_the_new_round(
     redis_server: RedisServer, outcomes: Outcomes
 ) -> None:
-    upstream = start_simulator_process("--latency-ms", "3000", "--enforce-limits")
-    frozen, survivor = (start_replica(upstream, redis_server.url, **SETTINGS) for _ in range(2))
-    try:
-        async with ClientSession(
-            connector=TCPConnector(limit=0), timeout=ClientTimeout(total=60)
-        ) as session:
-            led = asyncio.ensure_future(ask(session, frozen, "frozen-leader"))
-            await until(lambda: upstream_calls_are(upstream, 1), "the leader's call is out")
-            followers = [
-                asyncio.ensure_future(ask(session, survivor, f"follower-{n}"))
-                for n in range(FOLLOWERS)
-            ]
-            frozen.signal(signal.SIGSTOP)
-            # The survivor takes the round over once the frozen replica's membership lapsed;
-            # the frozen one resumes while the new round is at the upstream (3 s), reads the
-            # answer to its own call and finishes its round.
-            await until(lambda: upstream_calls_are(upstream, 2), "a takeover", within=30)
-            frozen.signal(signal.SIGCONT)
-            status, _ = await led  # its own caller has its answer (200, or 504 if it timed out)
-            answers = await asyncio.gather(*followers)
-        assert frozen.stop() == 0  # a clean stop: its finishes under way are done
+    async with leader_mid_fetch(redis_server.url) as scene:
+        scene.leader.signal(signal.SIGSTOP)
+        # The survivor takes the round over once the frozen replica's membership lapsed; the
+        # frozen one resumes while the new round is at the upstream (3 s), reads the answer to
+        # its own call and finishes its round.
+        await until(lambda: upstream_calls_are(scene.upstream, 2), "a takeover", within=30)
+        scene.leader.signal(signal.SIGCONT)
+        status, _ = await scene.led  # its own caller's answer (200, or 504 if it timed out)
+        answers = await asyncio.gather(*scene.followers)
+        assert scene.leader.stop() == 0  # a clean stop: its finishes under way are done
         assert status in (200, 504)
         assert {status for status, _ in answers} == {200}
-        assert await upstream_calls(upstream) == 2
+        assert await upstream_calls(scene.upstream) == 2
         # The new leader's outcome reached the channel; the resumed leader's round was taken
         # over, so its outcome stayed with its own caller (it has exited: all it sent is in).
         await until(
             lambda: any(str(r).startswith("follower-") for r in outcomes.leaders()),
             "the new round's outcome is published",
         )
-        assert "frozen-leader" not in outcomes.leaders(), outcomes.heard
-    finally:
-        for process in [frozen, survivor, upstream]:
-            process.stop()
+        assert "leader" not in outcomes.leaders(), outcomes.heard
