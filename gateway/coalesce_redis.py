@@ -65,28 +65,24 @@ log = logging.getLogger("gateway.coalesce")
 _REDIS_PAUSE_S = 1.0  # after a Redis failure, rounds fail open at once for this long
 RELEASED = b'{"v":1,"released":true}\n'  # not an outcome: "the lock is free, try it now"
 
-# KEYS[1] lock, KEYS[2 .. 1+n] (n = ARGV[3]: 0 on a cluster) this replica's membership key,
-# then the membership key of the holder seen last; the rest: outcomes of the rounds this caller
-# waits on. ARGV: value, backstop ms, n, the holder seen last ('' none), membership lease ms,
-# '1' when the caller found that holder's membership gone (a cluster: read before the script).
+# KEYS[1] lock, KEYS[2] the membership key of the holder seen last when n = ARGV[3] is 1 (0:
+# none, or a cluster), then the outcomes of the rounds this caller waits on. ARGV: value,
+# backstop ms, n, the holder seen last ('' none), '1' when the caller found that holder's
+# membership gone (a cluster: read before the script). The lock taken as it was (SET NX)
+# costs what it did before membership keys: no more commands per round.
 _ACQUIRE = """
 local n = tonumber(ARGV[3])
 for i = 2 + n, #KEYS do
   local outcome = redis.call('GET', KEYS[i])
   if outcome then return {'done', outcome} end
 end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {'won'} end
 local holder = redis.call('GET', KEYS[1])
-if holder and holder == ARGV[4] then
-  if n == 2 then
-    if redis.call('EXISTS', KEYS[3]) == 0 then holder = false end
-  elseif ARGV[6] == '1' then
-    holder = false
-  end
+if holder == ARGV[4] and ((n == 1 and redis.call('EXISTS', KEYS[2]) == 0) or ARGV[5] == '1') then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return {'won'}
 end
-if holder then return {'held', holder} end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-if n > 0 then redis.call('SET', KEYS[2], '1', 'PX', ARGV[5]) end
-return {'won'}
+return {'held', holder}
 """
 # KEYS[1] lock; ARGV value, backstop ms.
 _EXTEND = """
@@ -373,7 +369,7 @@ class RedisCoalescer:
                 members, gone = await self._holder_liveness(holder)
                 reply = await self._acquire(
                     keys=[lock, *members, *rounds],
-                    args=[value, self._backstop_ms, len(members), holder, self._lease_ms, gone],
+                    args=[value, self._backstop_ms, len(members), holder, gone],
                 )
             state, seen = (*reply, None, None)[:2] if isinstance(reply, list) else (None, None)
             if state == b"won":
@@ -396,16 +392,17 @@ class RedisCoalescer:
                 return Outcome(error=QueueTimeout(1.0, "Waited too long for a shared call.")), False
 
     async def _holder_liveness(self, holder: bytes) -> tuple[list[str], str]:
-        """The acquire script's membership keys (standalone: ours, then the holder's) and,
-        on a cluster, "1" when the holder's membership is gone (read here: another slot)."""
+        """The acquire script's membership key (standalone: the holder's, if its lock names
+        one) and, on a cluster, "1" when that key is gone (read here: another slot). Our own
+        membership needs no refresh there: it is renewed every lease/3, sooner than any
+        follower's first re-check (lease/2) after it saw our lock."""
         replica = holder_replica(holder) if holder else None
-        if self._bus.in_scripts:
-            theirs = [] if replica is None else [member_key(replica, self._namespace)]
-            return [self._member, *theirs], ""
         if replica is None:
             return [], ""
-        alive = await self._client.exists(member_key(replica, self._namespace))
-        return [], "" if alive else "1"
+        theirs = member_key(replica, self._namespace)
+        if self._bus.in_scripts:
+            return [theirs], ""
+        return [], "" if await self._client.exists(theirs) else "1"
 
     async def _lead(
         self, key: str, value: str, fetch: Callable[[], Awaitable[UpstreamResponse]]
