@@ -1,20 +1,34 @@
 """Cross-replica coalescing: identical misses cost the upstream one call fleet-wide.
 
 Within a replica, callers of one key share one local round (``InProcessCoalescer``). Across
-replicas, a round's leader takes ``<key>:lock`` (``SET NX PX``, renewed every lease/3 while
-``fetch`` runs) and, when it is done, one script stores the outcome under
-``<key>:outcome:<token>`` for a lease, PUBLISHes it and deletes the lock if still its own. The
-other replicas' rounds follow: they were listening before they tried the lock (one
-``redis_bus`` subscription per coalescer to the namespace's one outcome channel, confirmed
-before the first round; each message names its key and the receiver routes it), so the
-message wakes them within milliseconds. On Redis Cluster the script cannot publish on that
-channel (another slot): the leader publishes right after it, and a message lost between the
-two costs latency, as any lost message does. At every half lease they re-run the acquire
-script, which returns the outcome of a round they know of (a message lost to a reconnect
-costs latency, not a call) or takes the lock if it vanished without one (the leader crashed):
-exactly one waiter wins and leads, the others learn its token and keep waiting. A leader whose
-local callers all went away (its fetch is cancelled) releases the lock and says so on the
-channel: one follower leads now.
+replicas, a round's leader takes ``<key>:lock``, whose value names the leader's replica and
+the round (``<replica>.<token>``), and, when it is done, one script stores the outcome under
+``<key>:outcome:<value>`` for a lease, PUBLISHes it and deletes the lock. The other replicas'
+rounds follow: they were listening before they tried the lock (one ``redis_bus`` subscription
+per coalescer to the namespace's one outcome channel, confirmed before the first round; each
+message names its key and the receiver routes it), so the message wakes them within
+milliseconds. On Redis Cluster the script cannot publish on that channel (another slot): the
+leader publishes right after it, and a message lost between the two costs latency, as any lost
+message does.
+
+Liveness is per replica, not per lock, so a round's Redis commands do not grow with how long
+its leader waits for a permit: each coalescer renews one membership key,
+``<ns>:coalesce:replica:<id>``, every lease/3 (PX a lease); a lock's own expiry is only a
+backstop (the longest a round can run, ``max_wait_s``, plus a lease). At every half lease a
+follower re-runs the acquire script, which returns the outcome of a round it knows of (a
+message lost to a reconnect costs latency, not a call), or takes the lock if it vanished, or if
+the holder it saw last still holds it but that holder's membership key is gone (its replica
+crashed or froze): exactly one waiter wins and leads, the others learn its value and keep
+waiting, so a dead leader is replaced within about 1.5 leases. On a cluster the membership key
+lives in another slot: the follower reads it (``EXISTS``) just before the script instead of
+inside it; a holder that came back in between loses its round as if it had stayed frozen.
+
+A leader whose round was taken over (it froze, or was cut off from Redis for a lease) finishes
+without storing or publishing anything: its outcome goes to its own callers only, never over
+the new leader's round. A leader whose local callers all went away (its fetch is cancelled)
+releases the lock and says so on the channel: one follower leads now. The finish runs after the
+leader's callers have their answer (a task that ``close`` waits for); ``fetch`` has stored the
+answer in the cache by then, so a replica that finds the lock gone finds the cache filled.
 
 Outcome format (never pickle): a JSON header line, ``\\n``, the upstream's raw body. A value
 that does not decode is ignored. A ``GatewayError`` from the leader's ``fetch`` is re-raised on
@@ -51,26 +65,39 @@ log = logging.getLogger("gateway.coalesce")
 _REDIS_PAUSE_S = 1.0  # after a Redis failure, rounds fail open at once for this long
 RELEASED = b'{"v":1,"released":true}\n'  # not an outcome: "the lock is free, try it now"
 
-# KEYS[1] lock, KEYS[2..] outcomes of the rounds this caller waits on; ARGV token, lease ms.
+# KEYS[1] lock, KEYS[2] the membership key of the holder seen last when n = ARGV[3] is 1 (0:
+# none, or a cluster), then the outcomes of the rounds this caller waits on. ARGV: value,
+# backstop ms, n, the holder seen last ('' none), '1' when the caller found that holder's
+# membership gone (a cluster: read before the script). The lock taken as it was (SET NX)
+# costs what it did before membership keys: no more commands per round.
 _ACQUIRE = """
-for i = 2, #KEYS do
+local n = tonumber(ARGV[3])
+for i = 2 + n, #KEYS do
   local outcome = redis.call('GET', KEYS[i])
   if outcome then return {'done', outcome} end
 end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {'won'} end
-return {'held', redis.call('GET', KEYS[1])}
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[4] and ((n == 1 and redis.call('EXISTS', KEYS[2]) == 0) or ARGV[5] == '1') then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return {'won'}
+end
+return {'held', holder}
 """
-# KEYS[1] lock; ARGV token, lease ms.
+# KEYS[1] lock; ARGV value, backstop ms.
 _EXTEND = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
-# KEYS[1] lock, KEYS[2] this round's outcome; ARGV token, outcome, keep ms (0: a release,
-# the outcome is RELEASED and not kept), channel ("": the caller publishes), message.
+# KEYS[1] lock, KEYS[2] this round's outcome; ARGV value, outcome, keep ms (0: a release, the
+# outcome is RELEASED and not kept), channel ("": the caller publishes), message. Returns 0
+# (nothing done) when another round holds the lock: this one was taken over.
 _FINISH = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
 if ARGV[3] ~= '0' then redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3]) end
 if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+if holder then redis.call('DEL', KEYS[1]) end
 return 1
 """
 
@@ -103,6 +130,20 @@ def round_key(key: str, namespace: str = DEFAULT_NAMESPACE) -> str:
 
 def lock_key(key: str, namespace: str = DEFAULT_NAMESPACE) -> str:
     return round_key(key, namespace) + ":lock"
+
+
+def member_key(replica: str, namespace: str = DEFAULT_NAMESPACE) -> str:
+    """The key that says ``replica``'s coalescer is alive (renewed every lease/3)."""
+    return f"{namespace}:coalesce:replica:{replica}"
+
+
+def holder_replica(value: bytes) -> str | None:
+    """The replica a lock's value names, or None for a value without one (a replica of before
+    membership keys: its lock lives by its own renewals)."""
+    replica, dot, token = value.partition(b".")
+    if not (dot and 0 < len(replica) <= 64 and token and replica.isalnum()):
+        return None
+    return replica.decode("ascii")
 
 
 def outcome_channel(namespace: str = DEFAULT_NAMESPACE) -> str:
@@ -204,9 +245,11 @@ class _Inbox:
 class RedisCoalescer:
     """``Coalescer[UpstreamResponse]`` for a fleet sharing one Redis (see the module doc).
 
-    ``lease_s``: the lock's life without renewal, so a crashed leader is replaced within about
-    1.5 leases. ``max_wait_s``: the longest a follower waits for another replica's answer,
-    after which it gets ``QueueTimeout``. ``client`` must return bytes (no decode_responses).
+    ``lease_s``: the life of this replica's membership without renewal, so a crashed or frozen
+    leader is replaced within about 1.5 leases. ``max_wait_s``: the longest a follower waits
+    for another replica's answer, after which it gets ``QueueTimeout``; it is also the longest
+    a round is expected to run (a lock lives that long plus a lease unless renewed). ``client``
+    must return bytes (no decode_responses).
     """
 
     def __init__(
@@ -224,8 +267,15 @@ class RedisCoalescer:
         self._lease_ms = max(1, round(lease_s * 1000))
         self._lease_s = lease_s
         self._max_wait_s = max_wait_s
+        # A live leader's lock expires by itself only past the longest round; a longer one is
+        # renewed a lease before that (never, when fetch keeps to max_wait_s).
+        self._renew_s = max(max_wait_s, lease_s)
+        self._backstop_s = self._renew_s + lease_s
+        self._backstop_ms = max(1, round(self._backstop_s * 1000))
         self._clock = clock
         self._namespace = namespace
+        self._replica = secrets.token_hex(8)
+        self._member = member_key(self._replica, namespace)
         self._acquire = client.register_script(_ACQUIRE)
         self._extend = client.register_script(_EXTEND)
         self._finish = client.register_script(_FINISH)
@@ -233,8 +283,10 @@ class RedisCoalescer:
         self._local = InProcessCoalescer[tuple[UpstreamResponse, bool]]()
         self._inboxes: dict[str, list[_Inbox]] = {}
         self._rounds: set[asyncio.Task[object]] = set()
+        self._finishing: set[asyncio.Task[None]] = set()
         self._bus = RedisBus(client, clock=clock)
         self._listener: Subscription | None = None
+        self._membership: asyncio.Task[None] | None = None
         self._redis_paused_until = -math.inf
 
     def waiting(self) -> int:
@@ -249,11 +301,23 @@ class RedisCoalescer:
         return response, fetched and local_leader
 
     async def close(self) -> None:
-        """Stop listening and abandon rounds in flight (their locks expire, like a crash)."""
+        """Stop listening and abandon rounds in flight (their locks are left as in a crash);
+        finishes already under way complete first. This replica's membership key is deleted,
+        so followers elsewhere take its abandoned rounds over at their next re-check."""
         self._closing = True
         for task in self._rounds:
             task.cancel()
         await asyncio.gather(*self._rounds, return_exceptions=True)
+        await asyncio.gather(*self._finishing, return_exceptions=True)
+        membership, self._membership = self._membership, None
+        if membership is not None:
+            membership.cancel()
+            await asyncio.gather(membership, return_exceptions=True)
+            try:
+                with redis_errors("coalescing leave"):
+                    await self._client.delete(self._member)
+            except BackendUnavailable:  # it lapses within a lease by itself
+                log.warning("coalescer: deleting the membership key failed", exc_info=True)
         listener, self._listener = self._listener, None
         if listener is not None:
             await listener.close()
@@ -290,24 +354,31 @@ class RedisCoalescer:
     ) -> tuple[Outcome, bool]:
         """Lead (True) or follow this round; raises BackendUnavailable before any fetch."""
         await self._listen()
-        base, token = round_key(key, self._namespace), secrets.token_hex(16)
+        await self._join()
+        base = round_key(key, self._namespace)
+        lock = base + ":lock"
+        value = f"{self._replica}.{secrets.token_hex(16)}"
         rounds: list[str] = []  # outcome keys of the leaders seen holding the lock
+        holder = b""  # the lock's value when it was last seen held
         deadline = self._clock.monotonic() + self._max_wait_s
         while True:
             while inbox.items:  # a message that came while we looked elsewhere
                 if (outcome := decode_outcome(inbox.items.popleft())) is not None:
                     return outcome, False
             with redis_errors("coalescing acquire"):
+                members, gone = await self._holder_liveness(holder)
                 reply = await self._acquire(
-                    keys=[lock_key(key, self._namespace), *rounds], args=[token, self._lease_ms]
+                    keys=[lock, *members, *rounds],
+                    args=[value, self._backstop_ms, len(members), holder, gone],
                 )
-            state, value = (*reply, None, None)[:2] if isinstance(reply, list) else (None, None)
+            state, seen = (*reply, None, None)[:2] if isinstance(reply, list) else (None, None)
             if state == b"won":
-                return await self._lead(key, token, fetch), True
-            if state == b"done" and (outcome := decode_outcome(value)) is not None:
+                return await self._lead(key, value, fetch), True
+            if state == b"done" and (outcome := decode_outcome(seen)) is not None:
                 return outcome, False
-            if state == b"held" and isinstance(value, bytes):
-                held = base + ":outcome:" + value.decode("ascii", "replace")
+            if state == b"held" and isinstance(seen, bytes):
+                holder = seen
+                held = base + ":outcome:" + seen.decode("ascii", "replace")
                 if held not in rounds:
                     rounds.append(held)
             check_at = min(deadline, self._clock.monotonic() + self._lease_s / 2)
@@ -320,54 +391,89 @@ class RedisCoalescer:
             if self._clock.monotonic() >= deadline:
                 return Outcome(error=QueueTimeout(1.0, "Waited too long for a shared call.")), False
 
+    async def _holder_liveness(self, holder: bytes) -> tuple[list[str], str]:
+        """The acquire script's membership key (standalone: the holder's, if its lock names
+        one) and, on a cluster, "1" when that key is gone (read here: another slot). Our own
+        membership needs no refresh there: it is renewed every lease/3, sooner than any
+        follower's first re-check (lease/2) after it saw our lock."""
+        replica = holder_replica(holder) if holder else None
+        if replica is None:
+            return [], ""
+        theirs = member_key(replica, self._namespace)
+        if self._bus.in_scripts:
+            return [theirs], ""
+        return [], "" if await self._client.exists(theirs) else "1"
+
     async def _lead(
-        self, key: str, token: str, fetch: Callable[[], Awaitable[UpstreamResponse]]
+        self, key: str, value: str, fetch: Callable[[], Awaitable[UpstreamResponse]]
     ) -> Outcome:
-        renewal = asyncio.create_task(self._renew(lock_key(key, self._namespace), token))
+        renewal = asyncio.create_task(self._renew(lock_key(key, self._namespace), value))
         try:
             outcome = await _capture(fetch)
         except asyncio.CancelledError:
-            if not self._closing:  # our callers left; on close the lock expires as in a crash
-                await self._end(key, token, RELEASED, 0)
+            if not self._closing:  # our callers left; on close the lock is left as in a crash
+                await self._end(key, value, RELEASED, 0)
             raise
         finally:
             renewal.cancel()
-        # shielded: once the answer is paid for, it is published even if our callers leave
-        await asyncio.shield(self._end(key, token, encode_outcome(outcome), self._lease_ms))
+        # Off the answer path: our callers have the outcome now, followers a round trip later.
+        # fetch stored the answer in the cache before returning, so the lock goes after it.
+        finish = asyncio.ensure_future(
+            self._end(key, value, encode_outcome(outcome), self._lease_ms)
+        )
+        self._finishing.add(finish)
+        finish.add_done_callback(self._finishing.discard)
         return outcome
 
-    async def _end(self, key: str, token: str, outcome: bytes, keep_ms: int) -> None:
+    async def _end(self, key: str, value: str, outcome: bytes, keep_ms: int) -> None:
         base = round_key(key, self._namespace)
         channel = outcome_channel(self._namespace)
         message = outcome_message(key, outcome)
         in_scripts = self._bus.in_scripts
         try:
             with redis_errors("coalescing finish"):
-                await self._finish(
-                    keys=[base + ":lock", base + ":outcome:" + token],
-                    args=[
-                        token,
-                        outcome,
-                        keep_ms,
-                        channel if self._bus.in_scripts else "",
-                        message,
-                    ],
+                ours = await self._finish(
+                    keys=[base + ":lock", base + ":outcome:" + value],
+                    args=[value, outcome, keep_ms, channel if in_scripts else "", message],
                 )
-            if not in_scripts:
+            if not ours:
+                log.warning("coalescer: a round was taken over; its outcome stays local")
+            elif not in_scripts:
                 await self._bus.publish(channel, message)
         except BackendUnavailable:  # followers take over when the lock expires
             log.warning("coalescer: ending a round in Redis failed", exc_info=True)
 
-    async def _renew(self, lock: str, token: str) -> None:
+    async def _renew(self, lock: str, value: str) -> None:
+        """The backstop's renewal, for a round longer than ``max_wait_s`` (none in the app)."""
         while True:
-            await self._clock.sleep(self._lease_s / 3)
+            await self._clock.sleep(self._renew_s)
             try:
                 with redis_errors("coalescing renew"):
-                    if not await self._extend(keys=[lock], args=[token, self._lease_ms]):
+                    if not await self._extend(keys=[lock], args=[value, self._backstop_ms]):
                         log.warning("coalescer: lock lost while fetching; another may lead")
                         return
             except BackendUnavailable:
                 log.warning("coalescer: renewing a lock failed", exc_info=True)
+
+    async def _join(self) -> None:
+        """Claim this replica's membership before its first coordinated round (a round whose
+        claim fails fails open, as every Redis failure), then renew it every lease/3 until
+        ``close``. Rounds that start together before the first claim each send one."""
+        if self._membership is not None:
+            return
+        with redis_errors("coalescing membership"):
+            await self._client.set(self._member, b"1", px=self._lease_ms)
+        if self._membership is None and not self._closing:
+            self._membership = asyncio.create_task(self._keep_membership())
+
+    async def _keep_membership(self) -> None:
+        while True:
+            await self._clock.sleep(self._lease_s / 3)
+            try:
+                with redis_errors("coalescing membership"):
+                    await self._client.set(self._member, b"1", px=self._lease_ms)
+            except BackendUnavailable:  # followers may take our rounds over: a call, not a limit
+                log.warning("coalescer: renewing this replica's membership failed", exc_info=True)
 
     async def _listen(self) -> None:
         """Subscribe to the outcome channel, confirmed before the first coordinated round

@@ -23,7 +23,9 @@ from gateway.coalesce_redis import (
     RedisCoalescer,
     decode_outcome,
     encode_outcome,
+    holder_replica,
     lock_key,
+    member_key,
     outcome_channel,
     outcome_message,
 )
@@ -280,6 +282,39 @@ async def test_when_the_leaders_callers_all_leave_another_replica_leads_at_once(
     assert (abandoned.cancelled, successor.calls) == (1, 1)
 
 
+async def test_a_leader_whose_replica_lapsed_is_replaced_and_its_late_outcome_answers_no_one_else(
+    replicas: Replicas, redis_client: aioredis.Redis
+) -> None:
+    first, *others = replicas(3, **NO_RECHECK)  # membership renewed after the test, if ever
+    late = Fetch(gate=asyncio.Event())
+    leader = asyncio.ensure_future(first.run(KEY, late))
+    await late.started.wait()
+    takeover = Fetch(OTHER, gate=asyncio.Event())
+    followers = [asyncio.ensure_future(replica.run(KEY, takeover)) for replica in others]
+    await until(joined(*others), "both other replicas follow the round")
+    # The leader's replica seems gone (its membership key lapsed, as for a frozen process);
+    # a "released" message makes the followers look again now rather than at a half lease.
+    holder = holder_replica(await redis_client.get(lock_key(KEY)) or b"")
+    assert holder is not None
+    assert await redis_client.delete(member_key(holder)) == 1
+    await redis_client.publish(outcome_channel(), outcome_message(KEY, RELEASED))
+    await takeover.started.wait()  # one of them took the round over
+    await until(lambda: sum(_CLIENTS[id(r)].held for r in others) >= 3, "the other follows it")
+    # The first leader comes back with its answer: its own callers get it, and nothing else
+    # (its finish, awaited by close, finds the lock taken and publishes nothing).
+    assert late.gate is not None
+    late.gate.set()
+    assert await settle([leader]) == [(RESPONSE, True)]
+    await first.close()
+    assert takeover.gate is not None
+    takeover.gate.set()
+    assert sorted(await settle(followers), key=lambda result: result == (OTHER, True)) == [
+        (OTHER, False),
+        (OTHER, True),
+    ]
+    assert (late.calls, takeover.calls) == (1, 1)
+
+
 async def test_an_error_from_the_leader_reaches_followers_on_other_replicas_as_its_class(
     replicas: Replicas,
 ) -> None:
@@ -373,6 +408,21 @@ def test_an_error_outcome_decodes_to_its_gateway_class(
     if isinstance(error, QueueFull):
         assert isinstance(decoded.error, QueueFull)
         assert decoded.error.retry_after == 3.0
+
+
+@pytest.mark.parametrize(
+    ("value", "replica"),
+    [
+        (b"0123456789abcdef.00112233445566778899aabbccddeeff", "0123456789abcdef"),
+        (b"00112233445566778899aabbccddeeff", None),  # a replica of before membership keys
+        (b".00112233", None),
+        (b"0123456789abcdef.", None),
+        (b"../../x.y", None),
+        (b"\xff\xfe.00", None),
+    ],
+)
+def test_a_lock_names_its_holders_replica_or_none(value: bytes, replica: str | None) -> None:
+    assert holder_replica(value) == replica
 
 
 def test_a_response_outcome_names_the_request_that_made_the_call() -> None:
