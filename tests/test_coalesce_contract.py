@@ -17,10 +17,10 @@ from redis.backoff import NoBackoff
 
 from gateway.clock import SystemClock
 from gateway.coalesce import Coalescer, InProcessCoalescer
-from gateway.coalesce_redis import (
+from gateway.coalesce_redis import RedisCoalescer
+from gateway.coalesce_wire import (
     RELEASED,
     Outcome,
-    RedisCoalescer,
     decode_outcome,
     encode_outcome,
     holder_replica,

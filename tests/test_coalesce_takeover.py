@@ -20,7 +20,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import ClientSession, ClientTimeout, TCPConnector
 
-from gateway.coalesce_redis import decode_outcome, outcome_channel
+from gateway.coalesce_wire import decode_outcome, outcome_channel
 from tests.support.fleet import JSON, path, sim_stats, start_replica, start_simulator_process
 from tests.support.processes import Process, RedisServer
 from tests.support.waiting import until

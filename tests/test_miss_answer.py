@@ -20,7 +20,7 @@ from gateway.cache_policy import CacheEntry, cache_key
 from gateway.cache_redis import redis_key
 from gateway.cache_tiered import shared_cache
 from gateway.clock import SystemClock
-from gateway.coalesce_redis import lock_key, outcome_channel
+from gateway.coalesce_wire import lock_key, outcome_channel
 from gateway.settings import DEFAULT_NAMESPACE
 from gateway.validation import parse_request
 from tests.conftest import StartGateway, Upstream, gateway_settings
