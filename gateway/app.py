@@ -128,6 +128,7 @@ def build_limiter(
         policy=policy or same_policy,
         background_max=background_permits(settings),
         replicas=lim.replicas,
+        grant_ahead_s=lim.grant_ahead_ms / 1000,
     )
     if redis is None:
         return InMemoryLimiter(limit, clock=clock)

@@ -69,6 +69,7 @@ _BOUNDS: Final[dict[str, tuple[float, float]]] = {
     "limit.max_concurrent": (1, math.inf),
     "limit.window_ms": (1, math.inf),
     "limit.margin_ms": (0, math.inf),
+    "limit.grant_ahead_ms": (0, 100),
     "limit.max_queue": (0, math.inf),
     "limit.max_wait_ms": (0, math.inf),
     "limit.replicas": (1, math.inf),
@@ -157,6 +158,9 @@ class LimitSettings:
     max_concurrent: int = 10
     window_ms: int = 1000
     margin_ms: int = 100
+    # A permit may be granted this long before the window's edge and held until it, so the
+    # request's set-up is done by then (0: grant at the edge).
+    grant_ahead_ms: int = 15
     max_queue: int = 250
     max_wait_ms: int = 30000
     replicas: int = 1
@@ -438,6 +442,10 @@ def _validate(s: Settings, *, require_upstream: bool) -> list[ConfigError]:
         allowed = ", ".join(sorted(SIGNABLE_HEADERS))
         problems.append(
             ConfigError("upstream.signed_headers", f"must be a non-empty subset of {allowed}")
+        )
+    if s.limit.grant_ahead_ms * 10 > s.limit.window_ms + s.limit.margin_ms:
+        problems.append(
+            ConfigError("limit.grant_ahead_ms", "must be <= (limit.window_ms + margin_ms) / 10")
         )
     if s.limit.replicas > s.limit.max_concurrent:
         problems.append(

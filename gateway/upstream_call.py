@@ -191,13 +191,19 @@ class UpstreamCaller:
                 except PermitLost:
                     continue  # given back unsent as the stack closes; queue for a fresh one
                 await self._check_pause()  # a 429 may have come while this one queued
-                went_out = asyncio.Event()
+                went_out, lost = asyncio.Event(), asyncio.Event()
 
                 async def on_sent(
-                    permit: Permit = permit, went_out: asyncio.Event = went_out
+                    permit: Permit = permit,
+                    went_out: asyncio.Event = went_out,
+                    lost: asyncio.Event = lost,
                 ) -> None:
-                    went_out.set()
-                    await permit.sent()
+                    try:
+                        await permit.sent()  # held until the window's edge if granted ahead
+                    except PermitLost:
+                        lost.set()  # it lapsed while held: the client stops, nothing sent
+                        raise
+                    went_out.set()  # the bytes are written in this loop step
 
                 call = asyncio.ensure_future(self._fetch(query, locale, on_sent, permit.check))
                 try:
@@ -211,6 +217,8 @@ class UpstreamCaller:
                         await call
                     raise
                 except (UpstreamTimeout, UpstreamUnavailable):
+                    if lost.is_set():
+                        continue  # lapsed while held for the window's edge: nothing was sent
                     if went_out.is_set() and self._hold_s > 0:
                         self._hold(stack.pop_all())  # the vendor may still be working on it
                     raise

@@ -17,6 +17,8 @@ Way up: once a probe's write succeeds (RECOVERING) local grants stop; once the l
 have ended and their starts left the window, a heartbeat claims membership again and queued
 callers move to Redis (GLOBAL, ``on_degraded(False)``, one info line). If that claim fails,
 FALLBACK again, settling from that claim. A caller keeps its deadline across a switch.
+A global permit granted ahead of the window's edge (``limit.grant_ahead_s``) is held until it,
+as the Redis limiter's own would be; the local share grants nothing ahead (a fallback is rare).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from dataclasses import dataclass, field
 
 from gateway.clock import Clock, Rearm
 from gateway.errors import BackendUnavailable, QueueFull, QueueTimeout
-from gateway.limiter.memory import WindowBudget, still_waiting
+from gateway.limiter.memory import WindowBudget, hold_until, still_waiting
 from gateway.limiter.protocol import (
     ANONYMOUS,
     FleetLimiter,
@@ -84,6 +86,10 @@ class FailoverPermit:
             self.shared.check()
 
     async def sent(self) -> None:
+        # Granted ahead of the window's edge: held until it, then checked again.
+        shared = self.shared
+        if shared is not None and await hold_until(self.owner.clock, shared.not_before):
+            shared.check()
         self.owner._record(self)
         if self.shared is not None and self.owner.mode is Mode.GLOBAL:
             await self.shared.sent()  # outside GLOBAL it stays pending in Redis: the safe side
@@ -134,7 +140,7 @@ class FailoverLimiter:
         self._max_wait = limit.max_wait_s
         self._probe_s = probe_s
         self.settle_s = settle_time(timings, limit.window_s)
-        self._clock = clock
+        self._clock = self.clock = clock
         self._on_error = on_error
         self._on_degraded = on_degraded
         self._mode = Mode.GLOBAL
@@ -246,6 +252,8 @@ class FailoverLimiter:
         if not local and self._mode is Mode.GLOBAL:
             return  # Redis has it; a fall now waits ``settle_s``, longer than a window
         now = self._clock.monotonic()
+        if permit.shared is not None:  # released unsent: it could not go out before its edge
+            now = max(now, permit.shared.not_before)
         if local:
             self._budget.sent(now)
         else:

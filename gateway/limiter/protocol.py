@@ -43,7 +43,10 @@ class LimitConfig:
     sets its own) for at most ``max_wait_s``. ``policy`` gives each caller its weight and caps;
     ``background_max`` is how many permits (held, and granted per window) background work may
     take, 0 for none. ``replicas`` is the fleet's size: cut off from the shared state, each
-    replica keeps to its ``share``. Raises ``ValueError`` naming the field that is out of range.
+    replica keeps to its ``share``. ``grant_ahead_s``: a permit may be granted this long before
+    the window's edge allows its start (a start leaving the window that soon counts as gone); its
+    ``sent()`` then holds the request until the edge (at most a tenth of the window). Raises
+    ``ValueError`` naming the field that is out of range.
     """
 
     max_concurrent: int
@@ -53,10 +56,17 @@ class LimitConfig:
     policy: Callable[[str], CallerPolicy] = same_policy
     background_max: int = 0
     replicas: int = 1
+    grant_ahead_s: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.max_concurrent >= 1, "max_concurrent", ">= 1", self.max_concurrent)
         _require(self.window_s > 0, "window_s", "> 0", self.window_s)
+        _require(
+            0 <= self.grant_ahead_s <= self.window_s / 10,
+            "grant_ahead_s",
+            f"between 0 and a tenth of window_s ({self.window_s / 10})",
+            self.grant_ahead_s,
+        )
         _require(self.max_queue >= 0, "max_queue", ">= 0", self.max_queue)
         _require(self.max_wait_s >= 0, "max_wait_s", ">= 0", self.max_wait_s)
         _require(
@@ -131,10 +141,13 @@ class Permit(Protocol):
         ...
 
     async def sent(self) -> None:
-        """The request is being sent now: its start counts from this moment.
+        """The request is about to be sent: await it just before the bytes are written. A
+        permit granted ahead of the window's edge (``LimitConfig.grant_ahead_s``) waits here
+        until the edge has passed; the start then counts from the moment it returns.
 
         Idempotent. Never raises for a backend failure: the start then stays pending (counted
-        as in the window) until the permit is released, which is the safe side.
+        as in the window) until the permit is released, which is the safe side. Raises
+        ``PermitLost`` if the permit lapsed while it waited (nothing may be sent on it).
         """
         ...
 
@@ -179,6 +192,12 @@ class FleetPermit(Permit, Protocol):
 
     @property
     def lease(self) -> str: ...
+
+    @property
+    def not_before(self) -> float:
+        """When its request may go out (monotonic): the window's edge it was granted ahead of,
+        or its grant."""
+        ...
 
 
 class FleetLimiter(Protocol):

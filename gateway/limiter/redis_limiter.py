@@ -62,6 +62,15 @@ permit does not grow with the queue's depth (``tests/test_limiter_redis_costs.py
 window's wait does not end when a replica joins (the budget grows by its share): the grant
 that allows then comes at the window's edge, at most one window later.
 
+Granted ahead. With ``limit.grant_ahead_s``, a start leaving the window that soon counts as
+gone (per acquire call, atomically: two replicas cannot both count the same exit as theirs
+to fill); the script says how long after it ran the latest such exit comes, and the replica
+holds the permit's ``sent()`` until that long after the reply arrived (later than Redis's
+edge, since the reply left Redis after the script ran). ``sent()`` then checks the permit
+again (the fence, the epoch): a permit that lapsed while held is lost, not sent. A permit
+released unsent counts its start from no earlier than that edge. Everything else is unchanged:
+in flight from the grant, the start pending until recorded at the time it was sent.
+
 A start is granted pending and recorded when the permit's ``sent()`` runs, in the background
 (the request does not wait for Redis), at Redis's ``TIME`` less the time since ``sent()``
 counted before the call, so never earlier than it went out; or at release if it never did.
@@ -87,6 +96,7 @@ from typing import TypeVar
 
 from gateway.clock import Clock
 from gateway.errors import BackendUnavailable, PermitLost, QueueFull, QueueTimeout
+from gateway.limiter.memory import hold_until
 from gateway.limiter.protocol import (
     ANONYMOUS,
     BACKGROUND,
@@ -118,11 +128,13 @@ _JITTER_MS = 5.0
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """A lease granted by one acquire call sent at ``asked_at`` (monotonic), in ``generation``."""
+    """A lease granted by one acquire call sent at ``asked_at`` (monotonic), in ``generation``;
+    its request may go out from ``not_before`` (monotonic) on."""
 
     lease: str
     asked_at: float
     generation: int
+    not_before: float = -float("inf")
 
 
 _Waiter = asyncio.Future[Grant]
@@ -176,7 +188,10 @@ class RedisLimiter:
             demand_ttl_ms=self._demand_ttl_ms,
             blocked_hint_ms=_BLOCKED_HINT_MS,
             behind_hint_ms=_BEHIND_HINT_MS,
+            ahead_ms=limit.grant_ahead_s * 1000,
         )
+        if limit.grant_ahead_s >= timings.fence_s / 2:
+            raise ValueError("grant_ahead_s must be well below fence_s: a held permit is sent")
         self._tickets = itertools.count()
         # Every waiter queues here, even one that finds the budget free (its try takes a round
         # trip): each caller's bound counts one more, the waiter being tried.
@@ -246,7 +261,7 @@ class RedisLimiter:
                 # In the background: the caller's answer does not wait for Redis (the lease
                 # counts until the release lands: the safe side), and a cancellation arriving
                 # now cannot abandon it half-way. ``close`` waits for it.
-                self._spawn(self._release(grant.lease, record_start=not permit.recorded))
+                self._spawn(self._release(grant, record_start=not permit.recorded))
 
     def shed(self) -> None:
         self._shedding = True
@@ -265,9 +280,9 @@ class RedisLimiter:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._fail_waiters(BackendUnavailable("The limiter is closed."))
-        for lease, permit in list(self._held.items()):
+        for permit in list(self._held.values()):
             if not permit.went_out:
-                self._spawn(self._release(lease, record_start=True))
+                self._spawn(self._release(permit.grant, record_start=True))
         if self._background:
             await asyncio.wait(self._background, timeout=_OP_BOUND_S)
 
@@ -396,7 +411,7 @@ class RedisLimiter:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 # Granted in the tick the caller went away: hand the permit back.
                 self._queue.finished(caller, background=background)
-                self._spawn(self._release(waiter.result().lease, record_start=True))
+                self._spawn(self._release(waiter.result(), record_start=True))
             self._leave(waiter)
             raise
         finally:
@@ -453,6 +468,8 @@ class RedisLimiter:
                 except BackendUnavailable as exc:
                     self._fail_waiters(exc)
                     continue
+                # The edge came ``not_before_s`` after the script ran, so no sooner after now.
+                not_before = self._clock.monotonic() + result.not_before_s
                 # A caller granted all its waiters has no demand in Redis any more.
                 served = {c for c, n in result.grants if n >= demand.get(c, 0)}
                 self._registered = set(demand) - served
@@ -461,7 +478,7 @@ class RedisLimiter:
                     continue  # nothing was done under the old epoch: ask again in this one
                 self._trying = None
                 if result.grants:
-                    self._grant(ticket, result.grants, asked_at)
+                    self._grant(ticket, result.grants, asked_at, not_before)
                     if not self._waiters:
                         continue  # everyone served (the script ended what it could)
                 self._waiting_on = result.wait
@@ -498,10 +515,17 @@ class RedisLimiter:
         )
         return await self._redis("acquire", call)
 
-    def _grant(self, ticket: str, grants: tuple[tuple[str, int], ...], asked_at: float) -> None:
+    def _grant(
+        self,
+        ticket: str,
+        grants: tuple[tuple[str, int], ...],
+        asked_at: float,
+        not_before: float,
+    ) -> None:
         for caller, count in grants:
             for i in range(1, count + 1):
-                grant = Grant(f"{caller}\n{ticket}:{i}", asked_at, self._generation)
+                lease = f"{caller}\n{ticket}:{i}"
+                grant = Grant(lease, asked_at, self._generation, not_before)
                 if caller == BACKGROUND:
                     turn = self._queue.next(self._clock.monotonic())
                 else:
@@ -509,7 +533,7 @@ class RedisLimiter:
                 if turn is None or turn.item.done():  # the waiter left while the script ran
                     if turn is not None:
                         self._queue.finished(turn.caller, background=turn.background)
-                    self._spawn(self._release(grant.lease, record_start=True))
+                    self._spawn(self._release(grant, record_start=True))
                     continue
                 self._waiters.pop(turn.item, None)
                 turn.item.set_result(grant)
@@ -538,10 +562,13 @@ class RedisLimiter:
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(None)
 
-    async def _release(self, lease: str, record_start: bool) -> None:
-        """``record_start``: never sent, or not recorded; it may have gone out until now."""
+    async def _release(self, grant: Grant, record_start: bool) -> None:
+        """``record_start``: never sent, or not recorded; it may have gone out until now (or
+        until its edge, if that is later)."""
+        ahead = grant.not_before - self._clock.monotonic()
+        call = self._scripts.release(grant.lease, record_start=record_start, not_before_s=ahead)
         try:
-            await self._redis("release", self._scripts.release(lease, record_start=record_start))
+            await self._redis("release", call)
         except BackendUnavailable as exc:
             log.log(self._level, "limiter release failed, the lease will lapse: %s", exc.__cause__)
         else:
@@ -598,9 +625,11 @@ def _one_more(rule: CallerPolicy) -> CallerPolicy:
 class RedisPermit:
     """A permit of ``RedisLimiter``: ``sent()`` records its start at Redis's time (once).
 
-    The start is recorded in the background: the request goes out without waiting for Redis,
-    and until the record lands the start stays pending (counted as in the window), the safe
-    side. A permit released before it landed records its start at release, later still.
+    Granted ahead of the window's edge, ``sent()`` first waits for it and checks the permit
+    again (``PermitLost`` if it lapsed meanwhile). The start is recorded in the background: the
+    request goes out without waiting for Redis, and until the record lands the start stays
+    pending (counted as in the window), the safe side. A permit released before it landed
+    records its start at release, later still.
     """
 
     def __init__(self, limiter: RedisLimiter, grant: Grant) -> None:
@@ -611,13 +640,22 @@ class RedisPermit:
         self.renewed_at = grant.asked_at  # its lease runs from no earlier than this (monotonic)
         self._limiter = limiter
 
+    @property
+    def not_before(self) -> float:
+        return self.grant.not_before
+
     def check(self) -> None:
         self._limiter.check(self.grant)
 
     async def sent(self) -> None:
-        if not self.went_out:
-            self.went_out = True
-            self._limiter._spawn(self._record(self._limiter._clock.monotonic()))
+        if self.went_out:
+            return
+        if await hold_until(self._limiter._clock, self.grant.not_before):
+            self.check()  # held: a freeze or a lost epoch meanwhile means it may not go out
+            if self.went_out:
+                return  # another ``sent()`` ended its hold first
+        self.went_out = True
+        self._limiter._spawn(self._record(self._limiter._clock.monotonic()))
 
     async def _record(self, sent_at: float) -> None:
         self.recorded = await self._limiter.record_sent(self.lease, sent_at)

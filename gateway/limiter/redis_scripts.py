@@ -133,19 +133,23 @@ class Limits:
     demand_ttl_ms: int  # a replica's demand lapses this long after its latest try
     blocked_hint_ms: int  # every permit held: retry after this at the latest
     behind_hint_ms: int  # others' turns: retry after this at the latest
+    ahead_ms: float = 0.0  # a start leaving the window this soon counts as gone (edge awaited)
 
 
 @dataclass(frozen=True, slots=True)
 class AcquireResult:
     """An ``acquire``'s outcome: the epoch it ran in (``stale`` when it was not the one asked
     for: nothing was done), the permits granted here per caller, and when to try again
-    (``hint_s`` at the latest, sooner on what ``wait`` names) if waiters are left."""
+    (``hint_s`` at the latest, sooner on what ``wait`` names) if waiters are left;
+    ``not_before_s``: how long after Redis ran the script the window's edge comes that the
+    grants were made ahead of (0: they may be sent at once)."""
 
     epoch: str
     stale: bool
     grants: tuple[tuple[str, int], ...]
     hint_s: float
     wait: Wait
+    not_before_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,15 +169,15 @@ class LimiterScripts:
 
     # KEYS meta leases starts members demand wants finish policy since
     # ARGV see ``acquire``
-    # -> {granted, hint us, epoch, wait, caller, n, caller, n...}; {-1, 0, epoch, 'time'} when
-    #    the epoch asked for is not the current one (nothing done)
+    # -> {granted, hint us, epoch, wait, not before us, caller, n, caller, n...};
+    #    {-1, 0, epoch, 'time', 0} when the epoch asked for is not the current one (nothing done)
     ACQUIRE = (
         _CLOCK
         + _GENERATION
         + r"""
 local now = clock()
 local epoch = generation(KEYS[1], now, tonumber(ARGV[6]))
-if epoch ~= ARGV[1] then return {-1, 0, epoch, 'time'} end
+if epoch ~= ARGV[1] then return {-1, 0, epoch, 'time', 0} end
 local max, window, lease_ms = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local ttl, replica, bg, ticket = tonumber(ARGV[9]), ARGV[5], ARGV[13], ARGV[14]
 local function us(ms) return math.max(1, math.ceil(ms * 1000)) end
@@ -189,7 +193,7 @@ end
 -- this replica's demand per caller (demand "replica\ncaller" -> waiters, at most max, kept
 -- alive); ``asked``: all its waiters here, so a grant that serves them all ends the demand
 local mine, asked = {}, {}
-for i = 16, 15 + 4 * tonumber(ARGV[15]), 4 do
+for i = 17, 16 + 4 * tonumber(ARGV[15]), 4 do
   local caller = ARGV[i]
   local want = math.min(tonumber(ARGV[i + 1]), tonumber(ARGV[2]))
   local d = replica .. '\n' .. caller
@@ -206,11 +210,18 @@ for i = 16, 15 + 4 * tonumber(ARGV[15]), 4 do
   end
 end
 local gate = tonumber(redis.call('HGET', KEYS[1], 'gate') or '0')
-if gate > now then return {0, us(math.min(gate - now, window)), epoch, 'time'} end
+if gate > now then return {0, us(math.min(gate - now, window)), epoch, 'time', 0} end
 -- every replica not heard from may be on its fallback share: that much is not the fleet's
 local missing = math.max(0, tonumber(ARGV[8]) - redis.call('ZCARD', KEYS[4]))
 max = max - tonumber(ARGV[7]) * missing
 local leases, starts = redis.call('ZCARD', KEYS[2]), redis.call('ZCARD', KEYS[3])
+-- a start leaving the window within ``ahead`` counts as gone: a permit granted in its place
+-- waits for its exit (the reply says when), so no start comes before the window allows it
+local ahead, soon = tonumber(ARGV[16]), 0
+if ahead > 0 and starts >= max then
+  soon = redis.call('ZCOUNT', KEYS[3], '-inf', now - window + ahead)
+end
+local live = starts - soon
 -- what a replica with waiters left waits on next. Every permit held: a release (its message)
 -- or the nearest lease expiry. A full window: only time frees a start (a release records one,
 -- it never removes one), so the replica sleeps until the oldest start leaves, deaf to releases.
@@ -223,16 +234,16 @@ local function blocked(leases, starts)
   end
   if starts >= max then
     -- a pending start (scored in the future) leaves a window after it is sent: not before now
-    local oldest = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
-    return us(math.min(tonumber(oldest[2]), now) + window - now), 'time'
+    local oldest = redis.call('ZRANGE', KEYS[3], soon, soon, 'WITHSCORES')
+    return us(math.min(tonumber(oldest[2]), now) + window - ahead - now), 'time'
   end
   return us(tonumber(ARGV[11])), 'turn'
 end
-if leases >= max or starts >= max then
-  local hint, wait = blocked(leases, starts)
-  return {0, hint, epoch, wait}
+if leases >= max or live >= max then
+  local hint, wait = blocked(leases, live)
+  return {0, hint, epoch, wait, 0}
 end
-local free = math.min(max - leases, max - starts)
+local free = math.min(max - leases, max - live)
 -- the fleet's demand and holdings per caller (a lease is named "caller\nticket:i")
 local total, held, policy, before = {}, {}, {}, {}
 local ds = redis.call('ZRANGE', KEYS[9], 0, -1)  -- oldest demand first
@@ -293,7 +304,7 @@ if not callers and mine[bg] then
 end
 -- this replica takes what fell to its callers, after the older demand of the same caller on
 -- other replicas; the rest waits for the replicas it fell to (then this demand goes last)
-local reply, granted, top = {0, 0, epoch, 'turn'}, 0, nil
+local reply, granted, top = {0, 0, epoch, 'turn', 0}, 0, nil
 for caller, n in pairs(alloc) do
   local g = math.min(n - (before[caller] or 0), mine[caller] or 0)
   if g > 0 then
@@ -321,8 +332,14 @@ for caller, n in pairs(alloc) do
 end
 if top then redis.call('HSET', KEYS[1], 'v', top) end
 reply[1] = granted
+-- granted in place of starts still in the window: sent once the latest of those has left
+local over = starts + granted - max
+if granted > 0 and over > 0 then
+  local edge = redis.call('ZRANGE', KEYS[3], over - 1, over - 1, 'WITHSCORES')
+  reply[5] = us(tonumber(edge[2]) + window - now)
+end
 -- when to try again if waiters are left here: the caller need not ask only to hear it
-reply[2], reply[4] = blocked(leases + granted, starts + granted)
+reply[2], reply[4] = blocked(leases + granted, live + granted)
 if free > granted and #ds > 0 then redis.call('PUBLISH', ARGV[12], 'spare') end
 return reply
 """
@@ -372,11 +389,14 @@ redis.call('ZADD', KEYS[1], 'XX', clock() - tonumber(ARGV[2]), ARGV[1])
 """
     )
 
-    # KEYS leases starts; ARGV channel, lease, 1 to record its start now (never sent).
+    # KEYS leases starts; ARGV channel, lease, 1 to record its start now (never sent), ms until
+    # the window's edge it was granted ahead of (not counted before it).
     RELEASE = (
         _CLOCK
         + """
-if ARGV[3] == '1' then redis.call('ZADD', KEYS[2], 'XX', clock(), ARGV[2]) end
+if ARGV[3] == '1' then
+  redis.call('ZADD', KEYS[2], 'XX', clock() + tonumber(ARGV[4]), ARGV[2])
+end
 if redis.call('ZREM', KEYS[1], ARGV[2]) > 0 then redis.call('PUBLISH', ARGV[1], 'freed') end
 """
     )
@@ -429,11 +449,11 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', 1000)
         args += [limits.lease_ms, self.replica, limits.hold_ms, limits.share]  # 4-7
         args += [limits.replicas, limits.demand_ttl_ms]  # 8-9
         args += [limits.blocked_hint_ms, limits.behind_hint_ms]  # 10-11
-        args += [k.released, background, ticket, len(callers)]  # 12-15
-        for d in callers:  # 16..: 4 per caller
+        args += [k.released, background, ticket, len(callers), limits.ahead_ms]  # 12-16
+        for d in callers:  # 17..: 4 per caller
             args += [d.caller, d.waiters, d.weight, d.cap]
         reply = await self._acquire(keys, args)
-        pairs = reply[4:]
+        pairs = reply[5:]
         grants = tuple((_text(pairs[i]), int(pairs[i + 1])) for i in range(0, len(pairs), 2))
         granted = int(reply[0])
         return AcquireResult(
@@ -442,6 +462,7 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', 1000)
             grants=grants,
             hint_s=int(reply[1]) / 1e6,
             wait=Wait(_text(reply[3])),
+            not_before_s=int(reply[4]) / 1e6,
         )
 
     async def heartbeat(
@@ -477,11 +498,20 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', 1000)
         revived); ``ago_s`` must be counted before the call, so the record is never early."""
         return self._sent([self.keys.starts], [lease, max(0.0, ago_s * 1000)])
 
-    def release(self, lease: str, *, record_start: bool) -> Awaitable[object]:
+    def release(
+        self, lease: str, *, record_start: bool, not_before_s: float = 0.0
+    ) -> Awaitable[object]:
         """End ``lease`` (publishing "freed" if it was held); ``record_start``: its start was
-        never recorded, so it is recorded now."""
+        never recorded, so it is recorded now, or ``not_before_s`` from now (the edge it was
+        granted ahead of) if that is later."""
         k = self.keys
-        return self._release([k.leases, k.starts], [k.released, lease, int(record_start)])
+        args: list[str | float] = [
+            k.released,
+            lease,
+            int(record_start),
+            max(0.0, not_before_s * 1000),
+        ]
+        return self._release([k.leases, k.starts], args)
 
     def withdraw(self, callers: Sequence[str]) -> Awaitable[object]:
         """This replica's demand for ``callers`` is gone (publishes if there was any)."""
