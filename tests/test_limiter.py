@@ -97,6 +97,8 @@ def one_start(budget: WindowBudget, sent_at: float) -> None:
         ("background_max", 4),  # more than the whole budget
         ("replicas", 0),
         ("replicas", 4),  # a replica with no share of its own
+        ("grant_ahead_s", -0.01),
+        ("grant_ahead_s", 0.12),  # more than a tenth of the window
     ],
 )
 def test_a_limit_out_of_range_is_refused_naming_its_field(field: str, value: float) -> None:
@@ -479,3 +481,48 @@ async def test_a_capped_caller_waits_at_its_cap_while_the_budget_serves_others()
     for h in capped + others:
         h.done.set()
     await asyncio.gather(*(h.task for h in capped + others))
+
+
+def test_a_start_leaving_within_ahead_counts_as_gone_and_its_exit_is_the_new_permits_edge() -> (
+    None
+):
+    budget = WindowBudget(max_concurrent=2, window=1.0, ahead=0.05)
+    one_start(budget, 0.0)
+    one_start(budget, 0.02)
+    assert budget.delay(0.5) == pytest.approx(0.45)  # aimed at the oldest exit less ``ahead``
+    assert budget.delay(0.949) > 0
+    assert budget.delay(0.95) == 0  # the start of 0.0 leaves at 1.0: within ahead
+    budget.grant()
+    assert budget.not_before(0.95) == 1.0  # sent no sooner than that start has left
+    # The start of 0.02 leaves at 1.02, within ahead too: a second grant waits for it.
+    assert budget.delay(0.97) == 0
+    budget.grant()
+    assert budget.not_before(0.97) == pytest.approx(1.02)
+
+
+def test_without_ahead_a_grant_waits_for_the_exit_itself_and_is_sent_at_once() -> None:
+    budget = WindowBudget(max_concurrent=1, window=1.0)
+    one_start(budget, 0.0)
+    assert budget.delay(0.99) == pytest.approx(0.01)
+    assert budget.delay(1.0) == 0
+    budget.grant()
+    assert budget.not_before(1.0) == 1.0
+
+
+def test_pending_starts_are_never_counted_as_leaving_ahead() -> None:
+    budget = WindowBudget(max_concurrent=2, window=1.0, ahead=0.05)
+    one_start(budget, 0.0)
+    budget.grant()  # pending: counts until sent, whatever the time
+    assert budget.delay(0.96) == 0  # the sent one leaves within ahead
+    budget.grant()
+    assert budget.not_before(0.96) == 1.0
+    assert budget.delay(5.0) == math.inf  # two pending: nothing leaves before one is sent
+
+
+def test_a_start_recorded_at_a_later_edge_keeps_the_window_in_order() -> None:
+    budget = WindowBudget(max_concurrent=2, window=1.0)
+    budget.record(0.5)  # released unsent, counted from its edge
+    budget.record(0.3)
+    assert budget.delay(1.31) == 0  # 0.3 left; 0.5 still in: one free
+    budget.record(1.31)
+    assert budget.delay(1.32) == pytest.approx(0.18)

@@ -1,0 +1,299 @@
+"""Granted ahead of the window's edge, sent not before it: the hold in ``Permit.sent()``.
+
+A start leaving the window within ``grant_ahead_s`` counts as gone for a grant, and the
+permit granted in its place holds its request in ``sent()`` until that start has left. These
+cases run on the injected clock (the hold is a timer on it), with a start put into Redis's
+window by hand so that it leaves within ``ahead`` of the acquire that follows; what must hold
+whatever happens during the hold: nothing is sent before the edge, and a permit that lapsed
+while held (the fence, a lost epoch) is lost, not sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from gateway.clock import ManualClock
+from gateway.errors import PermitLost
+from gateway.limiter import FleetTimings, LimitConfig, Permit
+from gateway.limiter.failover import FailoverLimiter
+from gateway.limiter.memory import InMemoryLimiter
+from gateway.limiter.redis_limiter import RedisLimiter, RedisPermit
+from gateway.limiter.redis_scripts import LimiterKeys
+from tests.support.waiting import until
+
+WINDOW_S = 3.0
+AHEAD_S = 0.3  # a tenth of the window: the most allowed
+# The start put in by hand leaves this long after it is put: the acquire that follows must run
+# within it (a bound for a stalled machine, never a speed claim), so it grants ahead.
+LEAVES_IN_S = 0.25
+ONE = LimitConfig(
+    max_concurrent=1, window_s=WINDOW_S, max_queue=5, max_wait_s=60.0, grant_ahead_s=AHEAD_S
+)
+TIMINGS = FleetTimings(lease_s=30.0, fence_s=1.0)
+KEYS = LimiterKeys.for_namespace("isales:v1")
+
+
+async def settle() -> None:
+    """Let every task that can run without the clock moving run."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def redis_ms(client: aioredis.Redis) -> float:
+    seconds, micros = await client.time()
+    return seconds * 1000 + micros / 1000
+
+
+async def start_leaving_soon(client: aioredis.Redis) -> float:
+    """Put one sent start in the window that leaves ``LEAVES_IN_S`` from now (Redis's clock);
+    its exit, in Redis ms."""
+    now = await redis_ms(client)
+    sent = now - WINDOW_S * 1000 + LEAVES_IN_S * 1000
+    await client.zadd(KEYS.starts, {"earlier\nstart": sent})
+    return sent + WINDOW_S * 1000
+
+
+class Taker:
+    """Takes a permit, calls ``sent()`` when told, keeps the permit until ``done``."""
+
+    def __init__(self, limiter: InMemoryLimiter | RedisLimiter | FailoverLimiter) -> None:
+        self.granted = asyncio.Event()
+        self.send = asyncio.Event()
+        self.done = asyncio.Event()
+        self.went_out = asyncio.Event()
+        self.permit: Permit | None = None
+        self.failure: BaseException | None = None
+        self.task = asyncio.create_task(self._run(limiter))
+        self.sending: asyncio.Task[None] | None = None
+
+    async def _run(self, limiter: InMemoryLimiter | RedisLimiter | FailoverLimiter) -> None:
+        async with limiter.permit() as permit:
+            self.permit = permit
+            self.granted.set()
+            await self.send.wait()
+            self.sending = asyncio.create_task(self._send(permit))
+            await self.done.wait()
+            if not self.sending.done():
+                self.sending.cancel()
+            await asyncio.gather(self.sending, return_exceptions=True)
+
+    async def _send(self, permit: Permit) -> None:
+        try:
+            await permit.sent()
+        except PermitLost as exc:
+            self.failure = exc
+            return
+        self.went_out.set()
+
+    async def finish(self) -> None:
+        self.send.set()
+        self.done.set()
+        await self.task
+
+
+@pytest.fixture
+async def limiters() -> AsyncIterator[list[RedisLimiter | FailoverLimiter]]:
+    made: list[RedisLimiter | FailoverLimiter] = []
+    yield made
+    for limiter in made:
+        await limiter.close()
+
+
+# The in-memory limiter, on its own clock.
+
+
+async def test_a_permit_granted_ahead_is_held_on_the_injected_clock_until_the_edge() -> None:
+    clock = ManualClock()
+    limiter = InMemoryLimiter(ONE, clock=clock)
+    first = Taker(limiter)
+    await first.granted.wait()
+    first.send.set()
+    await first.went_out.wait()  # sent at 0: it leaves the window at WINDOW_S
+    first.done.set()
+    await first.task
+    second = Taker(limiter)
+    second.send.set()
+    clock.advance(WINDOW_S - AHEAD_S - 0.01)
+    await settle()
+    assert not second.granted.is_set()  # not yet within ahead of the edge
+    clock.advance(0.01)
+    await settle()
+    assert second.granted.is_set()  # granted ahead...
+    clock.advance(AHEAD_S - 0.001)
+    await settle()
+    assert not second.went_out.is_set()  # ...and held until the edge
+    clock.advance(0.001)
+    await settle()
+    assert second.went_out.is_set()
+    assert limiter.snapshot().fleet_starts == 1  # the first start has left: only its own
+    await second.finish()
+
+
+async def test_a_permit_cancelled_during_its_hold_counts_its_start_from_the_edge() -> None:
+    clock = ManualClock()
+    limiter = InMemoryLimiter(ONE, clock=clock)
+    first = Taker(limiter)
+    await first.granted.wait()
+    await first.finish()  # sent at 0
+    second = Taker(limiter)
+    second.send.set()
+    clock.advance(WINDOW_S - AHEAD_S)
+    await until(lambda: second.sending is not None)
+    await settle()
+    second.done.set()  # the caller leaves during the hold: nothing went out
+    await second.task
+    assert not second.went_out.is_set()
+    third = Taker(limiter)
+    third.send.set()
+    # Counted from the edge (WINDOW_S), the second's start lets the third in only ahead of
+    # 2 * WINDOW_S; counted from its release (WINDOW_S - AHEAD_S) it would be AHEAD_S sooner.
+    clock.advance(WINDOW_S - 0.001)
+    await settle()
+    assert not third.granted.is_set()
+    clock.advance(0.001)
+    await settle()
+    assert third.granted.is_set()
+    await third.finish()
+
+
+# The Redis limiter: the edge on Redis's clock, the hold on the replica's.
+
+
+async def granted_ahead(
+    client: aioredis.Redis, limiters: list[RedisLimiter | FailoverLimiter], clock: ManualClock
+) -> tuple[RedisLimiter, Taker, float]:
+    """A Redis limiter on ``clock`` whose one permit was granted ahead of the window's edge
+    (a start leaving soon put in first): the limiter, its taker, the edge in Redis ms."""
+    limiter = RedisLimiter(client, ONE, TIMINGS, clock=clock)
+    limiters.append(limiter)
+    edge = await start_leaving_soon(client)
+    taker = Taker(limiter)
+    await taker.granted.wait()
+    assert isinstance(taker.permit, RedisPermit)
+    assert taker.permit.not_before > clock.monotonic()  # granted ahead: it holds
+    return limiter, taker, edge
+
+
+async def test_a_redis_permit_granted_ahead_is_held_until_its_edge_on_the_injected_clock(
+    redis_client: aioredis.Redis, limiters: list[RedisLimiter | FailoverLimiter]
+) -> None:
+    clock = ManualClock(time.time())  # heartbeats carry a wall-clock "not after"
+    _, taker, _ = await granted_ahead(redis_client, limiters, clock)
+    assert isinstance(taker.permit, RedisPermit)
+    hold = taker.permit.not_before - clock.monotonic()
+    assert 0 < hold <= LEAVES_IN_S  # from the reply's arrival: the edge's distance, no less
+    taker.send.set()
+    await settle()
+    clock.advance(hold * 0.99)
+    await settle()
+    assert not taker.went_out.is_set()
+    clock.advance(hold * 0.02)
+    await until(taker.went_out.is_set)
+    await taker.finish()
+
+
+async def test_a_redis_permit_cancelled_during_its_hold_counts_its_start_from_the_edge(
+    redis_client: aioredis.Redis, limiters: list[RedisLimiter | FailoverLimiter]
+) -> None:
+    clock = ManualClock(time.time())  # heartbeats carry a wall-clock "not after"
+    _, taker, edge = await granted_ahead(redis_client, limiters, clock)
+    taker.send.set()
+    await until(lambda: taker.sending is not None)
+    await settle()
+    assert taker.permit is not None
+    lease = taker.permit.lease if isinstance(taker.permit, RedisPermit) else ""
+    taker.done.set()  # the caller leaves during the hold
+    await taker.task
+    assert not taker.went_out.is_set()
+    await until(lambda: _released(redis_client, lease), "the release landed")
+    start = await redis_client.zscore(KEYS.starts, lease)
+    assert start is not None and start >= edge  # never counted before the edge
+
+
+async def _released(client: aioredis.Redis, lease: str) -> bool:
+    return await client.zscore(KEYS.leases, lease) is None
+
+
+async def test_a_redis_permit_held_past_the_fence_is_lost_not_sent(
+    redis_client: aioredis.Redis, limiters: list[RedisLimiter | FailoverLimiter]
+) -> None:
+    clock = ManualClock(time.time())  # heartbeats carry a wall-clock "not after"
+    _, taker, _ = await granted_ahead(redis_client, limiters, clock)
+    taker.send.set()
+    await until(lambda: taker.sending is not None)
+    await settle()
+    clock.advance(TIMINGS.fence_s + 0.01)  # frozen through the hold and past the fence
+    await until(lambda: taker.sending is not None and taker.sending.done())
+    assert isinstance(taker.failure, PermitLost)
+    assert not taker.went_out.is_set()
+    await taker.finish()
+
+
+async def test_a_redis_permit_whose_epoch_is_lost_during_its_hold_is_lost_not_sent(
+    redis_client: aioredis.Redis, limiters: list[RedisLimiter | FailoverLimiter]
+) -> None:
+    clock = ManualClock(time.time())  # heartbeats carry a wall-clock "not after"
+    limiter, taker, _ = await granted_ahead(redis_client, limiters, clock)
+    taker.send.set()
+    await until(lambda: taker.sending is not None)
+    await settle()
+    await redis_client.flushall()  # Redis restarted empty during the hold
+    await limiter.beat()  # the replica learns of the new epoch
+    assert isinstance(taker.permit, RedisPermit)
+    clock.advance(taker.permit.not_before - clock.monotonic())
+    await until(lambda: taker.sending is not None and taker.sending.done())
+    assert isinstance(taker.failure, PermitLost)
+    assert not taker.went_out.is_set()
+    await taker.finish()
+
+
+async def test_two_replicas_cannot_both_grant_ahead_for_the_same_edge(
+    redis_client: aioredis.Redis,
+    second_client: aioredis.Redis,
+    limiters: list[RedisLimiter | FailoverLimiter],
+) -> None:
+    clock = ManualClock(time.time())  # heartbeats carry a wall-clock "not after"
+    _, taker, _ = await granted_ahead(redis_client, limiters, clock)
+    other = RedisLimiter(second_client, ONE, TIMINGS, clock=clock)
+    limiters.append(other)
+    waiting = Taker(other)
+
+    async def its_try_ran() -> bool:  # its demand is in Redis: its acquire found no room
+        return int(await redis_client.zcard(KEYS.demand)) == 1
+
+    await until(its_try_ran, "the other replica's try")
+    assert not waiting.granted.is_set()
+    assert int(await redis_client.zcard(KEYS.leases)) == 1
+    await taker.finish()
+    waiting.task.cancel()
+    await asyncio.gather(waiting.task, return_exceptions=True)
+
+
+async def test_the_failover_limiter_holds_a_global_permit_granted_ahead_until_its_edge(
+    redis_client: aioredis.Redis, limiters: list[RedisLimiter | FailoverLimiter]
+) -> None:
+    clock = ManualClock(time.time())  # heartbeats carry a wall-clock "not after"
+    limiter = FailoverLimiter(redis_client, ONE, TIMINGS, clock=clock)
+    limiters.append(limiter)
+    await start_leaving_soon(redis_client)
+    taker = Taker(limiter)
+    await taker.granted.wait()
+    taker.send.set()
+    await settle()
+    assert not taker.went_out.is_set()  # held: the clock has not moved
+    clock.advance(LEAVES_IN_S)
+    await until(taker.went_out.is_set)
+    await taker.finish()
+
+
+@pytest.fixture
+async def second_client(redis_client: aioredis.Redis) -> AsyncIterator[aioredis.Redis]:
+    kwargs = redis_client.connection_pool.connection_kwargs
+    client = aioredis.Redis(host=kwargs.get("host", "localhost"), port=kwargs["port"])
+    yield client
+    await client.aclose()
