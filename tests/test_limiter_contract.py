@@ -341,6 +341,29 @@ async def test_a_start_counts_from_when_it_was_sent_not_when_it_was_granted(
     assert limiter.snapshot() == IDLE
 
 
+async def test_a_permit_granted_ahead_of_the_windows_edge_is_sent_not_before_it(
+    build: Build,
+) -> None:
+    window, ahead = 0.4, 0.04
+    limiter = build(limit(max_concurrent=2, window_s=window, grant_ahead_s=ahead))
+    spans: list[tuple[float, float]] = []  # (granted, sent() returned: the bytes go out)
+
+    async def call() -> None:
+        async with limiter.permit() as permit:
+            granted = time.monotonic()
+            await permit.sent()
+            spans.append((granted, time.monotonic()))
+
+    await asyncio.gather(*(call() for _ in range(8)))
+    sends = sorted(sent for _, sent in spans)
+    # Every start at least a window after the one two before it: no window holds three.
+    # (The 2 ms allow for Redis's clock against this one: a sent() that does not wait for
+    # the edge is early by up to ``ahead``.)
+    assert all(later - earlier >= window - 0.002 for earlier, later in zip(sends, sends[2:]))
+    assert any(sent - granted >= ahead / 4 for granted, sent in spans)  # some were held
+    assert limiter.snapshot() == IDLE
+
+
 async def an_unsent_start_keeps_its_place(limiter: Limiter, unsent_for_s: float) -> None:
     """On a limiter of two permits and a 0.15 s window: a permit granted and not sent for
     ``unsent_for_s``, then one sent; the next is granted only once the sent start has left
