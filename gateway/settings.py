@@ -158,15 +158,15 @@ class LimitSettings:
     max_concurrent: int = 10
     window_ms: int = 1000
     margin_ms: int = 100
-    # A permit may be granted this long before the window's edge and held until it, so the
-    # request's set-up is done by then (0: grant at the edge).
-    grant_ahead_ms: int = 15
     max_queue: int = 250
     max_wait_ms: int = 30000
     replicas: int = 1
     # The most the wall clocks of the replicas and of Redis may differ (an assumption).
     clock_skew_ms: int = 500
     caller_header: str = ""
+    # A permit may be granted this long before the window's edge and held until it, so the
+    # request's set-up is done by then (0: grant at the edge).
+    grant_ahead_ms: int = 15
 
 
 @dataclass(frozen=True, slots=True)

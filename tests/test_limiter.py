@@ -483,9 +483,7 @@ async def test_a_capped_caller_waits_at_its_cap_while_the_budget_serves_others()
     await asyncio.gather(*(h.task for h in capped + others))
 
 
-def test_a_start_leaving_within_ahead_counts_as_gone_and_its_exit_is_the_new_permits_edge() -> (
-    None
-):
+def test_a_start_leaving_within_ahead_counts_as_gone_and_its_exit_is_the_new_permits_edge() -> None:
     budget = WindowBudget(max_concurrent=2, window=1.0, ahead=0.05)
     one_start(budget, 0.0)
     one_start(budget, 0.02)
