@@ -194,6 +194,12 @@ def test_an_integer_is_accepted_for_a_float_field(tmp_path: Path) -> None:
         ({"GATEWAY_LIMIT__MAX_QUEUE": "-1"}, "limit.max_queue"),
         ({"GATEWAY_LIMIT__MAX_WAIT_MS": "-1"}, "limit.max_wait_ms"),
         ({"GATEWAY_LIMIT__REPLICAS": "0"}, "limit.replicas"),
+        ({"GATEWAY_LIMIT__GRANT_AHEAD_MS": "-1"}, "limit.grant_ahead_ms"),
+        ({"GATEWAY_LIMIT__GRANT_AHEAD_MS": "101"}, "limit.grant_ahead_ms"),
+        (  # held at most a tenth of the window: a permit granted ahead is sent
+            {"GATEWAY_LIMIT__WINDOW_MS": "100", "GATEWAY_LIMIT__MARGIN_MS": "0"},
+            "limit.grant_ahead_ms",
+        ),
         ({"GATEWAY_CACHE__TTL_CLOSED_S": "-1"}, "cache.ttl_closed_s"),
         ({"GATEWAY_CACHE__TTL_OPEN_S": "-0.5"}, "cache.ttl_open_s"),
         ({"GATEWAY_CACHE__STALE_S": "-1"}, "cache.stale_s"),
