@@ -69,6 +69,21 @@ async def delivered(client: aioredis.Redis, *heard: list[str]) -> None:
     await until(lambda: all(marker in names for names in heard), "every listener got the marker")
 
 
+def replica_over(client: aioredis.Redis, *, by_script: bool) -> Replica:
+    """A tier over a counted Redis store, not yet listening; the invalidations published by
+    the store's write scripts (``by_script``, as served) or by the tier itself."""
+    shared = Counting(RedisCacheStore(client, clock=SystemClock(), channel=CHANNEL * by_script))
+    heard: list[str] = []
+    tier = TieredCacheStore(
+        shared,
+        client,
+        clock=SystemClock(),
+        shared_publishes=by_script,
+        on_invalidate=heard.append,
+    )
+    return Replica(tier, shared, heard)
+
+
 @pytest.fixture(params=["script", "tier"])
 async def replicas(
     request: pytest.FixtureRequest, redis_client: aioredis.Redis
@@ -78,19 +93,11 @@ async def replicas(
     built = []
     by_script = request.param == "script"
     for _ in range(2):
-        store = RedisCacheStore(redis_client, clock=SystemClock(), channel=CHANNEL * by_script)
-        shared = Counting(store)
-        heard: list[str] = []
-        tier = TieredCacheStore(
-            shared,
-            redis_client,
-            clock=SystemClock(),
-            shared_publishes=by_script,
-            on_invalidate=heard.append,
-        )
+        replica = replica_over(redis_client, by_script=by_script)
+        tier = replica.tier
         await tier.get("isales:v1:{0:0}:warm-up")  # starts the listener
         await until(lambda tier=tier: tier.coherent)
-        built.append(Replica(tier, shared, heard))
+        built.append(replica)
     yield built
     for replica in built:
         await replica.tier.close()
@@ -223,15 +230,7 @@ async def test_a_copy_is_held_no_longer_than_its_hold_time(redis_client: aioredi
 async def test_a_hot_set_far_beyond_a_thousand_entries_is_answered_locally(
     redis_client: aioredis.Redis,
 ) -> None:
-    shared = Counting(RedisCacheStore(redis_client, clock=SystemClock(), channel=CHANNEL))
-    announced: list[str] = []
-    tier = TieredCacheStore(
-        shared,
-        redis_client,
-        clock=SystemClock(),
-        shared_publishes=True,
-        on_invalidate=announced.append,
-    )
+    tier, shared, announced = replica_over(redis_client, by_script=True)
     now = SystemClock().time()
     keys = [cache_key(CallResultQuery(11, 3, page_num=n)) for n in range(1, 5001)]
     try:

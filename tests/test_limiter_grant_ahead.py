@@ -96,6 +96,30 @@ class Taker:
         await self.task
 
 
+async def sent_at_zero(clock: ManualClock) -> InMemoryLimiter:
+    """An in-memory limiter on ``clock`` whose one permit was sent at 0 and given back: that
+    start leaves the window at ``WINDOW_S``."""
+    limiter = InMemoryLimiter(ONE, clock=clock)
+    first = Taker(limiter)
+    await first.granted.wait()
+    first.send.set()
+    await first.went_out.wait()
+    await first.finish()
+    return limiter
+
+
+async def holding(taker: Taker) -> None:
+    """Tell ``taker`` to send, and return once its ``sent()`` runs (and holds, if ahead)."""
+    taker.send.set()
+    await until(lambda: taker.sending is not None)
+    await settle()
+
+
+def wall_clock() -> ManualClock:
+    """A manual clock from now: heartbeats carry a wall-clock "not after"."""
+    return ManualClock(time.time())
+
+
 @pytest.fixture
 async def limiters() -> AsyncIterator[list[RedisLimiter | FailoverLimiter]]:
     made: list[RedisLimiter | FailoverLimiter] = []
@@ -109,13 +133,7 @@ async def limiters() -> AsyncIterator[list[RedisLimiter | FailoverLimiter]]:
 
 async def test_a_permit_granted_ahead_is_held_on_the_injected_clock_until_the_edge() -> None:
     clock = ManualClock()
-    limiter = InMemoryLimiter(ONE, clock=clock)
-    first = Taker(limiter)
-    await first.granted.wait()
-    first.send.set()
-    await first.went_out.wait()  # sent at 0: it leaves the window at WINDOW_S
-    first.done.set()
-    await first.task
+    limiter = await sent_at_zero(clock)
     second = Taker(limiter)
     second.send.set()
     clock.advance(WINDOW_S - AHEAD_S - 0.01)
@@ -136,15 +154,10 @@ async def test_a_permit_granted_ahead_is_held_on_the_injected_clock_until_the_ed
 
 async def test_a_permit_cancelled_during_its_hold_counts_its_start_from_the_edge() -> None:
     clock = ManualClock()
-    limiter = InMemoryLimiter(ONE, clock=clock)
-    first = Taker(limiter)
-    await first.granted.wait()
-    await first.finish()  # sent at 0
+    limiter = await sent_at_zero(clock)
     second = Taker(limiter)
-    second.send.set()
     clock.advance(WINDOW_S - AHEAD_S)
-    await until(lambda: second.sending is not None)
-    await settle()
+    await holding(second)
     second.done.set()  # the caller leaves during the hold: nothing went out
     await second.task
     assert not second.went_out.is_set()
@@ -182,7 +195,7 @@ async def granted_ahead(
 async def test_a_redis_permit_granted_ahead_is_held_until_its_edge_on_the_injected_clock(
     redis_client: aioredis.Redis, limiters: list[RedisLimiter | FailoverLimiter]
 ) -> None:
-    clock = ManualClock(time.time())  # heartbeats carry a wall-clock "not after"
+    clock = wall_clock()
     _, taker, _ = await granted_ahead(redis_client, limiters, clock)
     assert isinstance(taker.permit, RedisPermit)
     hold = taker.permit.not_before - clock.monotonic()
@@ -200,11 +213,9 @@ async def test_a_redis_permit_granted_ahead_is_held_until_its_edge_on_the_inject
 async def test_a_redis_permit_cancelled_during_its_hold_counts_its_start_from_the_edge(
     redis_client: aioredis.Redis, limiters: list[RedisLimiter | FailoverLimiter]
 ) -> None:
-    clock = ManualClock(time.time())  # heartbeats carry a wall-clock "not after"
+    clock = wall_clock()
     _, taker, edge = await granted_ahead(redis_client, limiters, clock)
-    taker.send.set()
-    await until(lambda: taker.sending is not None)
-    await settle()
+    await holding(taker)
     assert taker.permit is not None
     lease = taker.permit.lease if isinstance(taker.permit, RedisPermit) else ""
     taker.done.set()  # the caller leaves during the hold
@@ -223,11 +234,9 @@ async def _released(client: aioredis.Redis, lease: str) -> bool:
 async def test_a_redis_permit_held_past_the_fence_is_lost_not_sent(
     redis_client: aioredis.Redis, limiters: list[RedisLimiter | FailoverLimiter]
 ) -> None:
-    clock = ManualClock(time.time())  # heartbeats carry a wall-clock "not after"
+    clock = wall_clock()
     _, taker, _ = await granted_ahead(redis_client, limiters, clock)
-    taker.send.set()
-    await until(lambda: taker.sending is not None)
-    await settle()
+    await holding(taker)
     clock.advance(TIMINGS.fence_s + 0.01)  # frozen through the hold and past the fence
     await until(lambda: taker.sending is not None and taker.sending.done())
     assert isinstance(taker.failure, PermitLost)
@@ -238,11 +247,9 @@ async def test_a_redis_permit_held_past_the_fence_is_lost_not_sent(
 async def test_a_redis_permit_whose_epoch_is_lost_during_its_hold_is_lost_not_sent(
     redis_client: aioredis.Redis, limiters: list[RedisLimiter | FailoverLimiter]
 ) -> None:
-    clock = ManualClock(time.time())  # heartbeats carry a wall-clock "not after"
+    clock = wall_clock()
     limiter, taker, _ = await granted_ahead(redis_client, limiters, clock)
-    taker.send.set()
-    await until(lambda: taker.sending is not None)
-    await settle()
+    await holding(taker)
     await redis_client.flushall()  # Redis restarted empty during the hold
     await limiter.beat()  # the replica learns of the new epoch
     assert isinstance(taker.permit, RedisPermit)
@@ -258,7 +265,7 @@ async def test_two_replicas_cannot_both_grant_ahead_for_the_same_edge(
     second_client: aioredis.Redis,
     limiters: list[RedisLimiter | FailoverLimiter],
 ) -> None:
-    clock = ManualClock(time.time())  # heartbeats carry a wall-clock "not after"
+    clock = wall_clock()
     _, taker, _ = await granted_ahead(redis_client, limiters, clock)
     other = RedisLimiter(second_client, ONE, TIMINGS, clock=clock)
     limiters.append(other)
@@ -278,7 +285,7 @@ async def test_two_replicas_cannot_both_grant_ahead_for_the_same_edge(
 async def test_the_failover_limiter_holds_a_global_permit_granted_ahead_until_its_edge(
     redis_client: aioredis.Redis, limiters: list[RedisLimiter | FailoverLimiter]
 ) -> None:
-    clock = ManualClock(time.time())  # heartbeats carry a wall-clock "not after"
+    clock = wall_clock()
     limiter = FailoverLimiter(redis_client, ONE, TIMINGS, clock=clock)
     limiters.append(limiter)
     await start_leaving_soon(redis_client)
