@@ -16,7 +16,10 @@ talking to the old primary, which takes writes until the sentinels demote it (ma
 later), and a pub/sub connection would never move. ``SentinelPool`` asks the sentinels every
 ``_FOLLOW_S`` and, when the primary changed, drops every connection, in use or not (a command
 under way fails and its one retry reconnects; a subscriber's listener subscribes again), so
-everything talks to the new primary within about ``_FOLLOW_S``. When no sentinel answers, it
+everything talks to the new primary within about ``_FOLLOW_S``. Each ask also drops any
+connection open to another server than the primary named: one that was connecting during the
+switch got the old address after that sweep (a subscriber's would stay there, kept alive by
+its PINGs). When no sentinel answers, it
 keeps the primary it had (new connections included). What a switch means for the
 limiter's state is the limiter's business (``gateway.limiter.redis_scripts``, lineage).
 """
@@ -151,6 +154,17 @@ class SentinelPool(SentinelConnectionPool, BlockingConnectionPool):
                 await self.get_master_address()
             except REDIS_FAILURES as exc:  # none named: connections stay as they are
                 log.debug("Redis Sentinel: no primary named for %s (%s)", self.service_name, exc)
+            else:
+                await self._drop_strays()
+
+    async def _drop_strays(self) -> None:
+        """Disconnect the connections open to another server than the primary named last."""
+        primary = self.master_address
+        connections = (*self._get_free_connections(), *self._get_in_use_connections())
+        for connection in connections:
+            address = (getattr(connection, "host", None), getattr(connection, "port", None))
+            if primary is not None and connection.is_connected and address != tuple(primary):
+                await connection.disconnect()
 
     async def aclose(self) -> None:
         """The client closing: the watcher, this pool's connections and the sentinels'."""

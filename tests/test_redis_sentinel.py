@@ -112,6 +112,28 @@ async def test_the_client_follows_a_failover_with_its_commands_and_its_subscript
 
 
 @pytest.mark.slow
+async def test_a_connection_open_to_another_server_than_the_primary_is_dropped(
+    sentinel_setup: SentinelSetup,
+) -> None:
+    # One that was connecting while the primary changed got the old address after the
+    # switch's own sweep; held by a subscriber, and kept alive by its PINGs, it stayed there.
+    client = connect(RedisSettings(url=sentinel_setup.url))
+    pool = client.connection_pool
+    assert isinstance(pool, SentinelPool)
+    try:
+        await client.ping()  # the primary is known; the pool follows the sentinels from now
+        stray = await pool.get_connection()
+        await stray.disconnect()
+        await stray.connect_to(("127.0.0.1", sentinel_setup.replica().port))
+        assert stray.is_connected
+        await until(lambda: not stray.is_connected, "the stray connection dropped", within=10)
+        await pool.release(stray)
+        assert await client.set("k", "on the primary")  # the pool is as good as before
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.slow
 async def test_with_every_sentinel_gone_the_client_keeps_the_primary_it_had(
     sentinel_setup: SentinelSetup,
 ) -> None:
