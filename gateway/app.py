@@ -24,14 +24,13 @@ from gateway.cache_tiered import shared_cache
 from gateway.clock import Clock, SystemClock
 from gateway.coalesce import Coalescer, InProcessCoalescer
 from gateway.coalesce_redis import RedisCoalescer
-from gateway.handlers import add_routes, on_response_prepare
+from gateway.handlers import add_routes
 from gateway.health import probe_redis_at_start
 from gateway.limiter import FleetTimings, LimitConfig, Limiter
 from gateway.limiter.failover import FailoverLimiter
 from gateway.limiter.memory import InMemoryLimiter
 from gateway.limiter.scheduler import DEFAULT_POLICY, CallerPolicy, same_policy
 from gateway.metrics import BREAKER_STATES, GatewayMetrics
-from gateway.middleware import error_middleware, observe_middleware
 from gateway.openapi import add_openapi_route
 from gateway.otel import RequestSpans
 from gateway.pause import InMemoryPause
@@ -248,10 +247,9 @@ def create_app(
         fleet_in_flight=lambda: _known(limiter.snapshot().fleet_in_flight),
         fleet_starts=lambda: _known(limiter.snapshot().fleet_starts),
     )
-    app = web.Application(
-        middlewares=[observe_middleware, error_middleware],
-        client_max_size=settings.server.max_body_bytes,
-    )
+    # No middlewares: ``front.FrontDoor`` (serve the app with ``front.GatewayRunner``) gives
+    # every request its id, metrics, access line and errors as answers.
+    app = web.Application(client_max_size=settings.server.max_body_bytes)
     reloader = KeyReloader(
         keys,
         lambda: access_keys(settings, config_file),
@@ -369,7 +367,6 @@ def create_app(
     app.cleanup_ctx.append(upstream_ctx)
     app.cleanup_ctx.append(reload_ctx)
     app.on_shutdown.append(draining)
-    app.on_response_prepare.append(on_response_prepare)
     add_routes(app)
     add_openapi_route(app)
     return app

@@ -17,6 +17,7 @@ from aiohttp import web
 from gateway import __version__
 from gateway.app import create_app
 from gateway.errors import ConfigError
+from gateway.front import GatewayRunner
 from gateway.logs import setup_logging
 from gateway.settings import ConfigErrors, Settings, load_settings
 from gateway.simulator import (
@@ -122,22 +123,35 @@ def serve(path: str | None) -> None:
     app = create_app(settings, config_file=path)
     app.on_startup.append(_install_sighup)
     try:
-        web.run_app(
-            app,
-            host=settings.server.host,
-            port=settings.server.port,
-            shutdown_timeout=settings.server.shutdown_timeout_s,
-            access_log=None,
-            print=None,
-            backlog=settings.server.backlog,
-            # A caller that hangs up leaves the queue instead of spending an upstream slot.
-            handler_cancellation=True,
-        )
+        asyncio.run(_serve(app, settings))
     except ConfigError as exc:  # found at start-up, e.g. Redis's eviction policy
         log.error("configuration error: %s", exc.message)
         raise SystemExit(2) from exc
     except OSError as exc:
         raise _cannot_listen(settings.server.host, settings.server.port, exc) from None
+
+
+async def _serve(app: web.Application, settings: Settings) -> None:
+    """Serve ``app`` through the front door until SIGINT or SIGTERM, then shut down gracefully
+    (stop accepting, drain, let calls at the vendor end within ``server.shutdown_timeout_s``)."""
+    runner = GatewayRunner(
+        app,
+        access_log=None,
+        shutdown_timeout=settings.server.shutdown_timeout_s,
+        # A caller that hangs up leaves the queue instead of spending an upstream slot.
+        handler_cancellation=True,
+    )
+    await runner.setup()
+    try:
+        host, port = settings.server.host, settings.server.port
+        await web.TCPSite(runner, host, port, backlog=settings.server.backlog).start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
 
 
 def check_config(path: str | None) -> int:
@@ -171,7 +185,7 @@ async def _run_demo(settings: Settings, sim: SimulatorConfig) -> None:
             sim.port,
         ),
         (
-            web.AppRunner(gateway_app, access_log=None, handler_cancellation=True),
+            GatewayRunner(gateway_app, access_log=None, handler_cancellation=True),
             settings.server.host,
             settings.server.port,
         ),

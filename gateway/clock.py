@@ -14,7 +14,7 @@ import itertools
 import math
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Final, Protocol
 
 
 class TimerHandle(Protocol):
@@ -42,11 +42,9 @@ class Clock(Protocol):
 class SystemClock:
     """The real clock: ``time.monotonic``, ``time.time`` and the running loop's timers."""
 
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    def time(self) -> float:
-        return time.time()
+    # The functions themselves, not methods calling them: read on every request.
+    monotonic: Final = staticmethod(time.monotonic)
+    time: Final = staticmethod(time.time)
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
         return asyncio.get_running_loop().call_later(max(0.0, delay), callback)

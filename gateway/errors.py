@@ -1,8 +1,8 @@
 """The one exception tree of the gateway.
 
 Every error the gateway raises on purpose is a ``GatewayError``. Each class carries the HTTP
-status and the gateway code its response gets; ``middleware.error_middleware`` is the only
-place that turns them into responses. Gateway codes start with ``GW`` so they can never clash
+status and the gateway code its response gets; ``front.FrontDoor`` is the only place that
+turns them into responses. Gateway codes start with ``GW`` so they can never clash
 with the vendor's numeric codes (``0200000``, ``0200001``, ``02000006``...).
 
     GatewayError                      500 GW50000  unexpected (never for bad input)
@@ -14,6 +14,7 @@ with the vendor's numeric codes (``0200000``, ``0200001``, ``02000006``...).
     │   ├── NotFound                  404 GW40400  no such route
     │   ├── MethodNotAllowed          405 GW40500  route exists, method does not
     │   ├── BodyTooLarge              413 GW41300
+    │   ├── ExpectationFailed         417 GW41700  an Expect other than 100-continue
     │   └── UnsupportedMediaType      415 GW41500
     ├── Overloaded                    503 + Retry-After
     │   ├── QueueFull                     GW50300  the wait queue is at its length bound
@@ -35,6 +36,7 @@ with the vendor's numeric codes (``0200000``, ``0200001``, ``02000006``...).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import ClassVar, Self
 
 
@@ -120,11 +122,25 @@ class MethodNotAllowed(CallerError):
     code = "GW40500"
     default_message = "Method not allowed."
 
+    def __init__(self, message: str | None = None, *, allowed: Iterable[str] = ()) -> None:
+        super().__init__(message)
+        self.allowed = tuple(sorted(allowed))
+
+    def headers(self) -> dict[str, str]:
+        """``Allow``, which RFC 9110 requires on every 405, when the route's methods are known."""
+        return {"Allow": ", ".join(self.allowed)} if self.allowed else {}
+
 
 class BodyTooLarge(CallerError):
     status = 413
     code = "GW41300"
     default_message = "Request body too large."
+
+
+class ExpectationFailed(CallerError):
+    status = 417
+    code = "GW41700"
+    default_message = "Only Expect: 100-continue is supported."
 
 
 class UnsupportedMediaType(CallerError):

@@ -1,20 +1,18 @@
 """HTTP handlers: the drop-in callresult route, health, readiness, metrics and admin.
 
 Handlers deal with HTTP only (content type, body size, headers); the request path itself is
-``CallResultService``. Every handler records the code of a gateway error it raises on the
-request's trace (the ``code`` label of ``isales_gateway_requests_total``) and counts refused
-keys.
+``CallResultService``. Errors they raise become answers in ``front.FrontDoor``, which also
+answers the callresult route's usual requests itself, through ``callresult_reply``.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Awaitable, Callable, Sized
-from typing import Any
+from collections.abc import Awaitable, Sized
+from typing import Any, NamedTuple
 
 from aiohttp import HttpVersion11, hdrs, web
-from aiohttp.web_urldispatcher import MatchInfoError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.auth import Caller, Callers, presented_key, require_admin
@@ -22,19 +20,16 @@ from gateway.errors import (
     BackendUnavailable,
     BodyTooLarge,
     CallerError,
-    Forbidden,
-    GatewayError,
-    ParameterError,
     Unauthenticated,
     UnsupportedMediaType,
 )
 from gateway.health import readiness, redis_answers
 from gateway.limiter import ANONYMOUS
-from gateway.metrics import PARAMETER_CODE
+from gateway.otel import RequestSpans
 from gateway.redis_client import REDIS_FAILURES
 from gateway.request_trace import current as current_trace
 from gateway.service import CallResultService
-from gateway.state import BREAKER, CALLER, PARTS, SERVICE, Parts
+from gateway.state import BREAKER, PARTS, SERVICE, Parts
 from gateway.validation import CallResultQuery, parse_path_id, parse_request
 from gateway.vendor import CALLRESULT_ROUTE, LOCALE_HEADER, LOCALES, MAX_INT, MAX_VDN_ID, MIN_VDN_ID
 
@@ -43,7 +38,7 @@ OTHER = "other"
 CALLRESULT_PATH = CALLRESULT_ROUTE
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.BaseRequest, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(f"Request body is larger than {limit} bytes.")
     try:
@@ -76,11 +71,27 @@ def parse_query(
     return parse_request(vdn_id, campaign_id, raw, charset=charset)
 
 
-def _key(request: web.Request) -> str | None:
+_MEDIA_TYPES: dict[str | None, tuple[str, str | None]] = {}
+
+
+def media_type(request: web.BaseRequest) -> tuple[str, str | None]:
+    """The request's media type and charset as aiohttp reads them, remembered for the few
+    ``Content-Type`` values callers send (at most 256: others are read each time)."""
+    raw = request.headers.get(hdrs.CONTENT_TYPE)
+    known = _MEDIA_TYPES.get(raw)
+    if known is None:
+        known = request.content_type, request.charset
+        if len(_MEDIA_TYPES) < 256:
+            _MEDIA_TYPES[raw] = known
+    return known
+
+
+def request_key(request: web.BaseRequest) -> str | None:
+    """The API key the request presents (``X-API-Key`` or a bearer token), if any."""
     return presented_key(request.headers.get("X-API-Key"), request.headers.get("Authorization"))
 
 
-def share_name(request: web.Request, parts: Parts, caller: Caller | None) -> str:
+def share_name(request: web.BaseRequest, parts: Parts, caller: Caller | None) -> str:
     """Whose share of the upstream budget this request takes: the API-key caller; with auth
     off, the ``limit.caller_header`` value if it names a configured caller, "other" for any
     other value, and "anonymous" without the header (or without that setting)."""
@@ -93,30 +104,6 @@ def share_name(request: web.Request, parts: Parts, caller: Caller | None) -> str
     return named if named in parts.caller_names else OTHER
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def recorded(handler: Handler) -> Handler:
-    """``handler`` with its gateway errors' codes noted on the trace and refused keys counted."""
-
-    @functools.wraps(handler)
-    async def run(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except GatewayError as exc:
-            trace = current_trace.get()
-            if trace is not None:
-                trace.error_code = PARAMETER_CODE if isinstance(exc, ParameterError) else exc.code
-            failures = request.app[PARTS].metrics.auth_failures
-            if isinstance(exc, Unauthenticated):
-                failures.labels("missing_key" if _key(request) is None else "unknown_key").inc()
-            elif isinstance(exc, Forbidden):
-                failures.labels("forbidden").inc()
-            raise
-
-    return run
-
-
 # RFC 9211 Cache-Status next to X-Cache (which stays: clients of the gateway read it).
 CACHE_STATUS = {
     "HIT": "isales-gateway; hit",
@@ -127,34 +114,69 @@ CACHE_STATUS = {
 }
 
 
+class Reply(NamedTuple):
+    """An answer as the caller gets it, but for the headers every response gets (``X-Request-ID``,
+    ``Server``, ``Date``, ``Content-Length``); ``cache`` is its ``X-Cache`` label."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str]
+    cache: str = "NONE"
+
+
 async def callresult(request: web.Request) -> web.Response:
-    app = request.app  # a property chain in aiohttp: read once per request
-    parts = app[PARTS]
-    spans = parts.spans
-    if spans is None:
-        return await _callresult(request, parts, app[SERVICE])
+    """The callresult route as the router reaches it: requests with ``Expect``, paths the front
+    door leaves to the router, an app served without the front door (``front.GatewayRunner``)."""
+    app, match = request.app, request.match_info
+    ids = match["vdnId"], match["campaignId"]
+    reply = await callresult_reply(request, app[PARTS], app[SERVICE], *ids)
+    return web.Response(status=reply.status, body=reply.body, headers=reply.headers)
+
+
+def callresult_reply(
+    request: web.BaseRequest,
+    parts: Parts,
+    service: CallResultService,
+    vdn_id: str,
+    campaign_id: str,
+) -> Awaitable[Reply]:
+    """The answer to one callresult request (the path's ids given); raises ``GatewayError``."""
+    if parts.spans is None:  # no coroutine of its own: this is every request's path
+        return _callresult(request, parts, service, vdn_id, campaign_id)
+    return _traced(request, parts, parts.spans, service, vdn_id, campaign_id)
+
+
+async def _traced(
+    request: web.BaseRequest,
+    parts: Parts,
+    spans: RequestSpans,
+    service: CallResultService,
+    vdn_id: str,
+    campaign_id: str,
+) -> Reply:
     with spans.request("POST callresult", request.headers):
-        return await _callresult(request, parts, app[SERVICE])
+        return await _callresult(request, parts, service, vdn_id, campaign_id)
 
 
 async def _callresult(
-    request: web.Request, parts: Parts, service: CallResultService
-) -> web.Response:
+    request: web.BaseRequest,
+    parts: Parts,
+    service: CallResultService,
+    vdn_id: str,
+    campaign_id: str,
+) -> Reply:
     callers = parts.keys.current.callers
-    caller = None if callers is None else callers.authenticate(_key(request))
+    caller = None if callers is None else callers.authenticate(request_key(request))
     trace = current_trace.get()
-    if caller is not None:
-        request[CALLER] = caller.name
-        if trace is not None:
-            trace.caller = caller.name  # the access line's
+    if caller is not None and trace is not None:
+        trace.caller = caller.name  # the access line's
     share = share_name(request, parts, caller)
     parts.metrics.count_caller_request(share)
-    if request.content_type != "application/json":
+    media, charset = media_type(request)
+    if media != "application/json":
         raise UnsupportedMediaType()
     raw = await read_body(request, parts.settings.server.max_body_bytes)
-    query = parse_query(
-        request.match_info["vdnId"], request.match_info["campaignId"], raw, request.charset
-    )
+    query = parse_query(vdn_id, campaign_id, raw, charset)
     if trace is not None:
         trace.vdn_id, trace.campaign_id = query.vdn_id, query.campaign_id
         trace.incoming_traceparent = request.headers.get("traceparent", "")  # used if it calls
@@ -184,7 +206,7 @@ async def _callresult(
         if accepts_gzip(request.headers.get("Accept-Encoding", "")):
             headers["Content-Encoding"] = "gzip"
             body = answer.gzip
-    return web.Response(status=answer.status, body=body, headers=headers)
+    return Reply(answer.status, body, headers, answer.cache)
 
 
 def accepts_gzip(accept_encoding: str) -> bool:
@@ -214,7 +236,7 @@ async def expect_continue(request: web.Request) -> None:
     callers = parts.keys.current.callers
     if callers is not None:
         try:
-            callers.authenticate(_key(request))
+            callers.authenticate(request_key(request))
         except Unauthenticated:
             return
     length = request.content_length
@@ -228,7 +250,7 @@ async def expect_continue(request: web.Request) -> None:
 async def purge_campaign(request: web.Request) -> web.Response:
     """Admin: drop every cached answer of one campaign, e.g. after the vendor corrected data."""
     parts = request.app[PARTS]
-    require_admin(_key(request), parts.keys.current.admin_sha256)
+    require_admin(request_key(request), parts.keys.current.admin_sha256)
     vdn_id = parse_path_id("vdnId", request.match_info["vdnId"], MIN_VDN_ID, MAX_VDN_ID)
     campaign_id = parse_path_id("campaignId", request.match_info["campaignId"], 1, MAX_INT)
     try:
@@ -242,14 +264,14 @@ async def purge_campaign(request: web.Request) -> web.Response:
 async def admin_config(request: web.Request) -> web.Response:
     """Admin: the effective settings (file, environment, defaults), secrets as ``***``."""
     parts = request.app[PARTS]
-    require_admin(_key(request), parts.keys.current.admin_sha256)
+    require_admin(request_key(request), parts.keys.current.admin_sha256)
     return web.json_response(parts.settings.redacted())
 
 
 async def admin_stats(request: web.Request) -> web.Response:
     """Admin: what this replica holds now: cache entries, permits and queue, callers."""
     parts = request.app[PARTS]
-    require_admin(_key(request), parts.keys.current.admin_sha256)
+    require_admin(request_key(request), parts.keys.current.admin_sha256)
     snapshot = parts.limiter.snapshot()
     callers = parts.keys.current.callers
     cache: dict[str, Any] = {"enabled": parts.cache is not None}
@@ -310,25 +332,15 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
-    """No versions in ``Server``; ``Allow`` on every 405 (RFC 9110 requires it)."""
-    response.headers[hdrs.SERVER] = "isales-gateway"
-    if response.status == 405 and hdrs.ALLOW not in response.headers:
-        match = request.match_info
-        exc = match.http_exception if isinstance(match, MatchInfoError) else None
-        if isinstance(exc, web.HTTPMethodNotAllowed):
-            response.headers[hdrs.ALLOW] = ", ".join(sorted(exc.allowed_methods))
-
-
 def add_routes(app: web.Application) -> None:
     app.router.add_post(
-        CALLRESULT_PATH, recorded(callresult), name="callresult", expect_handler=expect_continue
+        CALLRESULT_PATH, callresult, name="callresult", expect_handler=expect_continue
     )
     app.router.add_delete(
-        "/admin/cache/campaigns/{vdnId}/{campaignId}", recorded(purge_campaign), name="admin"
+        "/admin/cache/campaigns/{vdnId}/{campaignId}", purge_campaign, name="admin"
     )
-    app.router.add_get("/admin/config", recorded(admin_config), name="admin_config")
-    app.router.add_get("/admin/stats", recorded(admin_stats), name="admin_stats")
+    app.router.add_get("/admin/config", admin_config, name="admin_config")
+    app.router.add_get("/admin/stats", admin_stats, name="admin_stats")
     app.router.add_get("/healthz", healthz, name="healthz")
     app.router.add_get("/readyz", readyz, name="readyz")
     app.router.add_get("/metrics", metrics, name="metrics")

@@ -2,8 +2,9 @@
 
 Both formats carry every field passed with ``extra=`` (the access log's ``request_id``,
 ``status``, ``cache``, ...). A line logged while a request is handled carries that
-request's id even without ``extra``: the middleware binds it with ``bind_request_id`` and
-the handler's ``RequestIdFilter`` copies it onto each record.
+request's id even without ``extra``: the front door starts the request's ``RequestTrace``
+(a context variable, so it follows the request into the tasks it starts, and ends with the
+request's own task) and the handler's ``RequestIdFilter`` copies its id onto each record.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import json
 import logging
 import math
 import sys
-from contextvars import ContextVar, Token
 from datetime import UTC, datetime
 from typing import Any, Final, TextIO
 
 from gateway.access_log import AccessLog, escape_text, logfmt
+from gateway.request_trace import current as current_trace
 
 FORMATS: Final = ("text", "json")
 # Attributes every LogRecord has; anything else was passed with ``extra=`` and is kept.
@@ -25,32 +26,18 @@ _STANDARD: Final = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))
     "message",
     "asctime",
 }
-_request_id: ContextVar[str | None] = ContextVar("gateway_request_id", default=None)
 # The process's access log once ``setup_logging`` ran; before that (tests that build an app
 # without it) access lines go through the ``gateway.access`` logger.
 _access: AccessLog | None = None
 
 
-def bind_request_id(request_id: str) -> Token[str | None]:
-    """Tag the lines logged from here on (in this task and the tasks it starts).
-
-    Give the token back to ``reset_request_id`` when the request ends: keep-alive
-    connections serve several requests in one task.
-    """
-    return _request_id.set(request_id)
-
-
-def reset_request_id(token: Token[str | None]) -> None:
-    _request_id.reset(token)
-
-
 class RequestIdFilter(logging.Filter):
-    """Adds the bound request id to records that do not carry one already."""
+    """Adds the id of the request being handled to records that do not carry one already."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        request_id = _request_id.get()
-        if request_id is not None and not hasattr(record, "request_id"):
-            record.request_id = request_id
+        trace = current_trace.get()
+        if trace is not None and trace.request_id and not hasattr(record, "request_id"):
+            record.request_id = trace.request_id
         return True
 
 

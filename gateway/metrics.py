@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Callable, Iterable
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -74,13 +74,18 @@ ERROR_CODES = frozenset(_error_codes(GatewayError))
 # The answers of the callresult route without an X-Cache: (status class, code).
 CALLRESULT_ERRORS = (
     ("2xx", PARAMETER_CODE),
-    *(("4xx", code) for code in ("GW40000", "GW40100", "GW40300", "GW41300", "GW41500")),
+    *(("4xx", code) for code in ("GW40000", "GW40100", "GW40300", "GW41300", "GW41500", "GW41700")),
     *(("5xx", code) for code in ("GW50000", "GW50200", "GW50201", "GW50202", "GW50300")),
     *(("5xx", code) for code in ("GW50301", "GW50302", "GW50400")),
 )
 
 K = TypeVar("K")
 C = TypeVar("C")
+
+
+# The kinds of answer (route, status, X-Cache, error code) whose series a replica remembers;
+# past it the memo starts again (statuses come from the upstream: not a closed set).
+_ANSWER_KINDS: Final = 1024
 
 
 class _Children(dict[K, C], Generic[K, C]):
@@ -293,6 +298,7 @@ class GatewayMetrics:
             lambda k: self.request_duration.labels(*k)
         )
         self.cache_lookups_by: _Children[str, Counter] = _Children(self.cache_lookups.labels)
+        self._answered: dict[tuple[str, int, str, str | None], tuple[Counter, Histogram]] = {}
         # The callresult answers this configuration can give exist from start-up, so the first
         # of each kind shows in rate(); other routes' series appear with their first request.
         answers = ("HIT", "MISS", "STALE", "COALESCED", "BYPASS") if cache else ("BYPASS",)
@@ -335,9 +341,20 @@ class GatewayMetrics:
         The code is ``error``, the gateway error's (``GW41500``...) that the request's trace
         recorded, else one that the status implies, else ``none``.
         """
-        code = error_code_label(status, error)
-        self.requests_by[route, status_class(status), cache, code].inc()
-        self.request_duration_by[route, cache].observe(seconds)
+        key = (route, status, cache, error)
+        bound = self._answered.get(key)
+        if bound is None:  # the labels of an answer of this kind, found once
+            code = error_code_label(status, error)
+            bound = (
+                self.requests_by[route, status_class(status), cache, code],
+                self.request_duration_by[route, cache],
+            )
+            if len(self._answered) >= _ANSWER_KINDS:
+                self._answered.clear()
+            self._answered[key] = bound
+        counted, timed = bound
+        counted.inc()
+        timed.observe(seconds)
 
     def observe_callers(self, names: Iterable[str]) -> None:
         """Create every per-caller series for ``names`` (and the built-in callers) at zero."""

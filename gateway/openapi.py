@@ -313,6 +313,7 @@ def _callresult() -> dict[str, Any]:
                 "404": _ref(_RESPONSES, "NotFound"),
                 "413": _error("GW41300: the body is larger than server.max_body_bytes."),
                 "415": _error("GW41500: Content-Type is not application/json."),
+                "417": _error("GW41700: an Expect header other than 100-continue."),
                 "429": _error(
                     "The vendor's 429 passed on (GW42900), or the fleet pausing after one "
                     "(GW42901), where no stale copy exists. Other vendor 4xx (400, 404...) pass "

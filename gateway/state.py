@@ -51,7 +51,3 @@ PARTS = web.AppKey("parts", Parts)
 SERVICE = web.AppKey("service", CallResultService)
 # Set by the upstream cleanup context: the breaker whose state /readyz reports.
 BREAKER = web.AppKey("breaker", CircuitBreaker)
-# Per request: the id echoed in X-Request-ID and carried by every log line of the request.
-REQUEST_ID = web.RequestKey("request_id", str)
-# Per request: the authenticated caller's name, for the access log.
-CALLER = web.RequestKey("caller", str)

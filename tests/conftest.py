@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from gateway import signing
 from gateway.app import create_app
 from gateway.clock import ManualClock
+from gateway.front import GatewayRunner
 from gateway.settings import Settings, load_settings
 from gateway.simulator import SIM_STATE, SimulatorConfig, create_simulator_app
 from gateway.simulator.state import SimulatorState
@@ -148,6 +149,16 @@ def clock() -> ManualClock:
     return ManualClock(start=time.time())
 
 
+class GatewayServer(TestServer):
+    """A test server that serves the gateway as ``serve`` does: through the front door."""
+
+    def __init__(self, app: web.Application) -> None:
+        super().__init__(app, host="127.0.0.1")
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return GatewayRunner(self.app, **{**kwargs, "access_log": None})
+
+
 @pytest.fixture
 async def start_gateway() -> AsyncIterator[StartGateway]:
     """Start gateways on real sockets: ``await start_gateway(settings, clock=...)``."""
@@ -155,7 +166,7 @@ async def start_gateway() -> AsyncIterator[StartGateway]:
 
     async def start(settings: Settings, **parts: Any) -> TestClient[web.Request, web.Application]:
         parts.setdefault("registry", CollectorRegistry())
-        client = TestClient(TestServer(create_app(settings, **parts), host="127.0.0.1"))
+        client = TestClient(GatewayServer(create_app(settings, **parts)))
         await client.start_server()
         clients.append(client)
         return client

@@ -15,6 +15,7 @@ from gateway.handlers import accepts_gzip
 from gateway.validation import CallResultQuery
 from tests.conftest import StartGateway, StartSimulator, Upstream, gateway_settings
 from tests.support.processes import RedisServer
+from tests.support.waiting import until
 
 PATH = "/rest/isales/v1/openapi/campaigns/11/callresult/3"
 JSON = {"Content-Type": "application/json; charset=UTF-8"}
@@ -161,6 +162,12 @@ async def test_a_large_hit_is_the_original_bytes_or_the_same_bytes_gzipped_on_re
                 None,
             )
         assert len(original) > 10_000, "pageSize 500 is a large answer"
+
+        async def stored() -> bool:  # the caller is answered before the store lands
+            async with session.post(url, json=big, headers=plain) as again:
+                return again.headers["X-Cache"] == "HIT"
+
+        await until(stored, "the answer stored", every=0.05)
         answers = {}
         for name, headers in (("plain", plain), ("gzip", zipped), ("refused", refused)):
             async with session.post(url, json=big, headers=headers) as hit:

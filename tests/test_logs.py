@@ -16,15 +16,10 @@ from aiohttp.test_utils import TestClient
 
 from gateway import __version__
 from gateway.access_log import ACCESS_FIELDS, AccessLog, escape_text, logfmt
-from gateway.logs import (
-    bind_request_id,
-    close_access_log,
-    flush_access_log,
-    reset_request_id,
-    setup_logging,
-)
-from gateway.middleware import RequestIds, client_address
+from gateway.front import RequestIds, client_address
+from gateway.logs import close_access_log, flush_access_log, setup_logging
 from gateway.request_trace import RequestTrace
+from gateway.request_trace import current as current_trace
 from gateway.traceparent import parse
 from tests.conftest import StartGateway, StartSimulator, Upstream, gateway_settings
 from tests.support.fleet import gateway_environ
@@ -140,13 +135,13 @@ def test_an_unknown_format_or_level_is_refused(log_stream: io.StringIO) -> None:
         setup_logging("LOUD", "json", stream=log_stream)
 
 
-def test_lines_logged_while_a_request_id_is_bound_carry_it(log_stream: io.StringIO) -> None:
+def test_lines_logged_while_a_request_is_traced_carry_its_id(log_stream: io.StringIO) -> None:
     setup_logging("INFO", "json", stream=log_stream)
     log = logging.getLogger("gateway.test")
-    token = bind_request_id("bound-1")
+    token = current_trace.set(RequestTrace(request_id="bound-1"))
     log.info("inside")
     log.info("explicit", extra={"request_id": "given"})
-    reset_request_id(token)
+    current_trace.reset(token)
     log.info("outside")
 
     inside, explicit, outside = json_lines(log_stream)
@@ -179,6 +174,33 @@ async def test_every_log_line_of_a_request_is_json_and_carries_its_request_id(
     assert miss["upstream_ms"] > 0
     assert hit["upstream_ms"] is None, "a hit never reaches the upstream"
     assert "caller" in hit
+
+
+async def test_a_line_logged_on_a_connection_after_its_request_carries_no_request_id(
+    upstream: Upstream, start_gateway: StartGateway, log_stream: io.StringIO
+) -> None:
+    gateway = await start_gateway(gateway_settings(upstream.url))
+    setup_logging("INFO", "json", stream=log_stream)
+    body = b"{}"
+    asked = (
+        f"POST {PATH} HTTP/1.1\r\nHost: g\r\nX-Request-ID: req-before\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        writer.write(asked)
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"NOT HTTP AT ALL\r\n\r\n")  # refused by aiohttp's parser, logged
+        await reader.read()  # the connection closes
+    finally:
+        writer.close()
+    flush_access_log()
+
+    entries = json_lines(log_stream)
+    refused = [e for e in entries if e["logger"].startswith("aiohttp") and e["level"] == "ERROR"]
+    assert refused, "aiohttp logged the refused bytes"
+    assert all("request_id" not in entry for entry in refused)
+    assert any(entry.get("request_id") == "req-before" for entry in entries)
 
 
 async def test_the_served_process_writes_only_json_lines_in_json_mode(upstream: Upstream) -> None:
