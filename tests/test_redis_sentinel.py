@@ -186,11 +186,13 @@ async def test_unreachable_sentinels_are_a_warning_not_a_refusal(
 
 
 async def test_the_sentinel_pool_is_bounded_like_the_standalone_one() -> None:
-    client = connect(RedisSettings(url="redis+sentinel://s1:26379/mymaster", pool_size=7))
+    url = "redis+sentinel://s1:26379/mymaster"
+    client = connect(RedisSettings(url=url, pool_size=7, pool_timeout_ms=900))
     try:
         pool = client.connection_pool
         assert isinstance(pool, SentinelPool)
         assert pool.max_connections == 7
+        assert pool.timeout == 0.9
         assert pool.connection_kwargs["socket_timeout"] == 0.25
     finally:
         await client.aclose()
