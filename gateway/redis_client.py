@@ -4,6 +4,22 @@ redis-py's defaults (5 s socket timeouts, retries with backoff, a pool that wait
 connection) would let a sick Redis stall every request for seconds; here every call has the
 ``redis.timeout_ms`` budget and at most one quick retry.
 
+Two budgets, because they bound two different things. ``redis.timeout_ms`` bounds what Redis
+does: connecting, and every read and write. ``redis.pool_timeout_ms`` (1 s by default) bounds
+the wait for one of the ``redis.pool_size`` connections when all are in use, counted from when
+the call asks. That wait is queueing in this process, not Redis: in a burst, hundreds of calls
+queue for the pool while the replica's loop is busy with the burst's other work for a few
+hundred ms, and a wait as short as a Redis timeout failed them on a healthy Redis (a cache
+lookup became a miss counted as a Redis error, the coalescer fell back to the replica alone).
+A sick Redis stays bounded: a call waits at most ``pool_timeout_ms`` for a connection, then
+has its own budget (``timeout_ms`` per try, the retry included: about 1 s against a frozen
+Redis with the defaults, as before), so 2 s at most, and that only when the pool is full. A
+larger pool is no fix: a loop held 300 ms expires every waiter's timer, however many
+connections there are short of one per request. A wait that leaves out the loop's other work
+would be harder to state in seconds, and to bound.
+On a cluster redis-py's pool does not wait at all (a node with all its connections in use
+fails the next command at once): ``BoundedCluster`` gives commands the same bounded wait.
+
 Accepted URLs: ``redis://``, ``rediss://`` (TLS), ``unix://``,
 ``redis+sentinel://[:password@]host:port[,host:port...]/service_name[/db]`` for Sentinel, and
 ``redis+cluster://[[user]:password@]host:port[,host:port...]`` for Redis Cluster (any of its
@@ -40,7 +56,12 @@ from redis.asyncio.connection import BlockingConnectionPool, ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
-from redis.exceptions import NoPermissionError, RedisClusterException, RedisError
+from redis.exceptions import (
+    MaxConnectionsError,
+    NoPermissionError,
+    RedisClusterException,
+    RedisError,
+)
 
 from gateway.errors import BackendUnavailable, ConfigError
 from gateway.settings import RedisSettings, cluster_nodes
@@ -81,12 +102,15 @@ def connect(settings: RedisSettings) -> AnyRedis:
     """A client for ``settings.url``; connects lazily, so building it never blocks."""
     url = settings.url
     common = _common(settings)
+    pool_size, pool_timeout = settings.pool_size, settings.pool_timeout_ms / 1000
     if url.startswith("redis+sentinel://"):
-        return _sentinel(url, settings.pool_size, common)
+        return _sentinel(url, pool_size, pool_timeout, common)
     if url.startswith("redis+cluster://"):
-        return _cluster(url, settings.pool_size, common)
+        return _cluster(url, pool_size, pool_timeout, common)
+    # The pool times its wait from taking its lock, which nobody holds across an await: from
+    # the call's ask.
     pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=settings.pool_size, timeout=common["socket_timeout"], **common
+        url, max_connections=pool_size, timeout=pool_timeout, **common
     )
     return aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes its connections
 
@@ -95,8 +119,9 @@ _FOLLOW_S: Final = 0.5  # how often a Sentinel-managed pool asks which server is
 
 
 class SentinelPool(SentinelConnectionPool, BlockingConnectionPool):
-    """redis-py's Sentinel pool, bounded (``max_connections``, waiting ``timeout`` for a free
-    connection, as the standalone pool), that follows a failover at once (module docstring).
+    """redis-py's Sentinel pool, bounded (``max_connections``, waiting ``timeout``, the pool
+    wait, for a free connection, as the standalone pool), that follows a failover at once
+    (module docstring).
     """
 
     def __init__(self, service_name: str, sentinel_manager: Sentinel, **kwargs: Any) -> None:
@@ -177,7 +202,9 @@ class SentinelPool(SentinelConnectionPool, BlockingConnectionPool):
         await self.sentinel_manager.aclose()
 
 
-def _sentinel(url: str, pool_size: int, common: dict[str, Any]) -> aioredis.Redis:
+def _sentinel(
+    url: str, pool_size: int, pool_timeout: float, common: dict[str, Any]
+) -> aioredis.Redis:
     parts = urlsplit(url)
     hosts = parts.netloc.rsplit("@", 1)[-1]
     password = unquote(parts.password) if parts.password else None
@@ -200,7 +227,7 @@ def _sentinel(url: str, pool_size: int, common: dict[str, Any]) -> aioredis.Redi
             path[0],
             connection_pool_class=SentinelPool,
             max_connections=pool_size,
-            timeout=common["socket_timeout"],
+            timeout=pool_timeout,
         ),
     )
 
@@ -246,13 +273,40 @@ def _address(client: aioredis.Redis) -> str:
     return f"{kwargs.get('host')}:{kwargs.get('port')}"
 
 
-def _cluster(url: str, pool_size: int, common: dict[str, Any]) -> RedisCluster:
+class BoundedCluster(RedisCluster):
+    """redis-py's ``RedisCluster`` whose commands wait their turn, up to ``pool_timeout``
+    seconds from when they ask, while ``pool_size`` are under way (module docstring), instead
+    of failing at once when a node has all its connections in use.
+    """
+
+    def __init__(self, *, pool_size: int, pool_timeout: float, **kwargs: Any) -> None:
+        # Each node gets one connection more than commands can be under way: the slot map's
+        # read (one at a time) during a full turn. No node ever runs out, whatever the routing.
+        super().__init__(max_connections=pool_size + 1, **kwargs)
+        self.pool_size = pool_size
+        self.pool_timeout = pool_timeout
+        self._turns = asyncio.Semaphore(pool_size)
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            async with asyncio.timeout(self.pool_timeout):
+                await self._turns.acquire()
+        except TimeoutError:
+            raise MaxConnectionsError("No connection available.") from None
+        try:
+            return await super().execute_command(*args, **kwargs)
+        finally:
+            self._turns.release()
+
+
+def _cluster(url: str, pool_size: int, pool_timeout: float, common: dict[str, Any]) -> RedisCluster:
     parts = urlsplit(url)
-    return RedisCluster(
+    return BoundedCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in cluster_nodes(url)],
         username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password else None,
-        max_connections=pool_size,  # per node
+        pool_size=pool_size,
+        pool_timeout=pool_timeout,
         # common's retry is the cluster's: one quick retry, after the slot map is read again
         # (a failover, a moved slot).
         **common,

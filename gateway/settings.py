@@ -57,6 +57,7 @@ _BOUNDS: Final[dict[str, tuple[float, float]]] = {
     "upstream.max_body_bytes": (1024, 1073741824),
     "redis.timeout_ms": (1, 60000),
     "redis.pool_size": (1, 10000),
+    "redis.pool_timeout_ms": (1, 10000),
     "upstream.retries": (0, 10),
     "upstream.retry_base_ms": (1, 60000),
     "upstream.retry_max_ms": (1, 600000),
@@ -139,6 +140,8 @@ class RedisSettings:
     namespace: str = DEFAULT_NAMESPACE
     timeout_ms: int = 250
     pool_size: int = 64
+    # The most a call waits for one of the pool's connections when all are in use.
+    pool_timeout_ms: int = 1000
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,11 +14,13 @@ from tests.support.processes import RedisServer, free_port
 async def test_a_plain_url_gets_a_blocking_pool_with_the_configured_budget(
     redis_server: RedisServer,
 ) -> None:
-    client = connect(RedisSettings(url=redis_server.url, timeout_ms=300, pool_size=7))
+    settings = RedisSettings(url=redis_server.url, timeout_ms=300, pool_size=7, pool_timeout_ms=900)
+    client = connect(settings)
     try:
         pool = client.connection_pool
         assert isinstance(pool, aioredis.BlockingConnectionPool)
         assert pool.max_connections == 7
+        assert pool.timeout == 0.9  # the wait for a free connection: a budget of its own
         assert pool.connection_kwargs["socket_timeout"] == 0.3
         assert pool.connection_kwargs["socket_connect_timeout"] == 0.3
         assert await client.ping()

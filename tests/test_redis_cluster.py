@@ -18,8 +18,13 @@ from gateway.auth import key_digest
 from gateway.clock import SystemClock
 from gateway.errors import BackendUnavailable, ConfigError
 from gateway.redis_bus import RedisBus
-from gateway.redis_client import CLUSTER_MIN_VERSION, connect, version_at_least
-from gateway.settings import cluster_nodes, load_settings
+from gateway.redis_client import (
+    CLUSTER_MIN_VERSION,
+    REDIS_FAILURES,
+    connect,
+    version_at_least,
+)
+from gateway.settings import RedisSettings, cluster_nodes, load_settings
 from tests.conftest import StartGateway, Upstream, gateway_settings
 from tests.support.cluster import RedisClusterServers
 from tests.support.faults import (
@@ -32,6 +37,7 @@ from tests.support.faults import (
 )
 from tests.support.fleet import JSON, path, sim_stats, start_replica, start_simulator_process
 from tests.support.processes import LIMITER_KEYS
+from tests.test_redis_client_pool import BURST, POOL, SICK_BOUND_S, burst_on_a_busy_loop
 
 ADMIN_KEY = "cluster-admin-key"
 WARM_S = 3.0
@@ -144,6 +150,44 @@ async def test_a_replica_refuses_a_cluster_with_one_primary_that_evicts_any_key(
         upstream.stop()
     assert code not in (None, 0), f"a replica ran on an allkeys-lru primary: {output[-1000:]}"
     assert f"{evicting.port} maxmemory-policy is allkeys-lru" in output
+
+
+async def test_a_burst_on_a_busy_loop_waits_its_turn_instead_of_failing(
+    cluster: RedisClusterServers,
+) -> None:
+    # redis-py's cluster client fails a command at once when its node has every connection in
+    # use; the gateway's waits its turn, as the standalone pool's commands do.
+    client = connect(RedisSettings(url=cluster.url, pool_size=POOL))
+    try:
+        raised = await burst_on_a_busy_loop(client)
+        assert raised == [], f"{len(raised)} of {BURST} failed, first: {raised[:1]}"
+    finally:
+        await client.aclose()
+
+
+async def test_a_burst_on_a_primary_that_does_not_answer_fails_every_call_within_a_bound(
+    cluster: RedisClusterServers,
+) -> None:
+    client = connect(RedisSettings(url=cluster.url, pool_size=POOL))
+    keys = [f"{{frozen}}:{i}" for i in range(10 * POOL)]  # one hash tag: one primary
+    frozen = cluster.owner(keys[0])
+    try:
+        await client.set(keys[0], "x")  # the slot map is known before the freeze
+        frozen.freeze()
+        began = time.monotonic()
+        async with asyncio.timeout(SICK_BOUND_S):
+            outcomes = await asyncio.gather(
+                *(client.get(key) for key in keys), return_exceptions=True
+            )
+        assert all(isinstance(outcome, REDIS_FAILURES) for outcome in outcomes), outcomes
+        assert time.monotonic() - began < SICK_BOUND_S
+    finally:
+        frozen.thaw()
+        # redis-py 8.1's aclose() closes nothing while the client owes a re-read of the slot
+        # map (the freeze's errors ask for one): a command re-reads it first.
+        with contextlib.suppress(*REDIS_FAILURES):
+            await client.ping()
+        await client.aclose()
 
 
 @pytest.mark.slow

@@ -42,6 +42,7 @@ from tests.support.processes import LIMITER_KEYS, RedisServer, free_port
 from tests.support.sentinel import MASTER, SentinelSetup
 from tests.support.tcp_proxy import TcpProxy
 from tests.test_limiter_contract import SKEW, Holder, finish, until
+from tests.test_redis_client_pool import BURST, POOL, burst_on_a_busy_loop
 
 WINDOW, LEASE = 0.3, 0.3
 HOLD = LEASE + WINDOW  # a new epoch grants nothing for this long
@@ -186,12 +187,25 @@ async def test_unreachable_sentinels_are_a_warning_not_a_refusal(
 
 
 async def test_the_sentinel_pool_is_bounded_like_the_standalone_one() -> None:
-    client = connect(RedisSettings(url="redis+sentinel://s1:26379/mymaster", pool_size=7))
+    url = "redis+sentinel://s1:26379/mymaster"
+    client = connect(RedisSettings(url=url, pool_size=7, pool_timeout_ms=900))
     try:
         pool = client.connection_pool
         assert isinstance(pool, SentinelPool)
         assert pool.max_connections == 7
+        assert pool.timeout == 0.9
         assert pool.connection_kwargs["socket_timeout"] == 0.25
+    finally:
+        await client.aclose()
+
+
+async def test_a_burst_on_a_busy_loop_waits_for_the_sentinel_pool_instead_of_failing(
+    sentinel_setup: SentinelSetup,
+) -> None:
+    client = connect(RedisSettings(url=sentinel_setup.url, pool_size=POOL))
+    try:
+        raised = await burst_on_a_busy_loop(client)
+        assert raised == [], f"{len(raised)} of {BURST} failed, first: {raised[:1]}"
     finally:
         await client.aclose()
 

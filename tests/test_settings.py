@@ -188,6 +188,8 @@ def test_an_integer_is_accepted_for_a_float_field(tmp_path: Path) -> None:
         ({"GATEWAY_ADMIN__KEY_SHA256": "A" * 64}, "admin.key_sha256"),
         ({"GATEWAY_REDIS__TIMEOUT_MS": "0"}, "redis.timeout_ms"),
         ({"GATEWAY_REDIS__POOL_SIZE": "0"}, "redis.pool_size"),
+        ({"GATEWAY_REDIS__POOL_TIMEOUT_MS": "0"}, "redis.pool_timeout_ms"),
+        ({"GATEWAY_REDIS__POOL_TIMEOUT_MS": "10001"}, "redis.pool_timeout_ms"),
         ({"GATEWAY_LIMIT__MAX_CONCURRENT": "0"}, "limit.max_concurrent"),
         ({"GATEWAY_LIMIT__WINDOW_MS": "0"}, "limit.window_ms"),
         ({"GATEWAY_LIMIT__MARGIN_MS": "-1"}, "limit.margin_ms"),
@@ -224,9 +226,11 @@ def test_the_edges_of_each_range_are_accepted() -> None:
             "GATEWAY_LIMIT__MARGIN_MS": "0",
             "GATEWAY_LIMIT__MAX_QUEUE": "0",
             "GATEWAY_CACHE__TTL_OPEN_S": "0",
+            "GATEWAY_REDIS__POOL_TIMEOUT_MS": "10000",
         },
     )
     assert settings.server.port == 65535
+    assert settings.redis.pool_timeout_ms == 10000
     assert settings.upstream.connect_timeout_ms == settings.upstream.timeout_ms
 
 
