@@ -291,7 +291,8 @@ class FrontDoor:
             await request.writer.write_eof(data)
         except ConnectionError:  # the caller left: logged as answered, as aiohttp does
             keep_alive = False
-        self._observe(request, trace, started, "callresult", reply.status, reply.cache, reply)
+        size = len(reply.body)
+        self._observe(request, trace, started, "callresult", reply.status, reply.cache, size)
         return _KEEP_OPEN if keep_alive else _CLOSE
 
     async def _route(
@@ -308,7 +309,8 @@ class FrontDoor:
         assert isinstance(request, web.Request)  # made by the app's request factory
         route = request.match_info.route.name or "other"
         cache = headers.get("X-Cache", "NONE")
-        self._observe(request, trace, started, route, response.status, cache, response)
+        size = response.content_length if isinstance(response, web.Response) else None
+        self._observe(request, trace, started, route, response.status, cache, size)
         return response
 
     def _failed(self, exc: Exception, request: web.BaseRequest, trace: RequestTrace) -> Reply:
@@ -331,7 +333,7 @@ class FrontDoor:
         route: str,
         status: int,
         cache: str,
-        sent: Reply | web.StreamResponse,
+        size: int | None,
     ) -> None:
         """The request's metrics and its access-log line."""
         parts = self._parts
@@ -341,10 +343,10 @@ class FrontDoor:
         fast = access_log()
         if fast is not None:
             if level >= fast.level:
-                line = _access_line(request, status, cache, sent, trace, elapsed, parts)
+                line = _access_line(request, status, cache, size, trace, elapsed, parts)
                 fast.request(level, *line)
         elif access_logger.isEnabledFor(level):
-            message, values = _access_line(request, status, cache, sent, trace, elapsed, parts)
+            message, values = _access_line(request, status, cache, size, trace, elapsed, parts)
             fields = dict(zip(ACCESS_FIELDS, values, strict=True))
             access_logger.log(level, "%s", message, extra=fields)
 
@@ -363,7 +365,7 @@ def _access_line(
     request: web.BaseRequest,
     status: int,
     cache: str,
-    sent: Reply | web.StreamResponse,
+    size: int | None,
     trace: RequestTrace,
     elapsed: float,
     parts: Parts,
@@ -374,10 +376,6 @@ def _access_line(
     peer = request.remote
     trusted = parts.settings.server.trusted_proxies
     client = client_address(peer, headers.get("X-Forwarded-For"), trusted) if trusted else peer
-    if isinstance(sent, Reply):
-        size: int | None = len(sent.body)
-    else:
-        size = sent.content_length if isinstance(sent, web.Response) else None
     duration = elapsed * 1000
     return f"{method} {path} {status} {cache} {duration:.1f}ms", (
         trace.request_id or "",

@@ -203,10 +203,24 @@ async def _callresult(
     body = answer.body
     if answer.gzip is not None:  # stored compressed: as is to gzip callers, else the original
         headers["Vary"] = "Accept-Encoding"
-        if accepts_gzip(request.headers.get("Accept-Encoding", "")):
+        if _ACCEPTS_GZIP[request.headers.get("Accept-Encoding", "")]:
             headers["Content-Encoding"] = "gzip"
             body = answer.gzip
     return Reply(answer.status, body, headers, answer.cache)
+
+
+class _AcceptsGzip(dict[str, bool]):
+    """``accepts_gzip`` of the few ``Accept-Encoding`` values callers send, remembered
+    (emptied when full, so crafted values cannot grow it)."""
+
+    def __missing__(self, accept_encoding: str) -> bool:
+        if len(self) >= 256:
+            self.clear()
+        answer = self[accept_encoding] = accepts_gzip(accept_encoding)
+        return answer
+
+
+_ACCEPTS_GZIP = _AcceptsGzip()
 
 
 def accepts_gzip(accept_encoding: str) -> bool:
