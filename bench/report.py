@@ -81,6 +81,20 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
                     None,
                 )
             )
+    i = r.get("instructions")
+    if i:
+        out.append(
+            (
+                "hit work vs a bare aiohttp handler: instructions per hit (callgrind; the load"
+                " does not move it)",
+                f"{i['gateway_vs_bare']:.2f}x ({i['gateway'] / 1000:,.0f}k vs "
+                f"{i['bare'] / 1000:,.0f}k instructions; Redis GETs meanwhile "
+                f"{i['gateway_redis_gets']})",
+                ">= 0.70x",
+                i["gateway_vs_bare"] >= 0.70,
+            )
+        )
+    if h:
         out.append(
             (
                 f"hits on a hot set of {h['hot_keys']:,} keys vs {h['keys']} keys",

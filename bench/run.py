@@ -29,6 +29,7 @@ import asyncio
 import json
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import client, procs, profile, report, wrk
+from bench import client, instructions, procs, profile, report, wrk
 from bench.client import Pool, Result, post_bytes
 from bench.nginx import Nginx
 from bench.nginx import available as nginx_binary
@@ -87,14 +88,15 @@ class Plan:
     connections: int
     memory_small: int
     memory_large: int
+    instruction_hits: int  # hits counted under callgrind (0: the phase is skipped)
 
     @classmethod
     def full(cls) -> Plan:
-        return cls(3, 8.0, 2.0, 32, 10000, 500, 5, 1000, 4, 1000, 400, 40)
+        return cls(3, 8.0, 2.0, 32, 10000, 500, 5, 1000, 4, 1000, 400, 40, 1000)
 
     @classmethod
     def quick(cls) -> Plan:
-        return cls(1, 2.0, 1.0, 8, 2000, 40, 2, 300, 1, 500, 40, 4)
+        return cls(1, 2.0, 1.0, 8, 2000, 40, 2, 300, 1, 500, 40, 4, 0)
 
 
 _use_nginx = True  # --no-nginx
@@ -490,7 +492,7 @@ async def memory(plan: Plan, redis: procs.RedisServer, sim: procs.Proc) -> dict[
     return out
 
 
-PHASES = ("hit", "miss_storm", "burst", "identical_storm", "memory")
+PHASES = ("hit", "instructions", "miss_storm", "burst", "identical_storm", "memory")
 
 
 async def main_async(
@@ -505,6 +507,9 @@ async def main_async(
         if "hit" in phases:
             _say("hit path (wrk) ...")
             results["hit"] = await hit_phase(plan, redis, peers, profiling)
+        if "instructions" in phases and plan.instruction_hits and shutil.which("valgrind"):
+            _say("instructions per hit (callgrind, about 4 minutes) ...")
+            results["instructions"] = await instructions.measure(plan.instruction_hits, None, {})
         sim = procs.simulator(latency_ms=LATENCY_S * 1000)
         others: list[tuple[str, Callable[..., Awaitable[dict[str, Any]]]]] = [
             ("miss_storm", miss_storm),
