@@ -27,6 +27,7 @@ from prometheus_client import (
 from gateway import __version__, vendor
 from gateway.build import revision
 from gateway.errors import GatewayError
+from gateway.loop_metrics import LoopCounter, LoopHistogram, Tally, Timing
 
 # From a sub-millisecond cache hit to the upstream timeout.
 LATENCY_BUCKETS = (
@@ -117,24 +118,22 @@ class GatewayMetrics:
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
         GCCollector(registry=registry)
-        self.requests = Counter(
+        # Counted on every request, on the event loop's thread: ``loop_metrics``.
+        self.requests = LoopCounter(
             "isales_gateway_requests",
             "Requests answered, by route, HTTP status class, cache result and gateway code.",
             ["route", "status_class", "cache", "code"],
-            registry=registry,
+            registry,
         )
-        self.request_duration = Histogram(
+        self.request_duration = LoopHistogram(
             "isales_gateway_request_duration_seconds",
             "Time from request to response, by route and cache result.",
             ["route", "cache"],
+            registry,
             buckets=LATENCY_BUCKETS,
-            registry=registry,
         )
-        self.cache_lookups = Counter(
-            "isales_gateway_cache_lookups",
-            "Cache lookups by result.",
-            ["result"],
-            registry=registry,
+        self.cache_lookups = LoopCounter(
+            "isales_gateway_cache_lookups", "Cache lookups by result.", ["result"], registry
         )
         self.upstream_requests = Counter(
             "isales_gateway_upstream_requests",
@@ -233,11 +232,11 @@ class GatewayMetrics:
             ["reason"],
             registry=registry,
         )
-        self.caller_requests = Counter(
+        self.caller_requests = LoopCounter(
             "isales_gateway_caller_requests",
             "Requests on the callresult route, by caller (configured names, anonymous, other).",
             ["caller"],
-            registry=registry,
+            registry,
         )
         self.caller_upstream_calls = Counter(
             "isales_gateway_caller_upstream_calls",
@@ -267,7 +266,7 @@ class GatewayMetrics:
         )
         for result in REFRESH_RESULTS:
             self.refresh_ahead.labels(result)
-        self.caller_requests_by: dict[str, Counter] = {}
+        self.caller_requests_by: dict[str, Tally] = {}
         self.observe_callers(())
         self.auth_failures = Counter(
             "isales_gateway_auth_failures",
@@ -291,14 +290,14 @@ class GatewayMetrics:
             "Callers (API keys) in the callers file in use; 0 with authentication off.",
             registry=registry,
         )
-        self.requests_by: _Children[tuple[str, str, str, str], Counter] = _Children(
+        self.requests_by: _Children[tuple[str, str, str, str], Tally] = _Children(
             lambda k: self.requests.labels(*k)
         )
-        self.request_duration_by: _Children[tuple[str, str], Histogram] = _Children(
+        self.request_duration_by: _Children[tuple[str, str], Timing] = _Children(
             lambda k: self.request_duration.labels(*k)
         )
-        self.cache_lookups_by: _Children[str, Counter] = _Children(self.cache_lookups.labels)
-        self._answered: dict[tuple[str, int, str, str | None], tuple[Counter, Histogram]] = {}
+        self.cache_lookups_by: _Children[str, Tally] = _Children(self.cache_lookups.labels)
+        self._answered: dict[tuple[str, int, str, str | None], tuple[Tally, Timing]] = {}
         # The callresult answers this configuration can give exist from start-up, so the first
         # of each kind shows in rate(); other routes' series appear with their first request.
         answers = ("HIT", "MISS", "STALE", "COALESCED", "BYPASS") if cache else ("BYPASS",)
