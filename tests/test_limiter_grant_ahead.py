@@ -11,13 +11,14 @@ while held (the fence, a lost epoch) is lost, not sent.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.clock import ManualClock
+from gateway.clock import ManualClock, TimerHandle
 from gateway.errors import PermitLost
 from gateway.limiter import FleetTimings, LimitConfig, Permit
 from gateway.limiter.failover import FailoverLimiter
@@ -149,6 +150,38 @@ async def test_a_permit_granted_ahead_is_held_on_the_injected_clock_until_the_ed
     await settle()
     assert second.went_out.is_set()
     assert limiter.snapshot().fleet_starts == 1  # the first start has left: only its own
+    await second.finish()
+
+
+class LoopTimerClock(ManualClock):
+    """A manual clock whose timers wake as the event loop's do: at the whole millisecond after
+    they are due (epoll's unit, rounded up) plus a millisecond's wake-up."""
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
+        due = self.monotonic() + max(0.0, delay)
+        woken = math.ceil(due * 1000) / 1000 + 0.001
+        return super().call_later(woken - self.monotonic(), callback)
+
+
+async def test_a_held_permit_goes_out_in_the_loop_pass_past_its_edge_not_a_timer_tick_later() -> (
+    None
+):
+    clock = LoopTimerClock()
+    limiter = await sent_at_zero(clock)
+    second = Taker(limiter)
+    second.send.set()
+    clock.advance(WINDOW_S - AHEAD_S)
+    await settle()
+    assert second.granted.is_set()
+    assert second.permit is not None
+    edge = second.permit.not_before
+    step = 0.0001
+    while not second.went_out.is_set():
+        before = clock.monotonic()
+        clock.advance(step)
+        await settle()
+    assert before < edge <= clock.monotonic()  # never before the edge...
+    assert clock.monotonic() < edge + step  # ...and out in the step that passed it
     await second.finish()
 
 
