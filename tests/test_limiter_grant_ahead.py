@@ -11,13 +11,14 @@ while held (the fence, a lost epoch) is lost, not sent.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.clock import ManualClock
+from gateway.clock import ManualClock, SystemClock, TimerHandle
 from gateway.errors import PermitLost
 from gateway.limiter import FleetTimings, LimitConfig, Permit
 from gateway.limiter.failover import FailoverLimiter
@@ -149,6 +150,38 @@ async def test_a_permit_granted_ahead_is_held_on_the_injected_clock_until_the_ed
     await settle()
     assert second.went_out.is_set()
     assert limiter.snapshot().fleet_starts == 1  # the first start has left: only its own
+    await second.finish()
+
+
+class LoopTimerClock(ManualClock):
+    """A manual clock whose timers wake as the event loop's do: at the whole millisecond after
+    they are due (epoll's unit, rounded up) plus a millisecond's wake-up."""
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
+        due = self.monotonic() + max(0.0, delay)
+        woken = math.ceil(due * 1000) / 1000 + 0.001
+        return super().call_later(woken - self.monotonic(), callback)
+
+
+async def test_a_held_permit_goes_out_in_the_loop_pass_past_its_edge_not_a_timer_tick_later() -> (
+    None
+):
+    clock = LoopTimerClock()
+    limiter = await sent_at_zero(clock)
+    second = Taker(limiter)
+    second.send.set()
+    clock.advance(WINDOW_S - AHEAD_S)
+    await settle()
+    assert second.granted.is_set()
+    assert second.permit is not None
+    edge = second.permit.not_before
+    step = 0.0001
+    while not second.went_out.is_set():
+        before = clock.monotonic()
+        clock.advance(step)
+        await settle()
+    assert before < edge <= clock.monotonic()  # never before the edge...
+    assert clock.monotonic() < edge + step  # ...and out in the step that passed it
     await second.finish()
 
 
@@ -296,6 +329,58 @@ async def test_the_failover_limiter_holds_a_global_permit_granted_ahead_until_it
     assert not taker.went_out.is_set()  # held: the clock has not moved
     clock.advance(LEAVES_IN_S)
     await until(taker.went_out.is_set)
+    await taker.finish()
+
+
+# The start's record: the sooner of Redis's time less the time since, and the grant's time plus it.
+
+
+async def recorded_start(client: aioredis.Redis, taker: Taker, ceiling: float) -> float:
+    """``taker``'s start as Redis recorded it, once recorded (a pending one is scored a lease
+    ahead, past ``ceiling``, Redis ms)."""
+    assert isinstance(taker.permit, RedisPermit)
+    lease = taker.permit.lease
+
+    async def landed() -> bool:
+        score = await client.zscore(KEYS.starts, lease)
+        return score is not None and score < ceiling
+
+    await until(landed, "the start's record")
+    score = await client.zscore(KEYS.starts, lease)
+    assert score is not None
+    return float(score)
+
+
+async def test_a_start_whose_record_reaches_redis_late_counts_from_its_grant_not_the_record(
+    redis_client: aioredis.Redis, limiters: list[RedisLimiter | FailoverLimiter]
+) -> None:
+    clock = wall_clock()  # the replica's clock does not move: the request goes out at its grant
+    limiter = RedisLimiter(redis_client, ONE, TIMINGS, clock=clock)
+    limiters.append(limiter)
+    taker = Taker(limiter)
+    await taker.granted.wait()
+    granted = await redis_ms(redis_client)
+    await asyncio.sleep(0.05)  # the record reaches Redis later (a busy loop, a pool wait)
+    taker.send.set()
+    await until(taker.went_out.is_set)
+    start = await recorded_start(redis_client, taker, granted + TIMINGS.lease_s * 500)
+    assert start <= granted  # Redis's time at the record (>= granted + 50) would be too late
+    await taker.finish()
+
+
+async def test_a_start_recorded_from_its_grant_is_never_before_it_went_out(
+    redis_client: aioredis.Redis, limiters: list[RedisLimiter | FailoverLimiter]
+) -> None:
+    limiter = RedisLimiter(redis_client, ONE, TIMINGS, clock=SystemClock())
+    limiters.append(limiter)
+    taker = Taker(limiter)
+    await taker.granted.wait()
+    await asyncio.sleep(0.05)
+    before_send = await redis_ms(redis_client)
+    taker.send.set()
+    await until(taker.went_out.is_set)
+    start = await recorded_start(redis_client, taker, before_send + TIMINGS.lease_s * 500)
+    assert start >= before_send
     await taker.finish()
 
 

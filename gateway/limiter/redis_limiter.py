@@ -73,7 +73,9 @@ in flight from the grant, the start pending until recorded at the time it was se
 
 A start is granted pending and recorded when the permit's ``sent()`` runs, in the background
 (the request does not wait for Redis), at Redis's ``TIME`` less the time since ``sent()``
-counted before the call, so never earlier than it went out; or at release if it never did.
+counted before the call, or at the grant's script time plus the time since its acquire was
+sent, whichever is sooner: each is never earlier than it went out; or at release if it never
+did.
 Redis errors become ``BackendUnavailable`` in ``_redis`` only
 and are reported to ``on_failure``; a failed release is logged, not raised: the lease lapses
 by itself. ``close`` gives back the permits that never went out and leaves the sent ones to
@@ -124,17 +126,22 @@ _OP_BOUND_S = 2.0  # backstop over the client's own (shorter) timeouts: no call 
 _BLOCKED_HINT_MS = 250  # every permit is held: a release message normally comes sooner
 _BEHIND_HINT_MS = 100  # others' turns first; a spare-capacity message normally comes sooner
 _JITTER_MS = 5.0
+# A local duration carried onto Redis's clock is stretched by this much, so a clock that runs
+# faster than the replica's (NTP slews at most 0.05 %) cannot make a recorded start early.
+_RATE_ALLOWANCE = 1e-3
 
 
 @dataclass(frozen=True, slots=True)
 class Grant:
     """A lease granted by one acquire call sent at ``asked_at`` (monotonic), in ``generation``;
-    its request may go out from ``not_before`` (monotonic) on."""
+    its request may go out from ``not_before`` (monotonic) on. ``redis_ms``: Redis's time as
+    that call's script ran (0: unknown), which its clock had not yet reached at ``asked_at``."""
 
     lease: str
     asked_at: float
     generation: int
     not_before: float = -float("inf")
+    redis_ms: float = 0.0
 
 
 _Waiter = asyncio.Future[Grant]
@@ -348,12 +355,27 @@ class RedisLimiter:
         if self._clock.monotonic() > grant.asked_at + self._timings.fence_s:
             raise PermitLost("This permit was not used in time; its lease may have lapsed.")
 
-    async def record_sent(self, lease: str, sent_at: float | None = None) -> bool:
+    async def record_sent(
+        self, lease: str, sent_at: float | None = None, grant: Grant | None = None
+    ) -> bool:
         """Record ``lease``'s start at Redis's time, as of ``sent_at`` (monotonic; default now);
-        False (logged) if Redis failed."""
-        ago_s = 0.0 if sent_at is None else self._clock.monotonic() - sent_at
+        False (logged) if Redis failed.
+
+        Redis's time now less the time since ``sent_at`` is late by the record's way to Redis
+        (its pool wait, a busy loop: 0.8 ms median in a 500-miss storm, 55-80 ms for the first
+        batch), and the next batch's edge with it. ``grant``'s acquire bounds it too: Redis's
+        clock had not reached ``grant.redis_ms`` at ``grant.asked_at``, so it had not reached
+        that plus the time since (stretched by ``_RATE_ALLOWANCE``) at ``sent_at``. The script
+        records the sooner of the two, each never before the request went out.
+        """
+        now = self._clock.monotonic()
+        ago_s = 0.0 if sent_at is None else now - sent_at
+        bound = None
+        if grant is not None and grant.redis_ms > 0:
+            since_s = (now if sent_at is None else sent_at) - grant.asked_at
+            bound = grant.redis_ms + max(0.0, since_s) * 1000 * (1 + _RATE_ALLOWANCE)
         try:
-            await self._redis("sent", self._scripts.sent(lease, ago_s=ago_s))
+            await self._redis("sent", self._scripts.sent(lease, ago_s=ago_s, not_after_ms=bound))
         except BackendUnavailable as exc:
             log.log(self._level, "limiter start not recorded, stays pending: %s", exc.__cause__)
             return False
@@ -478,7 +500,7 @@ class RedisLimiter:
                     continue  # nothing was done under the old epoch: ask again in this one
                 self._trying = None
                 if result.grants:
-                    self._grant(ticket, result.grants, asked_at, not_before)
+                    self._grant(ticket, result, asked_at, not_before)
                     if not self._waiters:
                         continue  # everyone served (the script ended what it could)
                 self._waiting_on = result.wait
@@ -516,16 +538,12 @@ class RedisLimiter:
         return await self._redis("acquire", call)
 
     def _grant(
-        self,
-        ticket: str,
-        grants: tuple[tuple[str, int], ...],
-        asked_at: float,
-        not_before: float,
+        self, ticket: str, result: AcquireResult, asked_at: float, not_before: float
     ) -> None:
-        for caller, count in grants:
+        for caller, count in result.grants:
             for i in range(1, count + 1):
                 lease = f"{caller}\n{ticket}:{i}"
-                grant = Grant(lease, asked_at, self._generation, not_before)
+                grant = Grant(lease, asked_at, self._generation, not_before, result.redis_ms)
                 if caller == BACKGROUND:
                     turn = self._queue.next(self._clock.monotonic())
                 else:
@@ -658,4 +676,4 @@ class RedisPermit:
         self._limiter._spawn(self._record(self._limiter._clock.monotonic()))
 
     async def _record(self, sent_at: float) -> None:
-        self.recorded = await self._limiter.record_sent(self.lease, sent_at)
+        self.recorded = await self._limiter.record_sent(self.lease, sent_at, self.grant)

@@ -142,7 +142,8 @@ class AcquireResult:
     for: nothing was done), the permits granted here per caller, and when to try again
     (``hint_s`` at the latest, sooner on what ``wait`` names) if waiters are left;
     ``not_before_s``: how long after Redis ran the script the window's edge comes that the
-    grants were made ahead of (0: they may be sent at once)."""
+    grants were made ahead of (0: they may be sent at once); ``redis_ms``: Redis's time as the
+    script ran (with grants only)."""
 
     epoch: str
     stale: bool
@@ -150,6 +151,7 @@ class AcquireResult:
     hint_s: float
     wait: Wait
     not_before_s: float = 0.0
+    redis_ms: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +171,7 @@ class LimiterScripts:
 
     # KEYS meta leases starts members demand wants finish policy since
     # ARGV see ``acquire``
-    # -> {granted, hint us, epoch, wait, not before us, caller, n, caller, n...};
+    # -> {granted, hint us, epoch, wait, not before us, now ms, caller, n, caller, n...};
     #    {-1, 0, epoch, 'time', 0} when the epoch asked for is not the current one (nothing done)
     ACQUIRE = (
         _CLOCK
@@ -304,7 +306,8 @@ if not callers and mine[bg] then
 end
 -- this replica takes what fell to its callers, after the older demand of the same caller on
 -- other replicas; the rest waits for the replicas it fell to (then this demand goes last)
-local reply, granted, top = {0, 0, epoch, 'turn', 0}, 0, nil
+-- ``now`` as text: a Lua number would reach the caller truncated to whole ms
+local reply, granted, top = {0, 0, epoch, 'turn', 0, string.format('%.3f', now)}, 0, nil
 for caller, n in pairs(alloc) do
   local g = math.min(n - (before[caller] or 0), mine[caller] or 0)
   if g > 0 then
@@ -379,13 +382,16 @@ return reply
 """
     )
 
-    # KEYS starts; ARGV lease, ms since it was sent. Records its start then, as Redis's clock
-    # has it: no earlier than it was, since the ms were counted before this ran (XX: a lapsed
-    # lease is not revived).
+    # KEYS starts; ARGV lease, ms since it was sent, a time (ms) Redis's clock had surely not
+    # passed when it was sent ('' if none). Records its start then, as Redis's clock has it: no
+    # earlier than it was, since the ms were counted before this ran; or at the time given if
+    # that is sooner (XX: a lapsed lease is not revived).
     SENT = (
         _CLOCK
         + """
-redis.call('ZADD', KEYS[1], 'XX', clock() - tonumber(ARGV[2]), ARGV[1])
+local at, bound = clock() - tonumber(ARGV[2]), tonumber(ARGV[3])
+if bound and bound < at then at = bound end
+redis.call('ZADD', KEYS[1], 'XX', at, ARGV[1])
 """
     )
 
@@ -453,7 +459,7 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', 1000)
         for d in callers:  # 17..: 4 per caller
             args += [d.caller, d.waiters, d.weight, d.cap]
         reply = await self._acquire(keys, args)
-        pairs = reply[5:]
+        pairs = reply[6:]
         grants = tuple((_text(pairs[i]), int(pairs[i + 1])) for i in range(0, len(pairs), 2))
         granted = int(reply[0])
         return AcquireResult(
@@ -463,6 +469,7 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', 1000)
             hint_s=int(reply[1]) / 1e6,
             wait=Wait(_text(reply[3])),
             not_before_s=int(reply[4]) / 1e6,
+            redis_ms=float(_text(reply[5])) if granted > 0 else 0.0,
         )
 
     async def heartbeat(
@@ -493,10 +500,15 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', 1000)
             lost=tuple(map(_text, reply[4:])),
         )
 
-    def sent(self, lease: str, *, ago_s: float) -> Awaitable[object]:
+    def sent(
+        self, lease: str, *, ago_s: float, not_after_ms: float | None = None
+    ) -> Awaitable[object]:
         """Record ``lease``'s start ``ago_s`` before Redis's time now (a lapsed lease is not
-        revived); ``ago_s`` must be counted before the call, so the record is never early."""
-        return self._sent([self.keys.starts], [lease, max(0.0, ago_s * 1000)])
+        revived); ``ago_s`` must be counted before the call, so the record is never early.
+        ``not_after_ms``: a Redis time its clock had surely not passed when the request went
+        out; the record is the sooner of the two."""
+        bound = "" if not_after_ms is None else f"{not_after_ms:.3f}"
+        return self._sent([self.keys.starts], [lease, max(0.0, ago_s * 1000), bound])
 
     def release(
         self, lease: str, *, record_start: bool, not_before_s: float = 0.0
