@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -55,38 +56,57 @@ class Timing:
         self.sum += value
 
 
-class LoopCounter(Collector):
-    """A labelled counter (``name`` without ``_total``) registered on ``registry``."""
+S = TypeVar("S", Tally, Timing)
+
+
+class _Family(Collector, Generic[S]):
+    """A labelled family registered on ``registry``: one series per label values."""
 
     def __init__(
         self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry
     ) -> None:
         self._name, self._documentation = name, documentation
         self._labelnames = tuple(labelnames)
-        self._series: dict[tuple[str, ...], Tally] = {}
+        self._series: dict[tuple[str, ...], S] = {}
         registry.register(self)
 
-    def labels(self, *values: str) -> Tally:
+    def _new(self) -> S:
+        raise NotImplementedError
+
+    def _family(self) -> Metric:
+        raise NotImplementedError
+
+    def labels(self, *values: str) -> S:
         if len(values) != len(self._labelnames):
             raise ValueError(f"{self._name}: labels {self._labelnames}, got {values}")
         series = self._series.get(values)
         if series is None:
-            series = self._series[values] = Tally()
+            series = self._series[values] = self._new()
         return series
 
     def describe(self) -> Iterator[Metric]:
         """What the registry checks for a name used twice."""
-        yield CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        yield self._family()
+
+
+class LoopCounter(_Family[Tally]):
+    """A labelled counter (``name`` without ``_total``)."""
+
+    def _new(self) -> Tally:
+        return Tally()
+
+    def _family(self) -> CounterMetricFamily:
+        return CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
 
     def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        family = self._family()
         for values, series in list(self._series.items()):
             family.add_metric(values, series.value, created=series.created)
         yield family
 
 
-class LoopHistogram(Collector):
-    """A labelled histogram with ``buckets`` (ascending; +Inf is added) on ``registry``."""
+class LoopHistogram(_Family[Timing]):
+    """A labelled histogram with ``buckets`` (ascending; +Inf is added)."""
 
     def __init__(
         self,
@@ -96,30 +116,21 @@ class LoopHistogram(Collector):
         registry: CollectorRegistry,
         buckets: Sequence[float],
     ) -> None:
-        self._name, self._documentation = name, documentation
-        self._labelnames = tuple(labelnames)
         bounds = tuple(float(b) for b in buckets)
         if list(bounds) != sorted(set(bounds)):
             raise ValueError(f"{name}: buckets must ascend")
         self._bounds = bounds if bounds and bounds[-1] == float("inf") else (*bounds, float("inf"))
         self._les = [str(floatToGoString(b)) for b in self._bounds]  # type: ignore[no-untyped-call]
-        self._series: dict[tuple[str, ...], Timing] = {}
-        registry.register(self)
+        super().__init__(name, documentation, labelnames, registry)
 
-    def labels(self, *values: str) -> Timing:
-        if len(values) != len(self._labelnames):
-            raise ValueError(f"{self._name}: labels {self._labelnames}, got {values}")
-        series = self._series.get(values)
-        if series is None:
-            series = self._series[values] = Timing(self._bounds)
-        return series
+    def _new(self) -> Timing:
+        return Timing(self._bounds)
 
-    def describe(self) -> Iterator[Metric]:
-        """What the registry checks for a name used twice."""
-        yield HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+    def _family(self) -> HistogramMetricFamily:
+        return HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
 
     def collect(self) -> Iterator[Metric]:
-        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        family = self._family()
         for values, series in list(self._series.items()):
             running, buckets = 0, []
             for le, count in zip(self._les, series.counts, strict=True):

@@ -52,15 +52,20 @@ async def frozen_redis() -> AsyncIterator[RedisServer]:
     server.close()
 
 
-async def test_a_burst_on_a_busy_loop_waits_for_the_pool_instead_of_failing(
-    redis_server: RedisServer,
-) -> None:
-    client = connect(RedisSettings(url=redis_server.url, pool_size=POOL))
+async def assert_a_burst_waits_its_turn(url: str) -> None:
+    """A burst on a busy loop through a client of ``url`` (any shape): no call fails."""
+    client = connect(RedisSettings(url=url, pool_size=POOL))
     try:
         raised = await burst_on_a_busy_loop(client)
         assert raised == [], f"{len(raised)} of {BURST} failed, first: {raised[:1]}"
     finally:
         await client.aclose()
+
+
+async def test_a_burst_on_a_busy_loop_waits_for_the_pool_instead_of_failing(
+    redis_server: RedisServer,
+) -> None:
+    await assert_a_burst_waits_its_turn(redis_server.url)
 
 
 async def test_a_burst_on_a_redis_that_does_not_answer_fails_every_call_within_a_bound(

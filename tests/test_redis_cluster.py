@@ -37,7 +37,7 @@ from tests.support.faults import (
 )
 from tests.support.fleet import JSON, path, sim_stats, start_replica, start_simulator_process
 from tests.support.processes import LIMITER_KEYS
-from tests.test_redis_client_pool import BURST, POOL, SICK_BOUND_S, burst_on_a_busy_loop
+from tests.test_redis_client_pool import POOL, SICK_BOUND_S, assert_a_burst_waits_its_turn
 
 ADMIN_KEY = "cluster-admin-key"
 WARM_S = 3.0
@@ -157,12 +157,7 @@ async def test_a_burst_on_a_busy_loop_waits_its_turn_instead_of_failing(
 ) -> None:
     # redis-py's cluster client fails a command at once when its node has every connection in
     # use; the gateway's waits its turn, as the standalone pool's commands do.
-    client = connect(RedisSettings(url=cluster.url, pool_size=POOL))
-    try:
-        raised = await burst_on_a_busy_loop(client)
-        assert raised == [], f"{len(raised)} of {BURST} failed, first: {raised[:1]}"
-    finally:
-        await client.aclose()
+    await assert_a_burst_waits_its_turn(cluster.url)
 
 
 async def test_a_burst_on_a_primary_that_does_not_answer_fails_every_call_within_a_bound(
