@@ -56,6 +56,7 @@ from redis.asyncio.connection import BlockingConnectionPool, ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import (
     MaxConnectionsError,
     NoPermissionError,
@@ -112,7 +113,7 @@ def connect(settings: RedisSettings) -> AnyRedis:
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=pool_size, timeout=pool_timeout, **common
     )
-    return aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes its connections
+    return GatewayRedis.from_pool(pool)  # owns the pool: aclose() closes its connections
 
 
 _FOLLOW_S: Final = 0.5  # how often a Sentinel-managed pool asks which server is the primary
@@ -225,6 +226,7 @@ def _sentinel(
         aioredis.Redis,
         sentinel.master_for(
             path[0],
+            redis_class=GatewayRedis,
             connection_pool_class=SentinelPool,
             max_connections=pool_size,
             timeout=pool_timeout,
@@ -273,7 +275,26 @@ def _address(client: aioredis.Redis) -> str:
     return f"{kwargs.get('host')}:{kwargs.get('port')}"
 
 
-class BoundedCluster(RedisCluster):
+class _ClosedUnderfoot:
+    """A command whose connection is closed under it while it is sent (redis-py 8.1: another
+    task's error handling disconnects it, as a cluster does on a node's failure and the
+    Sentinel pool on a switch) fails in redis-py with ``AttributeError`` (its writer gone):
+    here a Redis ``ConnectionError``, so it fails like any lost connection (the cache fails
+    open, the limiter falls back) instead of escaping as an unexpected error (a 500 once,
+    under a cluster primary's restart)."""
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)  # type: ignore[misc]
+        except AttributeError as exc:
+            raise RedisConnectionError("The connection was closed under the command.") from exc
+
+
+class GatewayRedis(_ClosedUnderfoot, aioredis.Redis):  # type: ignore[misc]
+    """redis-py's client (standalone, Sentinel) with ``_ClosedUnderfoot``."""
+
+
+class BoundedCluster(_ClosedUnderfoot, RedisCluster):  # type: ignore[misc]
     """redis-py's ``RedisCluster`` whose commands wait their turn, up to ``pool_timeout``
     seconds from when they ask, while ``pool_size`` are under way (module docstring), instead
     of failing at once when a node has all its connections in use.

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from prometheus_client import CollectorRegistry
+from redis.asyncio.connection import AbstractConnection
 
 from gateway.cache import CacheStore
 from gateway.cache_policy import CacheEntry
@@ -152,3 +153,24 @@ async def test_a_burst_of_hits_on_a_busy_loop_counts_no_redis_error(
     assert errors == 0
     assert [(a.status, a.headers["X-Cache"]) for a in answers] == [(200, "HIT")] * BURST
     assert upstream.requests == 1
+
+
+async def test_a_connection_closed_under_a_command_fails_it_as_a_redis_failure(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """redis-py 8.1 raises AttributeError when another task's error handling disconnects a
+    connection while a command is being sent on it (seen under a cluster primary's restart:
+    a 500). Simulated at that very call, the gateway's client turns it into a Redis failure."""
+    client = connect(RedisSettings(url=redis_server.url, pool_size=POOL))
+    try:
+        await client.ping()  # connected: the next command goes straight to sending
+
+        async def writer_gone(self: object, command: object) -> None:
+            raise AttributeError("'NoneType' object has no attribute 'writelines'")
+
+        monkeypatch.setattr(AbstractConnection, "_send_packed_command", writer_gone)
+        with pytest.raises(REDIS_FAILURES):
+            await client.get("anything")
+    finally:
+        monkeypatch.undo()
+        await client.aclose()
