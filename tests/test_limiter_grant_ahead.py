@@ -264,6 +264,14 @@ async def _released(client: aioredis.Redis, lease: str) -> bool:
     return await client.zscore(KEYS.leases, lease) is None
 
 
+async def lost_not_sent(taker: Taker) -> None:
+    """``taker``'s held permit ends in ``PermitLost``, and nothing went out on it."""
+    await until(lambda: taker.sending is not None and taker.sending.done())
+    assert isinstance(taker.failure, PermitLost)
+    assert not taker.went_out.is_set()
+    await taker.finish()
+
+
 async def test_a_redis_permit_held_past_the_fence_is_lost_not_sent(
     redis_client: aioredis.Redis, limiters: list[RedisLimiter | FailoverLimiter]
 ) -> None:
@@ -271,10 +279,7 @@ async def test_a_redis_permit_held_past_the_fence_is_lost_not_sent(
     _, taker, _ = await granted_ahead(redis_client, limiters, clock)
     await holding(taker)
     clock.advance(TIMINGS.fence_s + 0.01)  # frozen through the hold and past the fence
-    await until(lambda: taker.sending is not None and taker.sending.done())
-    assert isinstance(taker.failure, PermitLost)
-    assert not taker.went_out.is_set()
-    await taker.finish()
+    await lost_not_sent(taker)
 
 
 async def test_a_redis_permit_whose_epoch_is_lost_during_its_hold_is_lost_not_sent(
@@ -287,10 +292,7 @@ async def test_a_redis_permit_whose_epoch_is_lost_during_its_hold_is_lost_not_se
     await limiter.beat()  # the replica learns of the new epoch
     assert isinstance(taker.permit, RedisPermit)
     clock.advance(taker.permit.not_before - clock.monotonic())
-    await until(lambda: taker.sending is not None and taker.sending.done())
-    assert isinstance(taker.failure, PermitLost)
-    assert not taker.went_out.is_set()
-    await taker.finish()
+    await lost_not_sent(taker)
 
 
 async def test_two_replicas_cannot_both_grant_ahead_for_the_same_edge(
