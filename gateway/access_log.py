@@ -214,8 +214,9 @@ class AccessLog:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        chunk = "".join(line + "\n" for line in self._lines)
-        self._lines.clear()
+        lines = self._lines
+        chunk = "\n".join(lines) + "\n" if lines else ""
+        lines.clear()
         if done is None and self._queue.qsize() >= MAX_PENDING:
             self._dropped += chunk.count("\n")
             return

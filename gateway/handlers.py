@@ -39,8 +39,17 @@ CALLRESULT_PATH = CALLRESULT_ROUTE
 
 
 async def read_body(request: web.BaseRequest, limit: int) -> bytes:
+    """The request's body (decoded, as ``request.read()`` gives it), at most ``limit`` bytes."""
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(f"Request body is larger than {limit} bytes.")
+    content = request.content
+    if content.is_eof() and content.exception() is None:
+        # The whole body came with the head (a small request's usual case): taken as it is,
+        # without the read's waits. Once only: nothing else reads the body of this request.
+        raw = content.read_nowait()
+        if len(raw) > limit:
+            raise BodyTooLarge(f"Request body is larger than {limit} bytes.")
+        return raw
     try:
         return await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
@@ -177,13 +186,14 @@ async def _callresult(
         raise UnsupportedMediaType()
     raw = await read_body(request, parts.settings.server.max_body_bytes)
     query = parse_query(vdn_id, campaign_id, raw, charset)
+    headers = request.headers
     if trace is not None:
         trace.vdn_id, trace.campaign_id = query.vdn_id, query.campaign_id
-        trace.incoming_traceparent = request.headers.get("traceparent", "")  # used if it calls
+        trace.incoming_traceparent = headers.get("traceparent", "")  # used if it calls
     if caller is not None:
         Callers.authorize(caller, query.vdn_id)  # before the cache: no peeking at other VDNs
-    locale = request.headers.get(LOCALE_HEADER)
-    refresh = "no-cache" in request.headers.get("Cache-Control", "").lower()
+    locale = headers.get(LOCALE_HEADER)
+    refresh = "no-cache" in headers.get("Cache-Control", "").lower()
     asked = parts.clock.monotonic()
     answer = await service.answer(
         query, locale=locale if locale in LOCALES else None, refresh=refresh, caller=share
@@ -191,22 +201,24 @@ async def _callresult(
     if parts.spans is not None and answer.cache == "COALESCED":
         leader = {"isales.leader_request_id": answer.source_request_id or ""}
         parts.spans.waited("coalescing wait", parts.clock.monotonic() - asked, **leader)
-    headers = {"Content-Type": answer.content_type, "X-Cache": answer.cache, "Age": str(answer.age)}
-    if answer.cache == "BYPASS" and refresh:
-        headers["Cache-Status"] = "isales-gateway; fwd=request"
-    elif answer.cache in CACHE_STATUS:
-        headers["Cache-Status"] = CACHE_STATUS[answer.cache]
+    cache = answer.cache
+    age = str(answer.age)
+    response_headers = {"Content-Type": answer.content_type, "X-Cache": cache, "Age": age}
+    if cache == "BYPASS" and refresh:
+        response_headers["Cache-Status"] = "isales-gateway; fwd=request"
+    elif cache in CACHE_STATUS:
+        response_headers["Cache-Status"] = CACHE_STATUS[cache]
     if answer.warning:
-        headers["Warning"] = answer.warning
+        response_headers["Warning"] = answer.warning
     if trace is not None and answer.source_request_id:  # COALESCED: who made the call
         trace.source_request_id = answer.source_request_id
     body = answer.body
     if answer.gzip is not None:  # stored compressed: as is to gzip callers, else the original
-        headers["Vary"] = "Accept-Encoding"
-        if _ACCEPTS_GZIP[request.headers.get("Accept-Encoding", "")]:
-            headers["Content-Encoding"] = "gzip"
+        response_headers["Vary"] = "Accept-Encoding"
+        if _ACCEPTS_GZIP[headers.get("Accept-Encoding", "")]:
+            response_headers["Content-Encoding"] = "gzip"
             body = answer.gzip
-    return Reply(answer.status, body, headers, answer.cache)
+    return Reply(answer.status, body, response_headers, cache)
 
 
 class _AcceptsGzip(dict[str, bool]):

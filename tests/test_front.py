@@ -236,3 +236,52 @@ async def test_pipelined_requests_are_answered_in_order_on_one_connection(
     assert [len(r.json()["data"]) for r in replies[:5]] == [1, 2, 3, 4, 5]
     assert replies[5].headers["connection"] == "close"
     assert len(replies) == 6
+
+
+def chunked(*parts: bytes) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status"),
+    [
+        (QUERY, {}, 200),
+        (chunked(QUERY[:9], QUERY[9:]), {"Transfer-Encoding": "chunked"}, 200),
+        (chunked(b"[" + b" " * 6000, b" " * 6000 + b"]"), {"Transfer-Encoding": "chunked"}, 413),
+    ],
+)
+async def test_a_body_that_comes_in_pieces_is_read_like_one_that_comes_whole(
+    body: bytes,
+    headers: dict[str, str],
+    status: int,
+    upstream: Upstream,
+    start_gateway: StartGateway,
+) -> None:
+    """A small body usually comes with the head and is taken without waiting; one still on its
+    way is waited for, and held to the same size limit."""
+    gateway = await start_gateway(gateway_settings(upstream.url))  # 8192 bytes at most
+    assert gateway.port is not None
+    raw = request(body, headers=headers)
+    if "Transfer-Encoding" in headers:
+        raw = raw.replace(f"Content-Length: {len(body)}\r\n".encode(), b"")
+    cut = raw.index(b"\r\n\r\n") + 4 + 5  # the head and five bytes of the body
+
+    whole = await one_by_one(gateway.port, raw)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        writer.write(raw[:cut])
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(raw[cut:])
+        async with asyncio.timeout(10):
+            pieces = await read_replies(reader, count=1)
+    finally:
+        writer.close()
+
+    assert [r.status for r in whole + pieces] == [status, status]
+    if status == 200:
+        assert pieces[0].body == whole[0].body
+        assert pieces[0].headers["x-cache"] == "HIT"
+    else:
+        assert pieces[0].json()["resultCode"] == whole[0].json()["resultCode"] == "GW41300"
+    assert upstream.requests == (1 if status == 200 else 0)
