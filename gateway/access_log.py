@@ -57,22 +57,8 @@ def logfmt(value: object) -> str:
     return escape_text(json.dumps(text, ensure_ascii=False))
 
 
-class _Logfmt(dict[str | None, str]):
-    """``logfmt`` of the text values a caller chooses, remembered: a hot path, client, user
-    agent or source request id repeats from line to line. Emptied when full, so a scan of
-    distinct values costs what it did without the memo, and memory stays bounded."""
-
-    def __missing__(self, value: str | None) -> str:
-        text = logfmt(value)
-        if value is None or len(value) <= _MEMO_MAX_LEN:
-            if len(self) >= _MEMO_SIZE:
-                self.clear()
-            self[value] = text
-        return text
-
-
 _MEMO_SIZE: Final = 4096
-_MEMO_MAX_LEN: Final = 256
+_MEMO_MAX_LEN: Final = 512
 
 
 class _Clock:
@@ -129,6 +115,11 @@ AccessValues = tuple[
 ]  # fmt: skip
 
 
+def access_message(values: AccessValues) -> str:
+    """The access line's message: method, path, status, cache label and duration."""
+    return f"{values[3]} {values[4]} {values[5]} {values[6]} {values[14]:.1f}ms"
+
+
 class AccessLog:
     """Renders access lines in ``fmt`` ("text" or "json") and writes them to ``stream``.
 
@@ -152,7 +143,7 @@ class AccessLog:
         self._lock = lock if lock is not None else nullcontext()
         self._logger = logger
         self._clock = _Clock()
-        self._logfmt = _Logfmt()
+        self._shapes: dict[tuple[Any, ...], tuple[str, str, str]] = {}
         self._lines: list[str] = []
         self._timer: asyncio.TimerHandle | None = None
         self._queue: SimpleQueue[tuple[str, threading.Event | None] | None] = SimpleQueue()
@@ -163,28 +154,52 @@ class AccessLog:
     def enabled(self, level: int) -> bool:
         return level >= self.level
 
-    def request(self, level: int, message: str, values: AccessValues) -> None:
+    def request(self, level: int, values: AccessValues) -> None:
         """Buffer one request's line, ``values`` in the order of ``ACCESS_FIELDS``; the writer
         thread writes it within ``FLUSH_S``.
 
-        Text lines come from a fixed template that quotes only the values a caller can choose
-        (the path, the user agent, the addresses, the caller name): this runs per request.
+        A text line is three parts remembered per request shape (everything but the id, the
+        timings and the time: a hot route's lines share them), with the rest filled in; the
+        parts quote only the values a caller can choose (the path, the user agent, the
+        addresses, the caller name). This runs per request.
         """
         if not self._is_text:
-            self._buffer(self._json(level, message, dict(zip(ACCESS_FIELDS, values, strict=True))))
+            fields = dict(zip(ACCESS_FIELDS, values, strict=True))
+            self._buffer(self._json(level, access_message(values), fields))
             return
         (rid, caller, client, method, path, status, cache, source, size, vdn, campaign,
          queue_ms, upstream_ms, attempts, duration, agent, service, version) = values  # fmt: skip
-        fmt = self._logfmt
+        shape = (level, caller, client, method, path, status, cache, source, size, vdn, campaign,
+                 agent, service, version)  # fmt: skip
+        parts = self._shapes.get(shape)
+        if parts is None:
+            parts = self._parts(shape)
+        head, middle, tail = parts
         self._buffer(
-            f"{self._head(level, message)} request_id={rid} caller={fmt[caller]}"
-            f" client={fmt[client]} method={method} path={fmt[path]} status={status}"
-            f" cache={fmt[cache]} source_request_id={fmt[source]} bytes={size}"
-            f" vdn_id={vdn} campaign_id={campaign}"
+            f"{self._clock.now()} {head}{duration:.1f}ms request_id={rid}{middle}"
             f" queue_wait_ms={queue_ms} upstream_ms={upstream_ms} upstream_attempts={attempts}"
-            f" duration_ms={duration} user_agent={fmt[agent]} service={service}"
-            f" version={fmt[version]}"
+            f" duration_ms={duration}{tail}"
         )
+
+    def _parts(self, shape: tuple[Any, ...]) -> tuple[str, str, str]:
+        """A text line's fixed parts for ``shape`` (``request``), remembered unless long (a
+        crafted path or agent); the memo is emptied when full, so memory stays bounded."""
+        (level, caller, client, method, path, status, cache, source, size, vdn, campaign,
+         agent, service, version) = shape  # fmt: skip
+        name = _LEVEL_NAMES.get(level) or logging.getLevelName(level)
+        said = escape_text(f"{method} {path} {status} {cache} ")  # the message, but its time
+        parts = (
+            f"{name:<7} {self._logger} {said}",
+            f" caller={logfmt(caller)} client={logfmt(client)} method={method}"
+            f" path={logfmt(path)} status={status} cache={logfmt(cache)}"
+            f" source_request_id={logfmt(source)} bytes={size} vdn_id={vdn} campaign_id={campaign}",
+            f" user_agent={logfmt(agent)} service={service} version={logfmt(version)}",
+        )
+        if len(path) + len(agent or "") + len(caller or "") + len(client) <= _MEMO_MAX_LEN:
+            if len(self._shapes) >= _MEMO_SIZE:
+                self._shapes.clear()
+            self._shapes[shape] = parts
+        return parts
 
     def _buffer(self, line: str) -> None:
         self._lines.append(line)

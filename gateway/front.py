@@ -39,7 +39,7 @@ from aiohttp import HttpVersion, HttpVersion10, HttpVersion11, hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 
 from gateway import __version__
-from gateway.access_log import ACCESS_FIELDS, AccessValues
+from gateway.access_log import ACCESS_FIELDS, AccessValues, access_message
 from gateway.errors import (
     BodyTooLarge,
     CallerError,
@@ -343,12 +343,12 @@ class FrontDoor:
         fast = access_log()
         if fast is not None:
             if level >= fast.level:
-                line = _access_line(request, status, cache, size, trace, elapsed, parts)
-                fast.request(level, *line)
+                values = _access_values(request, status, cache, size, trace, elapsed, parts)
+                fast.request(level, values)
         elif access_logger.isEnabledFor(level):
-            message, values = _access_line(request, status, cache, size, trace, elapsed, parts)
+            values = _access_values(request, status, cache, size, trace, elapsed, parts)
             fields = dict(zip(ACCESS_FIELDS, values, strict=True))
-            access_logger.log(level, "%s", message, extra=fields)
+            access_logger.log(level, "%s", access_message(values), extra=fields)
 
 
 class GatewayRunner(web.AppRunner):
@@ -361,7 +361,7 @@ class GatewayRunner(web.AppRunner):
         server.request_handler = FrontDoor(self.app, server.request_handler)
 
 
-def _access_line(
+def _access_values(
     request: web.BaseRequest,
     status: int,
     cache: str,
@@ -369,15 +369,14 @@ def _access_line(
     trace: RequestTrace,
     elapsed: float,
     parts: Parts,
-) -> tuple[str, AccessValues]:
-    """The access line's message and its values, in the order of ``ACCESS_FIELDS``."""
+) -> AccessValues:
+    """The access line's values, in the order of ``ACCESS_FIELDS``."""
     method, path = request.method, request.path
     headers = request.headers
     peer = request.remote
     trusted = parts.settings.server.trusted_proxies
     client = client_address(peer, headers.get("X-Forwarded-For"), trusted) if trusted else peer
-    duration = elapsed * 1000
-    return f"{method} {path} {status} {cache} {duration:.1f}ms", (
+    return (
         trace.request_id or "",
         trace.caller,
         client or "",
@@ -392,7 +391,7 @@ def _access_line(
         trace.queue_wait_ms,
         trace.upstream_ms,
         trace.attempts,
-        round(duration, 3),
+        round(elapsed * 1000, 3),
         headers.get("User-Agent"),
         _SERVICE,
         __version__,

@@ -402,15 +402,18 @@ async def test_repeated_and_many_distinct_access_values_render_as_when_each_was_
     forged = "/x\n2030-01-01T00:00:00.000Z INFO    gateway.access POST /forged"
     paths = [forged, forged, '/q"uoted path', "/" + "long" * 100] * 2
     paths += [f"/rest/{n}" for n in range(5000)]  # past the memo's bound: emptied, refilled
-    for path in paths:
-        access.request(logging.INFO, f"POST {path} 200 HIT 1.2ms", access_values(path, path))
+    for n, path in enumerate(paths):  # each line's own id and duration, whatever its shape
+        values = access_values(path, path)
+        access.request(logging.INFO, (f"{n:032x}", *values[1:14], n / 8, *values[15:]))
     access.close()
 
     lines = stream.getvalue().splitlines()
     assert len(lines) == len(paths)  # no value started a line of its own
-    for path, line in zip(paths, lines, strict=True):
+    for n, (path, line) in enumerate(zip(paths, lines, strict=True)):
         rendered = dict(LOGFMT_PAIR.findall(line))
         assert rendered["path"] == rendered["user_agent"] == logfmt(path), line
+        assert (rendered["request_id"], rendered["duration_ms"]) == (f"{n:032x}", str(n / 8))
+        assert f" 200 HIT {n / 8:.1f}ms request_id=" in line
     assert not any(line.startswith("2030-") for line in lines)
     assert "\\x0a2030-01-01" in lines[0]
     assert "\\x0a2030-01-01" in lines[1]
