@@ -62,7 +62,7 @@ from gateway.vendor import CALLRESULT_ROUTE, RESPONSE_CONTENT_TYPE
 access_logger = logging.getLogger("gateway.access")
 log = logging.getLogger("gateway")
 
-REQUEST_ID_HEADER: Final = "X-Request-ID"
+REQUEST_ID_HEADER: Final = "X-Request-ID"  # written as bytes in ``reply_bytes``
 SERVER: Final = "isales-gateway"  # no versions in ``Server``
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _HTTP_ERRORS: dict[int, type[CallerError]] = {
@@ -106,7 +106,12 @@ def as_gateway_error(exc: Exception, request_id: str | None) -> GatewayError:
 
 def hot_ids(method: str, path: str) -> tuple[str, str] | None:
     """``(vdnId, campaignId)`` of a ``POST`` the front door answers itself, else None."""
-    if method != "POST" or not path.startswith(_HOT_HEAD):
+    return _hot_path_ids(path) if method == "POST" else None
+
+
+@functools.lru_cache(maxsize=4096)  # hot paths repeat
+def _hot_path_ids(path: str) -> tuple[str, str] | None:
+    if not path.startswith(_HOT_HEAD):
         return None
     vdn_id, middle, campaign_id = path[len(_HOT_HEAD) :].partition(_HOT_MIDDLE)
     # What the router reads otherwise: an id spanning segments, or holding a brace.
@@ -176,13 +181,29 @@ def client_address(peer: str | None, forwarded_for: str | None, trusted: tuple[s
 _FORBIDDEN_IN_HEADER: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
-@functools.lru_cache(maxsize=64)
-def _status_line(version: HttpVersion, status: int) -> str:
+@functools.lru_cache(maxsize=1024)
+def _head_before(status: int, headers: tuple[tuple[str, str], ...], version: HttpVersion) -> bytes:
+    """The status line and ``headers``, remembered: a hot route's answers share them.
+    ValueError as ``reply_bytes``."""
+    for name, value in headers:
+        if _FORBIDDEN_IN_HEADER.search(value):
+            raise ValueError(f"a control character in the {name} header's value")
     try:
         reason = HTTPStatus(status).phrase
     except ValueError:
         reason = ""
-    return f"HTTP/{version.major}.{version.minor} {status} {reason}\r\n"
+    head = [f"HTTP/{version.major}.{version.minor} {status} {reason}\r\n"]
+    head += [f"{name}: {value}\r\n" for name, value in headers]
+    return "".join(head).encode()
+
+
+_SERVER_AND_DATE: Final = f"\r\nServer: {SERVER}\r\nDate: ".encode()
+_ENDS: Final = {  # after Content-Length, by (version, keep-alive): Connection where it differs
+    (HttpVersion10, True): b"\r\nConnection: keep-alive\r\n\r\n",
+    (HttpVersion10, False): b"\r\n\r\n",
+    (HttpVersion11, True): b"\r\n\r\n",
+    (HttpVersion11, False): b"\r\nConnection: close\r\n\r\n",
+}
 
 
 class HttpDate:
@@ -205,24 +226,24 @@ def reply_bytes(
 ) -> bytes:
     """The whole HTTP response of ``reply``, as aiohttp's ``web.Response`` would write it:
     the reply's headers, then ``X-Request-ID``, ``Server``, ``Date``, ``Content-Length`` and,
-    where the version's default differs, ``Connection``. ValueError: a header value holds a
-    control character (never sent: it could start a forged header or response)."""
+    where the version's default differs, ``Connection``. ``Age``, which changes every second,
+    goes after the others (``callresult_reply`` puts it last, so the routed way writes the
+    same). ValueError: a header value holds a control character (never sent: it could start
+    a forged header or response)."""
     headers = reply.headers
-    if not "".join(headers.values()).isprintable():  # C-fast; a tab is not "printable"
-        for name, value in headers.items():
-            if _FORBIDDEN_IN_HEADER.search(value):
-                raise ValueError(f"a control character in the {name} header's value")
-    head = [_status_line(version, reply.status)]
-    head += [f"{name}: {value}\r\n" for name, value in headers.items()]
-    if keep_alive:
-        connection = "Connection: keep-alive\r\n" if version == HttpVersion10 else ""
-    else:
-        connection = "Connection: close\r\n" if version == HttpVersion11 else ""
-    head.append(
-        f"{REQUEST_ID_HEADER}: {request_id}\r\nServer: {SERVER}\r\nDate: {date}\r\n"
-        f"Content-Length: {len(reply.body)}\r\n{connection}\r\n"
-    )
-    return "".join(head).encode() + reply.body
+    age = headers.get("Age")
+    fixed = tuple(headers.items())
+    if age is not None:
+        fixed = tuple(item for item in fixed if item[0] != "Age")
+        if not age.isdigit():  # ours always is; anything else is checked like the rest
+            _head_before(reply.status, (("Age", age),), version)
+    parts = [_head_before(reply.status, fixed, version)]
+    if age is not None:
+        parts += (b"Age: ", age.encode(), b"\r\n")
+    parts += (b"X-Request-ID: ", request_id.encode(), _SERVER_AND_DATE, date.encode())
+    end = _ENDS.get((version, keep_alive), b"\r\n\r\n")  # another 1.x: no Connection
+    parts += (b"\r\nContent-Length: ", str(len(reply.body)).encode(), end, reply.body)
+    return b"".join(parts)
 
 
 class _Written(web.StreamResponse):

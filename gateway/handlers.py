@@ -202,8 +202,7 @@ async def _callresult(
         leader = {"isales.leader_request_id": answer.source_request_id or ""}
         parts.spans.waited("coalescing wait", parts.clock.monotonic() - asked, **leader)
     cache = answer.cache
-    age = str(answer.age)
-    response_headers = {"Content-Type": answer.content_type, "X-Cache": cache, "Age": age}
+    response_headers = {"Content-Type": answer.content_type, "X-Cache": cache}
     if cache == "BYPASS" and refresh:
         response_headers["Cache-Status"] = "isales-gateway; fwd=request"
     elif cache in CACHE_STATUS:
@@ -218,6 +217,7 @@ async def _callresult(
         if _ACCEPTS_GZIP[headers.get("Accept-Encoding", "")]:
             response_headers["Content-Encoding"] = "gzip"
             body = answer.gzip
+    response_headers["Age"] = str(answer.age)  # last: it changes every second (front.py)
     return Reply(answer.status, body, response_headers, cache)
 
 

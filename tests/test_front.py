@@ -11,7 +11,7 @@ import asyncio
 import gzip
 
 import pytest
-from aiohttp import HttpVersion10, HttpVersion11
+from aiohttp import HttpVersion, HttpVersion10, HttpVersion11
 
 from gateway.clock import ManualClock
 from gateway.front import hot_ids, reply_bytes
@@ -99,12 +99,41 @@ def test_a_status_without_a_reason_phrase_gets_an_empty_one() -> None:
     assert head_of(data)[0] == "HTTP/1.1 599 "
 
 
+@pytest.mark.parametrize("name", ["Content-Type", "Age"])
 @pytest.mark.parametrize("value", ["text/plain\r\nSet-Cookie: a=1", "a\nb", "a\x00b", "a\x7fb"])
-def test_a_header_value_with_a_control_character_is_never_written(value: str) -> None:
-    reply = REPLY._replace(headers={"Content-Type": value})
+def test_a_header_value_with_a_control_character_is_never_written(name: str, value: str) -> None:
+    reply = REPLY._replace(headers={name: value})
 
-    with pytest.raises(ValueError, match="Content-Type"):
+    with pytest.raises(ValueError, match=name):
         reply_bytes(reply, "r", "d", HttpVersion11, True)
+
+
+def test_age_changes_every_second_and_is_written_after_the_other_headers() -> None:
+    heads = [
+        head_of(reply_bytes(REPLY._replace(headers={**REPLY.headers, "Age": age}), *args))
+        for age, args in [
+            ("0", ("r1", "d1", HttpVersion11, True)),
+            ("7", ("r2", "d2", HttpVersion10, False)),
+        ]
+    ]
+
+    assert heads[0][1:4] == ["Content-Type: application/json", "X-Cache: HIT", "Age: 0"]
+    assert heads[0][4] == "X-Request-ID: r1"
+    assert heads[1][:5] == [
+        "HTTP/1.0 200 OK",
+        "Content-Type: application/json",
+        "X-Cache: HIT",
+        "Age: 7",
+        "X-Request-ID: r2",
+    ]
+    assert heads[1][-2:] == ["Date: d2", "Content-Length: 7"]
+
+
+def test_another_http_1_version_gets_no_connection_header() -> None:
+    lines = head_of(reply_bytes(REPLY, "r", "d", HttpVersion(1, 2), False))
+
+    assert lines[0] == "HTTP/1.2 200 OK"
+    assert not [line for line in lines if line.startswith("Connection")]
 
 
 def test_a_tab_in_a_header_value_is_written_as_aiohttp_allows() -> None:
