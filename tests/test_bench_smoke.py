@@ -73,3 +73,25 @@ def test_saving_rewrites_only_the_readme_block_between_the_markers(tmp_path: Pat
 def test_the_committed_readme_has_the_block_the_bench_writes() -> None:
     text = (ROOT / "README.md").read_text()
     assert text.count(report.BEGIN) == text.count(report.END) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk missing: apt-get install wrk")
+def test_cpu_per_hit_is_read_for_both_servers_with_a_setting_passed_on() -> None:
+    args = ["--rounds", "1", "--seconds", "1", "--env", "GATEWAY_LOG__LEVEL=WARNING"]
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.cpu", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    doc = json.loads(run.stdout)
+    assert doc["settings"] == {"log__level": "WARNING"}
+    for server in ("bare", "gateway"):
+        [figures] = doc[server]
+        assert figures["rps"] > 0, server
+        assert figures["user_us"] > 0, server
