@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -45,8 +44,6 @@ from gateway.request_trace import current as current_trace
 from gateway.upstream import UpstreamResponse
 from gateway.validation import CallResultQuery
 from gateway.vendor import SUCCESS
-
-log = logging.getLogger("gateway.upstream")
 
 
 class Fetcher(Protocol):
@@ -118,7 +115,6 @@ class UpstreamCaller:
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
         self._hold_s = abandoned_hold_s
         self._holding: set[asyncio.Task[None]] = set()
-        self._giving_back: set[asyncio.Task[None]] = set()
         # Holds cut short by shutdown: kept, never released here (a shared lease lapses).
         self._kept: list[contextlib.AsyncExitStack] = []
 
@@ -128,10 +124,8 @@ class UpstreamCaller:
         return len(self._holding)
 
     async def close(self) -> None:
-        """Let answered calls' permits go back; stop the holds of abandoned calls without
-        giving their permits back, and the pause's background work (shutdown: this caller
-        is the pause's one user)."""
-        await asyncio.gather(*self._giving_back, return_exceptions=True)
+        """Stop the holds of abandoned calls without giving their permits back, and the
+        pause's background work (shutdown: this caller is the pause's one user)."""
         for task in list(self._holding):
             task.cancel()
         await asyncio.gather(*self._holding, return_exceptions=True)
@@ -213,7 +207,7 @@ class UpstreamCaller:
 
                 call = asyncio.ensure_future(self._fetch(query, locale, on_sent, permit.check))
                 try:
-                    answered = await asyncio.shield(call)
+                    return await asyncio.shield(call)
                 except PermitLost:
                     continue  # checked again on the ready connection: stale, nothing was sent
                 except asyncio.CancelledError:
@@ -228,23 +222,6 @@ class UpstreamCaller:
                     if went_out.is_set() and self._hold_s > 0:
                         self._hold(stack.pop_all())  # the vendor may still be working on it
                     raise
-                self._give_back(stack.pop_all())
-                return answered
-
-    def _give_back(self, permit: contextlib.AsyncExitStack) -> None:
-        """Give an answered call's permit back without the answer waiting for it (with Redis,
-        a round trip): until it is back it counts as held, which only errs on the safe side.
-        ``close`` waits for these."""
-
-        async def give_back() -> None:
-            try:
-                await permit.aclose()
-            except Exception:  # the answer went out; a permit not taken back lapses
-                log.exception("a permit was not given back; its lease will lapse")
-
-        task = asyncio.ensure_future(give_back())
-        self._giving_back.add(task)
-        task.add_done_callback(self._giving_back.discard)
 
     def _hold(self, permit: contextlib.AsyncExitStack) -> None:
         async def hold() -> None:
