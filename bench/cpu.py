@@ -19,14 +19,13 @@ import asyncio
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from bench import procs, wrk
 from bench.client import post_bytes
 from bench.phases import path, prime
-from bench.run import BODY, SERVER_CPU, TOOLS_CPU
+from bench.run import BODY, SERVER_CPU, TOOLS_CPU, bare_serving
 
 KEYS = 32
 
@@ -66,14 +65,7 @@ async def measure(rounds: int, seconds: float, env: Mapping[str, str]) -> dict[s
         answers = await prime(gw.port, raws)
         if any(a.cache != "HIT" for a in answers):
             raise RuntimeError("the primed queries are not hits")
-        spec = {
-            "content_type": answers[0].content_type,
-            "bodies": {str(c): a.body.decode() for c, a in enumerate(answers, start=1)},
-        }
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-            json.dump(spec, f)
-        floor = procs.bare(f.name, cpus=SERVER_CPU)
-        os.unlink(f.name)
+        floor = bare_serving(answers)
         found: dict[str, list[dict[str, float]]] = {"bare": [], "gateway": []}
         for _ in range(rounds):
             found["bare"].append(per_request(floor.pid, floor.url, lua, seconds))

@@ -113,6 +113,21 @@ def metric(text: str, name: str) -> float:
     return 0.0
 
 
+def bare_serving(answers: Sequence[Result]) -> procs.Proc:
+    """The bare handler answering campaign 1, 2, ... with ``answers``' bytes, on the servers'
+    CPU."""
+    spec = {
+        "content_type": answers[0].content_type,
+        "bodies": {str(c): r.body.decode() for c, r in enumerate(answers, start=1)},
+    }
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    try:
+        return procs.bare(f.name, cpus=SERVER_CPU)
+    finally:
+        os.unlink(f.name)
+
+
 async def hit_phase(
     plan: Plan, redis: procs.RedisServer, peers: bool, profiling: bool = False
 ) -> dict[str, Any]:
@@ -138,14 +153,7 @@ async def hit_phase(
         await store_answers(redis.url, hot, bodies)
         warm = await prime(gw.port, [post_bytes(p, b) for p, b in hot], 50)
         assert all(r.cache == "HIT" for r in warm), Counter(r.cache for r in warm)
-        spec = {
-            "content_type": first[0].content_type,
-            "bodies": {str(c): r.body.decode() for c, r in enumerate(first, start=1)},
-        }
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-            json.dump(spec, f)
-        floor = procs.bare(f.name, cpus=SERVER_CPU)
-        os.unlink(f.name)
+        floor = bare_serving(first)
         bare_answer = (await prime(floor.port, raws[:1]))[0]
         assert bare_answer.body == first[0].body
         targets: list[tuple[str, str, str]] = []
