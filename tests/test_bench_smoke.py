@@ -19,6 +19,20 @@ ROOT = Path(__file__).resolve().parent.parent
 COMMITTED = ROOT / "bench" / "results.json"
 
 
+def bench(module: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``python -m <module> <args>`` from the checkout; it must succeed."""
+    run = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(330)
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk missing: apt-get install wrk")
@@ -28,15 +42,7 @@ def test_the_quick_benchmark_reports_every_section_and_leaves_the_committed_figu
     committed = COMMITTED.read_bytes()
     readme = (ROOT / "README.md").read_bytes()
     out = tmp_path / "results.json"
-    run = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--quick", "--json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=320,
-        check=False,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = bench("bench.run", "--quick", "--json", str(out), timeout=320)
     assert COMMITTED.read_bytes() == committed, "a run without --save rewrote results.json"
     assert (ROOT / "README.md").read_bytes() == readme
     doc = json.loads(out.read_text())
@@ -80,15 +86,7 @@ def test_the_committed_readme_has_the_block_the_bench_writes() -> None:
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk missing: apt-get install wrk")
 def test_cpu_per_hit_is_read_for_both_servers_with_a_setting_passed_on() -> None:
     args = ["--rounds", "1", "--seconds", "1", "--env", "GATEWAY_LOG__LEVEL=WARNING"]
-    run = subprocess.run(
-        [sys.executable, "-m", "bench.cpu", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=110,
-        check=False,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = bench("bench.cpu", *args, timeout=110)
     doc = json.loads(run.stdout)
     assert doc["settings"] == {"log__level": "WARNING"}
     for server in ("bare", "gateway"):
