@@ -37,6 +37,7 @@ from tests.support.faults import (
 )
 from tests.support.fleet import JSON, path, sim_stats, start_replica, start_simulator_process
 from tests.support.processes import LIMITER_KEYS
+from tests.support.waiting import until
 from tests.test_redis_client_pool import POOL, SICK_BOUND_S, assert_a_burst_waits_its_turn
 
 ADMIN_KEY = "cluster-admin-key"
@@ -284,6 +285,8 @@ async def test_a_sharded_subscription_follows_its_channel_to_the_promoted_replic
     try:
         await subscription.ready(5.0)
         await bus.publish(channel, b"before")
+        # Heard before the kill: a message still in the primary's output buffer dies with it.
+        await until(lambda: b"before" in heard, "the message before the failover", within=5)
         primary.stop(signal.SIGKILL)
         await asyncio.to_thread(cluster.wait_primary, replica)
         await subscription.ready(15.0)
